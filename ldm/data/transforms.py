@@ -1,0 +1,344 @@
+"""Image decoding and training transforms shared by the LAION part-file and folder datasets.
+
+`decode_image` turns encoded bytes into an upright 8-bit RGB `PIL.Image`:
+
+* Decompression-bomb guard with a per-call limit. Pillow's own guard reads the process-wide
+  ``PIL.Image.MAX_IMAGE_PIXELS`` (warning above the limit, error above twice the limit). Changing
+  that global from a data loader would leak into every other thread, so the image is opened
+  through Pillow's format registry without the global check and the header size is compared
+  with ``max_pixels`` here instead. An image with ``width * height > max_pixels`` is rejected
+  with ``ImageDecodeError(reason="too_large")`` (the warning threshold is the limit: a warning
+  inside a DataLoader worker is invisible, so it is treated as a rejection). ``None`` disables
+  the limit. Pillow's global is never read or written after import.
+* A file that ends early is ``"truncated"`` (``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set);
+  anything Pillow cannot identify or decode is ``"undecodable"``.
+* Colour modes: CMYK (Pillow's JPEG decoder already undoes Adobe's inverted CMYK), YCbCr, L, 1
+  and P are converted with Pillow's matrices. Images with transparency (RGBA, LA, PA, P with a
+  ``transparency`` entry) are alpha-composited onto a WHITE background: dropping alpha would
+  expose whatever colour the encoder left under transparent pixels (often black). 16/32-bit
+  integer grayscale (I;16*, I) is scaled 0..65535 -> 0..255 (``round(v / 257)``) instead of
+  Pillow's clipping conversion; values outside 0..65535 are min-max rescaled.
+* EXIF orientation is applied (`PIL.ImageOps.exif_transpose`) on every path, LAION included: it is
+  a no-op for images without an orientation tag (no copy is made), and web images that carry one
+  are displayed upright by browsers, so upright is what the caption describes.
+* JPEG fast path: with ``target_short_side`` the DCT decoder scales by the largest factor in
+  {1/2, 1/4, 1/8} that keeps the short side >= ``target_short_side`` (`Image.draft`), which the
+  final antialiased resize then brings to the training size.
+
+`ImageTransform` does the training-time geometry: short-side resize to the target (small images
+are upscaled, never dropped) + random or centre crop + optional horizontal flip, normalised to
+[-1, 1] (or [0, 1]), returned as float32 CHW. The resize and the crop are done in one Pillow call
+(`Image.resize(..., box=...)`), which samples exactly the pixels that resizing the whole image
+and then cropping would give, without resampling the discarded border.
+
+Follows the transform recipe of diffusers' ``train_text_to_image.py`` (resize, random/centre
+crop, random flip, normalise with mean = std = 0.5); the code is this project's own.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from struct import error as struct_error
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+try:  # Pillow >= 9.1
+    _RESAMPLE = Image.Resampling
+    _TRANSPOSE_FLIP = Image.Transpose.FLIP_LEFT_RIGHT
+except AttributeError:  # pragma: no cover - very old Pillow
+    _RESAMPLE = Image
+    _TRANSPOSE_FLIP = Image.FLIP_LEFT_RIGHT
+
+# Pillow's decompression-bomb limit as shipped (read once, at import; never written).
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+
+DECODE_REASONS = ("undecodable", "truncated", "too_large")
+NORMALIZE_MODES = ("minus_one_one", "zero_one")
+_EXIF_ORIENTATION = 0x0112
+_DRAFT_SCALES = (8, 4, 2)
+_WHITE = (255, 255, 255)
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be used. ``reason`` is one of "undecodable", "truncated", "too_large"."""
+
+    def __init__(self, reason: str, message: str = ""):
+        if reason not in DECODE_REASONS:
+            raise ValueError(f"unknown ImageDecodeError reason {reason!r}; expected one of {DECODE_REASONS}")
+        super().__init__(f"{reason}: {message}" if message else reason)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------
+# Opening without the process-wide decompression-bomb check
+# --------------------------------------------------------------------------------------------
+def _open_unchecked(fp: io.BytesIO) -> Image.Image:
+    """Identify and open an image like `Image.open`, minus its global MAX_IMAGE_PIXELS check.
+
+    Walks Pillow's format registry (``Image.ID`` / ``Image.OPEN``) the way `Image.open` does:
+    formats registered by `Image.preinit` first, then the rest after `Image.init`.
+    """
+    prefix = fp.read(16)
+    tried: set[str] = set()
+    for loader in (Image.preinit, Image.init):
+        loader()
+        for fmt in list(Image.ID):
+            if fmt in tried or fmt not in Image.OPEN:
+                continue
+            tried.add(fmt)
+            factory, accept = Image.OPEN[fmt]
+            try:
+                ok = not accept or accept(prefix)
+                if ok and not isinstance(ok, str):
+                    fp.seek(0)
+                    return factory(fp, "")
+            except (SyntaxError, IndexError, TypeError, ValueError, EOFError, OSError, struct_error):
+                continue
+    raise ImageDecodeError("undecodable", "cannot identify image format")
+
+
+def _open(data: bytes) -> Image.Image:
+    fp = io.BytesIO(data)
+    if hasattr(Image, "ID") and hasattr(Image, "OPEN") and hasattr(Image, "preinit"):
+        return _open_unchecked(fp)
+    # Fallback for a Pillow without the registry: global check may fire above 2x its limit.
+    try:  # pragma: no cover
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(fp)
+    except Image.DecompressionBombError as e:  # pragma: no cover
+        raise ImageDecodeError("too_large", str(e)) from None
+    except Exception as e:  # pragma: no cover
+        raise ImageDecodeError("undecodable", f"{type(e).__name__}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+def draft_scale(size: tuple[int, int], target_short_side: int) -> int:
+    """Largest JPEG DCT reduction in {8, 4, 2, 1} keeping the short side >= target_short_side."""
+    short = min(size)
+    for k in _DRAFT_SCALES:
+        if short // k >= target_short_side:
+            return k
+    return 1
+
+
+def _apply_draft(img: Image.Image, target_short_side: int) -> None:
+    w, h = img.size
+    k = draft_scale((w, h), target_short_side)
+    if k > 1:
+        # Requesting (w // k, h // k) makes Pillow pick exactly reduction k: w // (w // k) is in [k, 2k).
+        img.draft("RGB", (w // k, h // k))
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # broken EXIF block: keep the pixels, ignore the orientation
+        return 1
+
+
+def _int_gray_to_l(img: Image.Image) -> Image.Image:
+    """16/32-bit integer grayscale -> 8-bit L, scaling 0..65535 to 0..255 (no clipping)."""
+    arr = np.asarray(img)
+    if arr.dtype.byteorder == ">" or arr.dtype.kind != "i":
+        arr = arr.astype(np.int64)
+    lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+    if lo >= 0 and hi <= 65535:
+        out = (arr.astype(np.float64) / 257.0).round()
+    else:  # signed or 32-bit data: stretch its own range
+        out = (arr.astype(np.float64) - lo) * (255.0 / max(hi - lo, 1))
+        out = out.round()
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any decoded Pillow image to 8-bit RGB (see module docstring for the rules)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        return _int_gray_to_l(img).convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+            arr = arr * 255.0
+        return Image.fromarray(np.clip(arr.round(), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
+    has_alpha = has_alpha or (mode in ("L", "RGB") and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(
+    data: bytes,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    target_short_side: int | None = None,
+) -> Image.Image:
+    """Decode encoded image bytes to an upright 8-bit RGB image.
+
+    Args:
+        data: the encoded file (JPEG, PNG, WebP, GIF, ... whatever Pillow reads).
+        max_pixels: reject images whose header size exceeds this many pixels (None: no limit).
+        target_short_side: if given and the image is a JPEG, decode at the smallest DCT scale
+            whose short side is still >= this value (the output may be larger; never smaller
+            than the original's short side allows).
+    Raises:
+        ImageDecodeError with ``reason`` "undecodable", "truncated" or "too_large".
+    """
+    if max_pixels is not None and max_pixels <= 0:
+        raise ValueError(f"max_pixels must be positive or None, got {max_pixels}")
+    if target_short_side is not None and target_short_side <= 0:
+        raise ValueError(f"target_short_side must be positive or None, got {target_short_side}")
+    if not data:
+        raise ImageDecodeError("undecodable", "empty data")
+    try:
+        img = _open(bytes(data))
+    except ImageDecodeError:
+        raise
+    except Exception as e:
+        raise ImageDecodeError("undecodable", f"{type(e).__name__}: {e}") from None
+
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageDecodeError("undecodable", f"invalid size {w}x{h}")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageDecodeError("too_large", f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+
+    orientation = _exif_orientation(img)
+    try:
+        if target_short_side is not None and img.format in ("JPEG", "MPO"):
+            _apply_draft(img, target_short_side)
+        img.load()
+    except Image.DecompressionBombError as e:  # e.g. a GIF frame larger than its header says
+        raise ImageDecodeError("too_large", str(e)) from None
+    except EOFError as e:
+        raise ImageDecodeError("truncated", f"{type(e).__name__}: {e}") from None
+    except Exception as e:
+        msg = str(e)
+        reason = "truncated" if "truncated" in msg.lower() else "undecodable"
+        raise ImageDecodeError(reason, f"{type(e).__name__}: {msg}") from None
+
+    try:
+        if orientation in (2, 3, 4, 5, 6, 7, 8):
+            img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except Exception as e:
+        raise ImageDecodeError("undecodable", f"cannot convert mode {img.mode}: {type(e).__name__}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Training transform
+# --------------------------------------------------------------------------------------------
+def _as_hw(resolution: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(resolution, (int, np.integer)):
+        h = w = int(resolution)
+    else:
+        try:
+            h, w = (int(v) for v in resolution)
+        except (TypeError, ValueError):
+            raise ValueError(f"resolution must be an int or (height, width), got {resolution!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"resolution must be positive, got {resolution!r}")
+    return h, w
+
+
+class ImageTransform:
+    """Short-side resize + random/centre crop + optional horizontal flip, as float32 CHW.
+
+    Args:
+        resolution: output size, an int (square) or (height, width).
+        center_crop: take the centre crop instead of a random one.
+        random_flip: mirror horizontally with probability 0.5.
+        normalize: "minus_one_one" (x / 127.5 - 1, the diffusion-model convention, default) or
+            "zero_one" (x / 255, e.g. before ImageNet normalisation for an EfficientNet).
+        resample: Pillow filter for the resize (default bicubic; Pillow's resampling filters are
+            antialiased when downscaling).
+    Call with an RGB `PIL.Image` and a `numpy.random.Generator`; the output depends only on the
+    image and the generator state. Returns ndarray float32 [3, height, width].
+    """
+
+    def __init__(
+        self,
+        resolution: int | Sequence[int],
+        center_crop: bool = False,
+        random_flip: bool = False,
+        normalize: str = "minus_one_one",
+        resample: int = _RESAMPLE.BICUBIC,
+    ):
+        self.height, self.width = _as_hw(resolution)
+        if normalize not in NORMALIZE_MODES:
+            raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+        self.center_crop = bool(center_crop)
+        self.random_flip = bool(random_flip)
+        self.normalize = normalize
+        self.resample = resample
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageTransform(resolution=({self.height}, {self.width}), center_crop={self.center_crop}, "
+            f"random_flip={self.random_flip}, normalize={self.normalize!r})"
+        )
+
+    def crop_box(self, size: tuple[int, int], rng: np.random.Generator | None) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Resized size (W', H') covering the target, and the crop's (left, top) in it."""
+        w, h = size
+        scale = max(self.width / w, self.height / h)
+        rw = max(self.width, int(round(w * scale)))
+        rh = max(self.height, int(round(h * scale)))
+        if self.center_crop:
+            left, top = (rw - self.width) // 2, (rh - self.height) // 2
+        else:
+            if rng is None:
+                raise ValueError("ImageTransform with random crop needs a numpy Generator")
+            left = int(rng.integers(0, rw - self.width + 1))
+            top = int(rng.integers(0, rh - self.height + 1))
+        return (rw, rh), (left, top)
+
+    def geometry(self, img: Image.Image, rng: np.random.Generator | None) -> Image.Image:
+        """Resize + crop (+ flip) as a PIL image of size (width, height)."""
+        if img.mode != "RGB":
+            raise ValueError(f"ImageTransform expects an RGB image, got mode {img.mode} (use decode_image / to_rgb)")
+        w, h = img.size
+        (rw, rh), (left, top) = self.crop_box((w, h), rng)
+        sx, sy = w / rw, h / rh  # source pixels per resized pixel
+        box = (left * sx, top * sy, (left + self.width) * sx, (top + self.height) * sy)
+        if (rw, rh) == (w, h):
+            out = img.crop((left, top, left + self.width, top + self.height))
+        else:
+            out = img.resize((self.width, self.height), resample=self.resample, box=box)
+        if self.random_flip:
+            if rng is None:
+                raise ValueError("ImageTransform with random_flip needs a numpy Generator")
+            if rng.random() < 0.5:
+                out = out.transpose(_TRANSPOSE_FLIP)
+        return out
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> np.ndarray:
+        out = self.geometry(img, rng)
+        arr = np.asarray(out, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)  # [3, H, W]
+        if self.normalize == "minus_one_one":
+            arr *= 1.0 / 127.5
+            arr -= 1.0
+        else:
+            arr *= 1.0 / 255.0
+        return arr
+
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "DECODE_REASONS",
+    "ImageDecodeError",
+    "ImageTransform",
+    "decode_image",
+    "draft_scale",
+    "to_rgb",
+]
