@@ -1,0 +1,467 @@
+"""LAION-format part-file dataset (the data of the seed's `train_txt2img_laion400m_trainer.py`).
+
+Format (seed stable_diffusion_README.md §3.1): a part file holds one record per line,
+`caption \\t placeholder \\t base64(image bytes)`, gzip-compressed or plain. A `.filelist`
+lists part files one per line; a `.filelist.list` lists filelists, each line optionally followed
+by whitespace and a sampling weight.
+
+Design (issue 2):
+- Compression is detected from the magic bytes, never from the file name.
+- Relative paths in a listing resolve against the working directory first, then against the
+  listing's own folder (filelists written by `create_pretraining_data.py` are relative to
+  their own folder, so they work from any working directory).
+- Sharding is exact: there are K = world_size * num_workers consumers, consumer
+  k = rank * num_workers + worker. Per pass, the file entries are put in a deterministic order
+  (the same on every consumer); the first `(n // K) * K` entries are dealt out whole
+  (entry i goes to consumer i % K), and the records of the remaining `n % K` entries are dealt
+  out one by one (global record index j goes to consumer j % K). So in one pass every record is
+  read by exactly one consumer, for any number of files, ranks and workers (1 file with
+  2 ranks x 4 workers included), and no `--num_repeat` trick is needed. Duplicate lines in a
+  filelist (the seed's `--num_repeat`) are simply repeated passes over that file.
+- Sampling weights (second column of a `.filelist.list` line, default 1) change the ORDER of
+  the file entries in each pass: a deterministic weighted shuffle (Efraimidis-Spirakis keys
+  u**(1/w), seeded by (seed, epoch)), so heavier filelists tend to be read earlier. They do not
+  change how often a record is read per pass (repeat lines for that). Weight 0 drops a filelist.
+- Bad records are skipped and counted by reason (see `INVALID_REASONS`); the first example of
+  each reason is kept as `file:line`. A consumer that completes a full pass with zero valid
+  records raises `LaionDataError` naming its files instead of spinning.
+- Everything random (file order, shuffle buffer, crop, flip, caption dropout) comes from
+  numpy Generators seeded by (seed, epoch[, rank, worker]), so the stream is deterministic for a
+  given (seed, rank, world_size, worker, num_workers, epoch).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import gzip
+import os
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import numpy as np
+import paddle
+
+from ldm.data.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTransform, decode_image
+from ldm.utils import dist_info, get_logger
+
+logger = get_logger(__name__)
+
+GZIP_MAGIC = b"\x1f\x8b"
+INVALID_REASONS = (
+    "too_few_columns",
+    "non_utf8",
+    "bad_base64",
+    "undecodable",
+    "truncated_image",
+    "too_large",
+    "truncated_gzip",
+)
+_DECODE_REASON = {"undecodable": "undecodable", "truncated": "truncated_image", "too_large": "too_large"}
+
+
+class LaionDataError(ValueError):
+    """Unusable data: a missing listed file, a bad listing line, or a consumer with no valid record."""
+
+
+class RecordError(Exception):
+    """One bad record; `reason` is one of INVALID_REASONS."""
+
+    def __init__(self, reason: str, message: str = ""):
+        super().__init__(f"{reason}: {message}" if message else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # part file, as it will be opened
+    weight: float = 1.0
+    source: str = ""  # the listing that named it ("" for a part file given directly)
+
+
+# --------------------------------------------------------------------------- listings
+
+
+def is_gzip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
+def open_part(path: str):
+    """Open a part file for reading bytes, gzip or plain by magic bytes."""
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+
+
+def _looks_like_part_file(path: str) -> bool:
+    if is_gzip(path):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    for line in head.split(b"\n"):
+        if line.strip():
+            return b"\t" in line
+    return False
+
+
+def resolve_listed_path(entry: str, listing: str) -> str:
+    """Working directory first, then the listing's own folder (issue 2)."""
+    entry = os.path.expanduser(entry)
+    if os.path.isabs(entry) or os.path.exists(entry):
+        return entry
+    beside = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(listing)), entry))
+    if os.path.exists(beside):
+        return beside
+    raise LaionDataError(
+        f"{listing}: listed file {entry!r} not found (tried {os.path.abspath(entry)} and {beside})"
+    )
+
+
+def _parse_listing_line(line: str, listing: str, lineno: int) -> tuple[str, float]:
+    parts = line.rsplit(None, 1)
+    if len(parts) == 2:
+        try:
+            weight = float(parts[1])
+        except ValueError:
+            return line, 1.0  # a path containing whitespace, no weight
+        if not np.isfinite(weight) or weight < 0:
+            raise LaionDataError(f"{listing}:{lineno}: sampling weight must be finite and >= 0, got {parts[1]!r}")
+        return parts[0], weight
+    return line, 1.0
+
+
+def read_listing(listing: str) -> list[tuple[str, float, int]]:
+    """(resolved path, weight, line number) of each non-empty, non-comment line."""
+    out = []
+    with open(listing, "r", encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            path, weight = _parse_listing_line(line, listing, lineno)
+            out.append((resolve_listed_path(path, listing), weight, lineno))
+    return out
+
+
+def expand_file_list(file_list: str) -> list[FileEntry]:
+    """Part-file entries of a `.filelist.list`, a `.filelist` or a single part file.
+
+    A listing's entries may be part files or listings themselves (one level of nesting, as in
+    `.filelist.list` -> `.filelist` -> parts); the kind of each file is sniffed from its content.
+    Weights multiply down the levels.
+    """
+    if not os.path.isfile(file_list):
+        raise LaionDataError(f"file list {file_list!r} does not exist")
+    kinds: dict[str, bool] = {}
+
+    def is_part(p: str) -> bool:
+        if p not in kinds:
+            kinds[p] = _looks_like_part_file(p)
+        return kinds[p]
+
+    def expand(path: str, weight: float, source: str, depth: int) -> list[FileEntry]:
+        if is_part(path):
+            return [FileEntry(path, weight, source)]
+        if depth >= 2:
+            raise LaionDataError(f"{path}: listings nest deeper than .filelist.list -> .filelist -> part files")
+        entries: list[FileEntry] = []
+        for child, w, _ in read_listing(path):
+            if w * weight > 0:
+                entries.extend(expand(child, w * weight, path, depth + 1))
+        return entries
+
+    entries = expand(file_list, 1.0, "", 0)
+    if not entries:
+        raise LaionDataError(f"{file_list}: lists no part file (empty, or every weight is 0)")
+    return entries
+
+
+def pass_order(entries: list[FileEntry], seed: int, epoch: int, shuffle: bool) -> list[FileEntry]:
+    """The order of the file entries for one pass: identical on every consumer."""
+    if not shuffle:
+        return list(entries)
+    rng = np.random.default_rng([seed, epoch, 0x5EED])
+    u = rng.random(len(entries))
+    w = np.array([e.weight for e in entries], dtype=np.float64)
+    keys = np.log(np.maximum(u, 1e-300)) / w  # Efraimidis-Spirakis: larger key first
+    return [entries[i] for i in np.argsort(-keys, kind="stable")]
+
+
+# --------------------------------------------------------------------------- records
+
+
+def parse_record(raw: bytes) -> tuple[str, bytes]:
+    """(caption, image bytes) of one part-file line; raises RecordError."""
+    cols = raw.rstrip(b"\r\n").split(b"\t")
+    if len(cols) < 3:
+        raise RecordError("too_few_columns", f"{len(cols)} column(s), need caption\\tplaceholder\\tbase64")
+    try:
+        caption = cols[0].decode("utf-8")
+    except UnicodeDecodeError:
+        try:
+            caption = cols[0].decode("gb18030")
+        except UnicodeDecodeError:
+            raise RecordError("non_utf8", "caption is neither UTF-8 nor GB18030") from None
+    try:
+        data = base64.b64decode(cols[2].strip(), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RecordError("bad_base64", str(e)) from None
+    if not data:
+        raise RecordError("bad_base64", "empty image column")
+    return caption, data
+
+
+def decode_record_image(data: bytes, max_pixels: Optional[int], target_short_side: Optional[int]):
+    try:
+        return decode_image(data, max_pixels=max_pixels, target_short_side=target_short_side)
+    except ImageDecodeError as e:
+        raise RecordError(_DECODE_REASON.get(e.reason, "undecodable"), str(e)) from None
+
+
+@dataclass
+class ConsumerStats:
+    """Counts of one consumer's pass (records = valid + sum(invalid))."""
+
+    rank: int = 0
+    worker: int = 0
+    records: int = 0
+    valid: int = 0
+    invalid: dict = field(default_factory=dict)  # reason -> count
+    first_example: dict = field(default_factory=dict)  # reason -> "file:line"
+    files: list = field(default_factory=list)  # distinct part files this consumer read
+
+    def add_invalid(self, reason: str, where: str) -> None:
+        self.invalid[reason] = self.invalid.get(reason, 0) + 1
+        self.first_example.setdefault(reason, where)
+
+    def to_dict(self) -> dict:
+        return {
+            "rank": self.rank,
+            "worker": self.worker,
+            "records": self.records,
+            "valid": self.valid,
+            "invalid": dict(self.invalid),
+            "first_example": dict(self.first_example),
+            "files": list(self.files),
+        }
+
+
+def iter_consumer_lines(
+    order: list[FileEntry], consumer: int, num_consumers: int, stats: ConsumerStats
+) -> Iterator[tuple[str, int, bytes]]:
+    """(path, line number, raw line) of this consumer's share of one pass (see module doc).
+
+    A gzip stream that ends early counts as one `truncated_gzip` record at the line after the
+    last complete one (owned by the same rule as any other record).
+    """
+    n_whole = (len(order) // num_consumers) * num_consumers
+    mine = [(e.path, False) for i, e in enumerate(order[:n_whole]) if i % num_consumers == consumer]
+    mine += [(e.path, True) for e in order[n_whole:]]
+    seen = set()
+    j = 0  # global record index over the record-shared tail entries
+    for path, shared in mine:
+        if path not in seen:
+            seen.add(path)
+            stats.files.append(path)
+        lineno = 0
+        try:
+            with open_part(path) as fh:
+                for raw in fh:
+                    lineno += 1
+                    if not raw.strip():
+                        continue  # blank lines are not records
+                    if shared:
+                        j += 1
+                        if (j - 1) % num_consumers != consumer:
+                            continue
+                    yield path, lineno, raw
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            owned = True
+            if shared:
+                j += 1
+                owned = (j - 1) % num_consumers == consumer
+            if owned:
+                stats.records += 1
+                stats.add_invalid("truncated_gzip", f"{path}:{lineno + 1}")
+                logger.warning("%s:%d: gzip stream ends early (%s); rest of the file skipped", path, lineno + 1, e)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class LaionDataset(paddle.io.IterableDataset):
+    """Streams (image, caption) samples from LAION-format part files; see the module doc.
+
+    Args:
+        file_list: a `.filelist.list`, a `.filelist`, or a single part file.
+        resolution: output side R; images are short-side resized (small ones upscaled),
+            cropped to R x R and normalised to [-1, 1].
+        tokenizer: optional; when given, samples get `input_ids` (int64 [model_max_length],
+            padding="max_length", truncation=True).
+        caption_dropout: probability of replacing the caption by "" (the SD trainer passes 0.1).
+        center_crop / random_flip: crop mode and horizontal flip (ldm.data.transforms).
+        seed: base seed; epoch, rank and worker are mixed in.
+        infinite: True repeats passes forever (Trainer with max_steps); False reads one pass.
+        rank / world_size: default from ldm.utils.dist_info().
+        max_pixels: decompression-bomb guard (None disables it).
+        shuffle_files: per-pass weighted shuffle of file entries (False keeps listing order).
+        shuffle_buffer: size of a reservoir of raw lines shuffled before decoding (0 = off).
+    """
+
+    def __init__(
+        self,
+        file_list: str,
+        resolution: int = 256,
+        tokenizer=None,
+        caption_dropout: float = 0.0,
+        center_crop: bool = False,
+        random_flip: bool = False,
+        seed: int = 0,
+        infinite: bool = True,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+        shuffle_files: bool = True,
+        shuffle_buffer: int = 0,
+    ):
+        super().__init__()
+        if resolution <= 0:
+            raise ValueError(f"resolution must be > 0, got {resolution}")
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        if (rank is None) != (world_size is None):
+            d_rank, d_world = dist_info()
+            rank = d_rank if rank is None else rank
+            world_size = d_world if world_size is None else world_size
+        elif rank is None:
+            rank, world_size = dist_info()
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        self.file_list = file_list
+        self.entries = expand_file_list(file_list)
+        self.resolution = int(resolution)
+        self.tokenizer = tokenizer
+        self.caption_dropout = float(caption_dropout)
+        self.seed = int(seed)
+        self.infinite = bool(infinite)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.max_pixels = max_pixels
+        self.shuffle_files = bool(shuffle_files)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.transform = ImageTransform(self.resolution, center_crop=center_crop, random_flip=random_flip)
+        self.epoch = 0
+        self.stats: Optional[ConsumerStats] = None  # the latest pass of this process's consumer
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    # -- iteration
+    def __iter__(self):
+        info = paddle.io.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.iter_consumer(worker, num_workers)
+
+    def iter_consumer(self, worker: int = 0, num_workers: int = 1, epoch: Optional[int] = None) -> Iterator[dict]:
+        """Samples of consumer (self.rank, worker); one pass, or forever when `infinite`."""
+        if num_workers < 1 or not 0 <= worker < num_workers:
+            raise ValueError(f"need 0 <= worker < num_workers, got worker={worker} num_workers={num_workers}")
+        epoch = self.epoch if epoch is None else int(epoch)
+        while True:
+            stats = ConsumerStats(rank=self.rank, worker=worker)
+            self.stats = stats
+            yield from self._iter_pass(worker, num_workers, epoch, stats, decode_only=False)
+            self._check_pass(stats, num_workers)
+            if not self.infinite:
+                return
+            epoch += 1
+
+    def scan_consumer(self, worker: int, num_workers: int, epoch: Optional[int] = None) -> ConsumerStats:
+        """One pass of consumer (self.rank, worker) that decodes every image (as training does)
+        but skips the resize/crop; returns its counts and never raises on bad data."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        stats = ConsumerStats(rank=self.rank, worker=worker)
+        for _ in self._iter_pass(worker, num_workers, epoch, stats, decode_only=True):
+            pass
+        return stats
+
+    def _check_pass(self, stats: ConsumerStats, num_workers: int) -> None:
+        if stats.valid > 0:
+            return
+        where = f"rank {self.rank}/{self.world_size}, worker {stats.worker}/{num_workers}"
+        if stats.records == 0 and not self.infinite:
+            logger.warning("%s: no record fell to this consumer in %s", where, self.file_list)
+            return
+        raise LaionDataError(
+            f"{where}: a full pass over {stats.records} record(s) gave no valid sample "
+            f"(invalid: {stats.invalid}, first examples: {stats.first_example}); "
+            f"files: {stats.files or '(none fell to this consumer)'}; file list {self.file_list}"
+        )
+
+    def _iter_pass(self, worker, num_workers, epoch, stats: ConsumerStats, decode_only: bool):
+        consumer = self.rank * num_workers + worker
+        num_consumers = self.world_size * num_workers
+        order = pass_order(self.entries, self.seed, epoch, self.shuffle_files)
+        rng = np.random.default_rng([self.seed, epoch, self.rank, self.world_size, worker, num_workers])
+        lines = iter_consumer_lines(order, consumer, num_consumers, stats)
+        if self.shuffle_buffer > 0:
+            lines = _buffer_shuffle(lines, self.shuffle_buffer, rng)
+        target = None if decode_only else self.resolution
+        for path, lineno, raw in lines:
+            stats.records += 1
+            try:
+                caption, data = parse_record(raw)
+                img = decode_record_image(data, self.max_pixels, target)
+            except RecordError as e:
+                stats.add_invalid(e.reason, f"{path}:{lineno}")
+                continue
+            stats.valid += 1
+            if decode_only:
+                yield None
+                continue
+            yield self._make_sample(img, caption, rng)
+
+    def _make_sample(self, img, caption: str, rng: np.random.Generator) -> dict:
+        pixel_values = self.transform(img, rng)  # float32 [3, R, R] in [-1, 1]
+        if self.caption_dropout > 0 and rng.random() < self.caption_dropout:
+            caption = ""
+        sample = {"pixel_values": pixel_values, "caption": caption}
+        if self.tokenizer is not None:
+            ids = self.tokenizer(
+                caption,
+                padding="max_length",
+                truncation=True,
+                max_length=self.tokenizer.model_max_length,
+            )["input_ids"]
+            sample["input_ids"] = np.asarray(ids, dtype=np.int64)  # [model_max_length]
+        return sample
+
+
+def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    buf = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = int(rng.integers(size))
+        buf[i], item = item, buf[i]
+        yield item
+    while buf:
+        yield buf.pop(int(rng.integers(len(buf))))
+
+
+def numpy_collate(batch: list[dict]) -> dict:
+    """Stack a list of sample dicts into numpy arrays (strings stay lists).
+
+    paddlenlp's default_data_collator segfaults with DataLoader workers; this one does not.
+    """
+    if not batch:
+        raise ValueError("numpy_collate got an empty batch")
+    out = {}
+    for key in batch[0]:
+        values = [sample[key] for sample in batch]
+        if isinstance(values[0], np.ndarray) or np.isscalar(values[0]) and not isinstance(values[0], str):
+            out[key] = np.stack([np.asarray(v) for v in values])
+        else:
+            out[key] = values
+    return out

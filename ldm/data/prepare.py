@@ -1,0 +1,271 @@
+"""Offline conversion of a caption/image jsonl into LAION-format part files.
+
+Follows the seed's `create_pretraining_data.py` (stable_diffusion_README.md §3.1): every jsonl
+line `{"caption": ..., "image": "relative/or/absolute/path.jpg", ...}` becomes one part-file line
+`caption \\t NONE \\t base64(original image bytes)`. Output layout, as in the seed:
+
+    OUT/filelist/NAME.filelist          part files, one per line (x num_repeat)
+    OUT/filelist/NAME.filelist.list     NAME.filelist
+    OUT/laion400m_format_data/part-000001[.gz]
+
+Differences from the seed (issue 2):
+- the jsonl is streamed; images are read and verified by a bounded process pool (at most
+  `4 * num_workers` lines in flight), results are written in input order;
+- each part is written to a temporary name and renamed when complete; the filelists are written
+  only after every part succeeded;
+- filelist lines are relative to the filelist's own folder (`../laion400m_format_data/...`), so
+  they work from any working directory;
+- tabs, CR and LF inside captions become spaces so a record can never break;
+- image paths resolve against the jsonl's folder (then the working directory);
+- every image must decode (ldm.data.transforms.decode_image) before it is included; bad json
+  lines, missing keys and missing, unreadable or undecodable images are skipped, logged with
+  their jsonl line number and counted.
+"""
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+from ldm.data.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from ldm.utils import get_logger
+
+logger = get_logger(__name__)
+
+PLACEHOLDER = "NONE"
+PART_DIR = "laion400m_format_data"
+FILELIST_DIR = "filelist"
+SKIP_REASONS = (
+    "bad_json",
+    "missing_key",
+    "missing_image",
+    "unreadable_image",
+    "undecodable",
+    "truncated_image",
+    "too_large",
+)
+_CAPTION_BREAKS = str.maketrans({"\t": " ", "\r": " ", "\n": " "})
+
+
+def clean_caption(caption: str) -> str:
+    """Tabs, CR and LF -> spaces: a record always stays one line with three columns."""
+    return caption.translate(_CAPTION_BREAKS)
+
+
+@dataclass
+class PrepareResult:
+    written: int = 0
+    parts: list = field(default_factory=list)  # absolute part paths, in order
+    skipped: dict = field(default_factory=dict)  # reason -> count
+    filelist: Optional[str] = None
+    filelist_list: Optional[str] = None
+
+    def summary(self) -> str:
+        skipped = sum(self.skipped.values())
+        by_reason = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+        return f"written {self.written} records in {len(self.parts)} part file(s); skipped {skipped} ({by_reason})"
+
+
+def _resolve_image(path: str, jsonl_dir: str) -> str:
+    path = os.path.expanduser(path)
+    if os.path.isabs(path):
+        return path
+    beside = os.path.join(jsonl_dir, path)
+    if os.path.exists(beside) or not os.path.exists(path):
+        return beside
+    return path  # only found relative to the working directory
+
+
+def _parse_json_line(raw: bytes, caption_key: str, image_key: str, jsonl_dir: str):
+    """(caption, image path) or (None, (reason, message)). UTF-8, else GB18030."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        try:
+            line = raw.decode("gb18030")
+        except UnicodeDecodeError:
+            return None, ("bad_json", "line is neither UTF-8 nor GB18030")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, ("bad_json", str(e))
+    if not isinstance(obj, dict):
+        return None, ("bad_json", f"expected a json object, got {type(obj).__name__}")
+    for key in (caption_key, image_key):
+        if not isinstance(obj.get(key), str):
+            return None, ("missing_key", f"no string value for key {key!r}")
+    return (clean_caption(obj[caption_key]), _resolve_image(obj[image_key], jsonl_dir)), None
+
+
+def encode_image_file(path: str, max_pixels: Optional[int]):
+    """Worker: ("ok", base64 text) or (reason, message). Bytes are kept as-is."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return "missing_image", f"{path} does not exist"
+    except OSError as e:
+        return "unreadable_image", f"{path}: {e}"
+    try:
+        decode_image(data, max_pixels=max_pixels)
+    except ImageDecodeError as e:
+        reason = {"truncated": "truncated_image"}.get(e.reason, e.reason)
+        return reason, f"{path}: {e}"
+    return "ok", base64.b64encode(data).decode("ascii")
+
+
+class _PartWriter:
+    """Writes part-NNNNNN[.gz] files of at most `per_part` records, each atomically."""
+
+    def __init__(self, part_dir: str, per_part: int, gzip_parts: bool):
+        self.part_dir, self.per_part, self.gzip_parts = part_dir, per_part, gzip_parts
+        self.parts: list[str] = []
+        self._fh = None
+        self._tmp = self._final = None
+        self._count = 0
+
+    def _open(self) -> None:
+        import gzip
+
+        name = f"part-{len(self.parts) + 1:06d}" + (".gz" if self.gzip_parts else "")
+        self._final = os.path.join(self.part_dir, name)
+        self._tmp = f"{self._final}.tmp-{os.getpid()}"
+        self._fh = gzip.open(self._tmp, "wb") if self.gzip_parts else open(self._tmp, "wb")
+        self._count = 0
+
+    def write(self, caption: str, image_b64: str) -> None:
+        if self._fh is None:
+            self._open()
+        self._fh.write(f"{caption}\t{PLACEHOLDER}\t{image_b64}\n".encode("utf-8"))
+        self._count += 1
+        if self._count >= self.per_part:
+            self.close()
+
+    def close(self) -> None:
+        if self._fh is None:
+            return
+        self._fh.close()
+        os.replace(self._tmp, self._final)
+        self.parts.append(self._final)
+        self._fh = None
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            os.remove(self._tmp)
+            self._fh = None
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple[int, bytes]]:
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                yield lineno, line
+
+
+def create_pretraining_data(
+    input_path: str,
+    output_path: str,
+    output_name: str = "custom_dataset",
+    caption_key: str = "caption",
+    image_key: str = "image",
+    per_part_file_num: int = 1000,
+    save_gzip_file: bool = False,
+    num_repeat: int = 1,
+    num_workers: int = 0,
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+) -> PrepareResult:
+    """Convert `input_path` (jsonl) into part files + filelists under `output_path`.
+
+    `num_workers` <= 1 runs in this process; more uses a process pool. Filelists are written
+    only when at least one record was written. Returns the counts (see PrepareResult).
+    """
+    if per_part_file_num < 1:
+        raise ValueError(f"per_part_file_num must be >= 1, got {per_part_file_num}")
+    if num_repeat < 1:
+        raise ValueError(f"num_repeat must be >= 1, got {num_repeat}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if not output_name or os.sep in output_name:
+        raise ValueError(f"output_name must be a plain file name, got {output_name!r}")
+    if not os.path.isfile(input_path):
+        raise FileNotFoundError(f"input jsonl {input_path!r} does not exist")
+    from tqdm import tqdm
+
+    jsonl_dir = os.path.dirname(os.path.abspath(input_path))
+    part_dir = os.path.join(os.path.abspath(output_path), PART_DIR)
+    list_dir = os.path.join(os.path.abspath(output_path), FILELIST_DIR)
+    os.makedirs(part_dir, exist_ok=True)
+    os.makedirs(list_dir, exist_ok=True)
+
+    result = PrepareResult()
+    writer = _PartWriter(part_dir, per_part_file_num, save_gzip_file)
+
+    def skip(lineno: int, reason: str, message: str) -> None:
+        result.skipped[reason] = result.skipped.get(reason, 0) + 1
+        logger.warning("%s:%d: skipped (%s): %s", input_path, lineno, reason, message)
+
+    def handle(lineno: int, caption: str, outcome) -> None:
+        status, payload = outcome
+        if status == "ok":
+            writer.write(caption, payload)
+            result.written += 1
+        else:
+            skip(lineno, status, payload)
+
+    pool = ProcessPoolExecutor(max_workers=num_workers) if num_workers > 1 else None
+    window = 4 * max(num_workers, 1)
+    in_flight: collections.deque = collections.deque()
+    bar = tqdm(desc="create_pretraining_data", unit="line", disable=not progress)
+    try:
+        for lineno, line in _iter_jsonl(input_path):
+            parsed, error = _parse_json_line(line, caption_key, image_key, jsonl_dir)
+            if parsed is None:
+                skip(lineno, *error)
+                bar.update(1)
+                continue
+            caption, image_path = parsed
+            if pool is None:
+                handle(lineno, caption, encode_image_file(image_path, max_pixels))
+                bar.update(1)
+                continue
+            in_flight.append((lineno, caption, pool.submit(encode_image_file, image_path, max_pixels)))
+            while len(in_flight) >= window:
+                lno, cap, fut = in_flight.popleft()
+                handle(lno, cap, fut.result())
+                bar.update(1)
+        while in_flight:
+            lno, cap, fut = in_flight.popleft()
+            handle(lno, cap, fut.result())
+            bar.update(1)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    result.parts = writer.parts
+    if result.written == 0:
+        return result
+    # Every part is complete: now the filelists (paths relative to the filelist's folder).
+    rel = [os.path.relpath(p, list_dir) for p in result.parts]
+    result.filelist = os.path.join(list_dir, f"{output_name}.filelist")
+    result.filelist_list = os.path.join(list_dir, f"{output_name}.filelist.list")
+    _atomic_write_text(result.filelist, "".join(f"{p}\n" for p in rel * num_repeat))
+    _atomic_write_text(result.filelist_list, f"{output_name}.filelist\n")
+    return result
