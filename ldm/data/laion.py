@@ -377,8 +377,8 @@ class LaionDataset(paddle.io.IterableDataset):
             epoch += 1
 
     def scan_consumer(self, worker: int, num_workers: int, epoch: Optional[int] = None) -> ConsumerStats:
-        """One pass of consumer (self.rank, worker) that decodes every image (as training does)
-        but skips the resize/crop; returns its counts and never raises on bad data."""
+        """One pass of consumer (self.rank, worker) that decodes every image exactly as training
+        does but skips the resize/crop; returns its counts and never raises on bad data."""
         epoch = self.epoch if epoch is None else int(epoch)
         stats = ConsumerStats(rank=self.rank, worker=worker)
         for _ in self._iter_pass(worker, num_workers, epoch, stats, decode_only=True):
@@ -406,12 +406,11 @@ class LaionDataset(paddle.io.IterableDataset):
         lines = iter_consumer_lines(order, consumer, num_consumers, stats)
         if self.shuffle_buffer > 0:
             lines = _buffer_shuffle(lines, self.shuffle_buffer, rng)
-        target = None if decode_only else self.resolution
         for path, lineno, raw in lines:
             stats.records += 1
             try:
                 caption, data = parse_record(raw)
-                img = decode_record_image(data, self.max_pixels, target)
+                img = decode_record_image(data, self.max_pixels, self.resolution)
             except RecordError as e:
                 stats.add_invalid(e.reason, f"{path}:{lineno}")
                 continue
@@ -465,3 +464,46 @@ def numpy_collate(batch: list[dict]) -> dict:
         else:
             out[key] = values
     return out
+
+
+def check_file_list(
+    file_list: str,
+    world_size: int = 1,
+    num_workers: int = 1,
+    resolution: int = 256,
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+    seed: int = 0,
+    epoch: int = 0,
+) -> dict:
+    """One full pass of every (rank, worker) consumer, simulated in this process, sharded
+    exactly as training shards it. Returns the report printed by scripts/check_data.py."""
+    if world_size < 1 or num_workers < 1:
+        raise ValueError(f"world_size and num_workers must be >= 1, got {world_size}, {num_workers}")
+    per_consumer, invalid, all_files = [], {}, set()
+    records = valid = 0
+    for rank in range(world_size):
+        ds = LaionDataset(
+            file_list, resolution=resolution, seed=seed, infinite=False, rank=rank,
+            world_size=world_size, max_pixels=max_pixels,
+        )
+        for worker in range(num_workers):
+            st = ds.scan_consumer(worker, num_workers, epoch=epoch)
+            records += st.records
+            valid += st.valid
+            all_files.update(st.files)
+            per_consumer.append({"rank": rank, "worker": worker, "records": st.records, "valid": st.valid})
+            for reason, count in st.invalid.items():
+                slot = invalid.setdefault(reason, {"count": 0, "first": st.first_example[reason]})
+                slot["count"] += count
+    return {
+        "file_list": file_list,
+        "world_size": world_size,
+        "num_workers": num_workers,
+        "part_files": len(all_files),
+        "file_entries": len(ds.entries),
+        "records": records,
+        "valid": valid,
+        "invalid": dict(sorted(invalid.items())),
+        "per_consumer": per_consumer,
+        "consumers_without_valid": sum(1 for c in per_consumer if c["valid"] == 0),
+    }

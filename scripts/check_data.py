@@ -1,0 +1,62 @@
+"""Read one full pass of a training data set exactly as training shards it, and count problems.
+
+    python scripts/check_data.py --file_list data/filelist/train.filelist.list \\
+        --world_size 2 --num_workers 4 [--strict]
+
+Every (rank, worker) consumer is simulated in this process (no processes are spawned). The LAST
+line printed is a JSON object: records, valid, invalid ({reason: {count, first: "file:line"}}),
+per_consumer ([{rank, worker, records, valid}]). Exit status: 1 with --strict when any record is
+invalid, 2 when no record is valid or a consumer gets no valid record, 0 otherwise.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ldm.data.laion import check_file_list  # noqa: E402
+from ldm.data.transforms import DEFAULT_MAX_PIXELS  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--file_list", help="a .filelist.list, a .filelist or one part file")
+    src.add_argument("--dataset_path", help="a Stage C image/caption folder (ldm.data.folder)")
+    p.add_argument("--world_size", type=int, default=1)
+    p.add_argument("--num_workers", type=int, default=1, help="DataLoader workers per rank (0 counts as 1)")
+    p.add_argument("--resolution", type=int, default=256, help="training resolution (JPEG draft decoding)")
+    p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit (0: none)")
+    p.add_argument("--strict", action="store_true", help="exit non-zero when anything is invalid")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    num_workers = max(args.num_workers, 1)
+    if args.dataset_path:
+        try:
+            from ldm.data.folder import check_folder  # provided with the folder dataset
+        except ImportError:
+            print("error: --dataset_path needs ldm.data.folder.check_folder, which is not available", file=sys.stderr)
+            return 2
+        report = check_folder(args.dataset_path, world_size=args.world_size, num_workers=num_workers)
+    else:
+        report = check_file_list(
+            args.file_list,
+            world_size=args.world_size,
+            num_workers=num_workers,
+            resolution=args.resolution,
+            max_pixels=args.max_pixels or None,
+        )
+    print(json.dumps(report, ensure_ascii=False))
+    if report["valid"] == 0 or report.get("consumers_without_valid", 0):
+        return 2
+    if args.strict and report["invalid"]:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
