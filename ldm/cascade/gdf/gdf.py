@@ -33,6 +33,13 @@ class Diffused(NamedTuple):
     loss_weight: paddle.Tensor  # [B]
 
 
+def _std(x: paddle.Tensor, axis=None) -> paddle.Tensor:
+    """Unbiased standard deviation (torch.std's default); paddle's Tensor.std logs a dtype warning."""
+    mean = x.mean(axis=axis, keepdim=axis is not None)
+    n = x.numel() if axis is None else x.shape[axis]
+    return (((x - mean) ** 2).sum(axis=axis) / (float(n) - 1.0)).sqrt()
+
+
 def _zeros_like(v):
     if isinstance(v, paddle.Tensor):
         return paddle.zeros_like(v)
@@ -128,10 +135,10 @@ class GDF:
         guided = pred_uncond + cfg * (pred_cond - pred_uncond)
         if cfg_rho > 0:
             if per_sample:
-                std_pos = _bcast(pred_cond.reshape([pred_cond.shape[0], -1]).std(axis=1), guided.ndim)
-                std_cfg = _bcast(guided.reshape([guided.shape[0], -1]).std(axis=1), guided.ndim)
+                std_pos = _bcast(_std(pred_cond.reshape([pred_cond.shape[0], -1]), axis=1), guided.ndim)
+                std_cfg = _bcast(_std(guided.reshape([guided.shape[0], -1]), axis=1), guided.ndim)
             else:
-                std_pos, std_cfg = pred_cond.std(), guided.std()
+                std_pos, std_cfg = _std(pred_cond), _std(guided)
             return cfg_rho * (guided * std_pos / (std_cfg + CFG_RHO_EPS)) + guided * (1.0 - cfg_rho)
         return guided
 
