@@ -1,0 +1,315 @@
+"""ldm.data.transforms: decoding (colour modes, EXIF, errors, pixel limit, JPEG draft) and ImageTransform."""
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm.data.transforms import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    ImageTransform,
+    decode_image,
+    draft_scale,
+)
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def smooth_rgb(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A photo-like test image: smooth gradients plus mild noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    arr = np.stack(
+        [np.sin(xx / 17.0) * 90 + 128, np.cos(yy / 11.0) * 80 + 128, (xx + yy) * 200.0 / (w + h) + 20], axis=-1
+    )
+    arr += rng.normal(0, 4, arr.shape)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def rgb_of(img: Image.Image) -> np.ndarray:
+    assert img.mode == "RGB"
+    return np.asarray(img).astype(np.int32)
+
+
+# ------------------------------------------------------------------ colour modes
+def test_default_max_pixels_is_pillows():
+    assert DEFAULT_MAX_PIXELS == 89478485
+
+
+def test_cmyk_jpeg_to_rgb():
+    # (C, M, Y, K): red, then 50% grey made only of K.
+    arr = np.zeros((16, 32, 4), np.uint8)
+    arr[:, :16] = (0, 255, 255, 0)
+    arr[:, 16:] = (0, 0, 0, 128)
+    cmyk = Image.fromarray(arr, "CMYK")
+    data = encode(cmyk, "JPEG", quality=95)
+    assert Image.open(io.BytesIO(data)).mode == "CMYK"
+    out = rgb_of(decode_image(data))
+    assert out.shape == (16, 32, 3)
+    np.testing.assert_allclose(out[4:12, 2:12].mean(axis=(0, 1)), (255, 0, 0), atol=6)
+    np.testing.assert_allclose(out[4:12, 20:30].mean(axis=(0, 1)), (127, 127, 127), atol=6)
+
+
+def test_palette_with_transparency_composited_on_white():
+    p = Image.new("P", (8, 4))
+    p.putpalette([255, 0, 0, 0, 255, 0] + [0] * (254 * 3))
+    arr = np.zeros((4, 8), np.uint8)
+    arr[:, 4:] = 1  # right half uses index 1 = green, declared transparent
+    p.putdata(arr.ravel().tolist())
+    data = encode(p, "PNG", transparency=1)
+    out = rgb_of(decode_image(data))
+    assert (out[:, :4] == (255, 0, 0)).all()
+    assert (out[:, 4:] == (255, 255, 255)).all()
+
+
+def test_palette_without_transparency():
+    p = Image.new("P", (4, 4))
+    p.putpalette([10, 20, 30] + [0] * 765)
+    out = rgb_of(decode_image(encode(p, "PNG")))
+    assert (out == (10, 20, 30)).all()
+
+
+def test_la_composited_on_white():
+    arr = np.zeros((2, 3, 2), np.uint8)
+    arr[..., 0] = 100
+    arr[0, :, 1] = (0, 128, 255)
+    arr[1, :, 1] = 255
+    data = encode(Image.fromarray(arr, "LA"), "PNG")
+    out = rgb_of(decode_image(data))
+    expected_mid = round(100 * 128 / 255 + 255 * 127 / 255)
+    np.testing.assert_array_equal(out[0, 0], (255, 255, 255))
+    assert np.abs(out[0, 1] - expected_mid).max() <= 1
+    np.testing.assert_array_equal(out[0, 2], (100, 100, 100))
+    assert (out[1] == 100).all()
+
+
+def test_rgba_composited_on_white():
+    arr = np.zeros((1, 3, 4), np.uint8)
+    arr[0, :, :3] = (10, 20, 30)
+    arr[0, :, 3] = (0, 255, 128)
+    out = rgb_of(decode_image(encode(Image.fromarray(arr, "RGBA"), "PNG")))
+    np.testing.assert_array_equal(out[0, 0], (255, 255, 255))
+    np.testing.assert_array_equal(out[0, 1], (10, 20, 30))
+    expected = np.round(np.array((10, 20, 30)) * 128 / 255 + 255 * 127 / 255)
+    assert np.abs(out[0, 2] - expected).max() <= 1
+
+
+def test_grayscale_l_and_1bit():
+    out = rgb_of(decode_image(encode(Image.new("L", (5, 5), 77), "PNG")))
+    assert (out == 77).all()
+    out1 = rgb_of(decode_image(encode(Image.new("1", (5, 5), 1), "PNG")))
+    assert (out1 == 255).all()
+
+
+def test_16bit_grayscale_scaled_not_clipped():
+    values = np.array([[0, 257, 1000, 32896, 65535, 12850]], np.uint16)
+    img16 = Image.fromarray(values)  # mode I;16
+    data = encode(img16, "PNG")
+    assert Image.open(io.BytesIO(data)).mode in ("I;16", "I")
+    out = rgb_of(decode_image(data))
+    expected = np.round(values.astype(np.float64) / 257.0)
+    for c in range(3):
+        np.testing.assert_array_equal(out[..., c], expected)
+    assert out[0, 2, 0] == 4  # a clipping conversion would give 255 here
+
+
+def test_16bit_full_range_gradient():
+    ramp = np.linspace(0, 65535, 256).round().astype(np.uint16)[None, :]
+    out = rgb_of(decode_image(encode(Image.fromarray(ramp), "PNG")))
+    assert out[0, 0, 0] == 0 and out[0, -1, 0] == 255
+    assert (np.diff(out[0, :, 0]) >= 0).all()
+    assert np.abs(out[0, :, 0] - np.arange(256)).max() <= 1
+
+
+def test_webp_and_gif_decode():
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert np.abs(rgb_of(decode_image(encode(img, "WEBP", lossless=True))) - (200, 100, 50)).max() == 0
+    assert decode_image(encode(img.convert("P"), "GIF")).size == (8, 8)
+
+
+# ------------------------------------------------------------------ EXIF
+def test_exif_orientation_applied():
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20] = (255, 0, 0)  # stored: left red, right blue
+    arr[:, 20:] = (0, 0, 255)
+    img = Image.fromarray(arr)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display = stored rotated 90 degrees clockwise
+    data = encode(img, "JPEG", quality=95, exif=exif.tobytes())
+    out = rgb_of(decode_image(data))
+    assert out.shape == (40, 20, 3)  # upright: tall
+    np.testing.assert_allclose(out[5, 10], (255, 0, 0), atol=12)  # top is red
+    np.testing.assert_allclose(out[35, 10], (0, 0, 255), atol=12)  # bottom is blue
+    # draft path keeps the orientation
+    out_d = decode_image(encode(Image.fromarray(np.repeat(np.repeat(arr, 8, 0), 8, 1)), "JPEG", exif=exif.tobytes()),
+                         target_short_side=40)
+    assert out_d.size[1] > out_d.size[0]
+
+
+# ------------------------------------------------------------------ errors and the pixel limit
+def test_garbage_and_empty_are_undecodable():
+    for data in (b"", b"not an image at all" * 10, b"\x89PNG\r\n\x1a\n" + b"\0" * 5):
+        with pytest.raises(ImageDecodeError) as ei:
+            decode_image(data)
+        assert ei.value.reason == "undecodable"
+        assert isinstance(ei.value, ValueError)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated(fmt):
+    data = encode(smooth_rgb(64, 48), fmt)
+    with pytest.raises(ImageDecodeError) as ei:
+        decode_image(data[: len(data) * 2 // 3])
+    assert ei.value.reason == "truncated"
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height (the pixel data is a stub)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\0"))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def test_too_large_default_limit_from_header():
+    # 20000 x 20000 = 4e8 pixels > 89.5M: rejected from the header, nothing is decoded.
+    with pytest.raises(ImageDecodeError) as ei:
+        decode_image(_png_header_only(20000, 20000))
+    assert ei.value.reason == "too_large"
+
+
+def test_configurable_limit_and_global_untouched(monkeypatch):
+    data = encode(Image.new("RGB", (64, 64)), "PNG")
+    with pytest.raises(ImageDecodeError) as ei:
+        decode_image(data, max_pixels=64 * 64 - 1)
+    assert ei.value.reason == "too_large"
+    assert decode_image(data, max_pixels=64 * 64).size == (64, 64)
+    # The process-wide Pillow limit is neither consulted nor changed.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    assert decode_image(data, max_pixels=None).size == (64, 64)
+    assert decode_image(data).size == (64, 64)
+    assert Image.MAX_IMAGE_PIXELS == 100
+
+
+# ------------------------------------------------------------------ JPEG draft
+def test_draft_scale_choice():
+    assert draft_scale((640, 480), 256) == 1
+    assert draft_scale((640, 480), 240) == 2
+    assert draft_scale((640, 480), 100) == 4
+    assert draft_scale((640, 480), 60) == 8
+    assert draft_scale((100, 100), 256) == 1
+
+
+@pytest.mark.parametrize("target", [60, 100, 200, 256])
+def test_draft_decode_covers_target_and_matches_full(target):
+    img = smooth_rgb(640, 480)
+    data = encode(img, "JPEG", quality=90)
+    fast = decode_image(data, target_short_side=target)
+    full = decode_image(data)
+    assert full.size == (640, 480)
+    assert min(fast.size) >= target
+    k = draft_scale((640, 480), target)
+    assert fast.size == (-(-640 // k), -(-480 // k))
+    t = ImageTransform(min(target, 96), center_crop=True)
+    a, b = t(fast), t(full)
+    diff = np.abs(a - b)
+    assert diff.mean() < 0.03, diff.mean()  # in [-1, 1] units: < 2 grey levels on average
+    assert diff.max() < 0.35, diff.max()
+
+
+def test_draft_not_applied_to_png():
+    data = encode(smooth_rgb(200, 160), "PNG")
+    assert decode_image(data, target_short_side=20).size == (200, 160)
+
+
+# ------------------------------------------------------------------ ImageTransform
+def test_transform_shape_range_and_constant_values():
+    white = Image.new("RGB", (50, 30), (255, 255, 255))
+    black = Image.new("RGB", (50, 30), (0, 0, 0))
+    t = ImageTransform(16)
+    rng = np.random.default_rng(0)
+    w = t(white, rng)
+    assert w.shape == (3, 16, 16) and w.dtype == np.float32
+    np.testing.assert_allclose(w, 1.0, atol=1e-6)
+    np.testing.assert_allclose(t(black, rng), -1.0, atol=1e-6)
+    z = ImageTransform(16, normalize="zero_one")(white, rng)
+    np.testing.assert_allclose(z, 1.0, atol=1e-6)
+    x = t(smooth_rgb(90, 70), rng)
+    assert x.min() >= -1.0 and x.max() <= 1.0
+
+
+def test_small_images_are_upscaled():
+    small = Image.new("RGB", (20, 12), (40, 80, 120))
+    out = ImageTransform(64)(small, np.random.default_rng(0))
+    assert out.shape == (3, 64, 64)
+    np.testing.assert_allclose((out + 1) * 127.5, np.array([40, 80, 120])[:, None, None] * np.ones((1, 64, 64)), atol=1e-3)
+
+
+def test_non_square_resolution():
+    out = ImageTransform((32, 48), center_crop=True)(smooth_rgb(100, 100))
+    assert out.shape == (3, 32, 48)
+
+
+def test_box_resize_equals_resize_then_crop():
+    img = smooth_rgb(123, 77)
+    t = ImageTransform(40)
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    got = t(img, rng_a)
+    (rw, rh), (left, top) = t.crop_box(img.size, rng_b)
+    ref = img.resize((rw, rh), Image.BILINEAR).crop((left, top, left + 40, top + 40))
+    ref = np.asarray(ref).transpose(2, 0, 1) / 127.5 - 1
+    assert (rw, rh) == (64, 40)
+    assert np.abs(got - ref).max() <= 2.5 / 127.5
+
+
+def test_center_crop_is_centred():
+    arr = np.zeros((10, 30, 3), np.uint8)
+    arr[:, 10:20] = 255  # white middle third
+    out = ImageTransform(10, center_crop=True)(Image.fromarray(arr))
+    np.testing.assert_allclose(out, 1.0, atol=1e-6)
+
+
+def test_determinism_and_flip():
+    img = smooth_rgb(97, 61, seed=3)
+    t = ImageTransform(32, random_flip=True)
+    a = t(img, np.random.default_rng(42))
+    b = t(img, np.random.default_rng(42))
+    np.testing.assert_array_equal(a, b)
+    outs = [t(img, np.random.default_rng(s)) for s in range(12)]
+    assert any(np.abs(o - a).max() > 0.1 for o in outs)
+    # flip: with a centre crop the only randomness is the mirror
+    tc = ImageTransform(32, center_crop=True, random_flip=True)
+    plain = ImageTransform(32, center_crop=True)(img)
+    seen = set()
+    for s in range(16):
+        o = tc(img, np.random.default_rng(s))
+        if np.array_equal(o, plain):
+            seen.add("plain")
+        elif np.array_equal(o, plain[:, :, ::-1]):
+            seen.add("flipped")
+        else:
+            raise AssertionError("output is neither the crop nor its mirror")
+    assert seen == {"plain", "flipped"}
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        ImageTransform(0)
+    with pytest.raises(ValueError):
+        ImageTransform(8, normalize="imagenet")
+    with pytest.raises(ValueError):
+        ImageTransform(8)(Image.new("L", (8, 8)), np.random.default_rng(0))
+    with pytest.raises(ValueError):
+        decode_image(b"x", max_pixels=0)
