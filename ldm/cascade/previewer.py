@@ -1,0 +1,78 @@
+"""Previewer: Stage C latent (16 channels) -> RGB at 8x the resolution (24x24 -> 192x192).
+
+Follows Stability-AI/StableCascade `modules/previewer.py`: one `blocks` Sequential of
+conv/GELU/BatchNorm triples with three 2x2 stride-2 transposed convolutions. Parameter names
+(`blocks.<i>.*`, BatchNorm statistics as `_mean` / `_variance`) match PaddleMIX's
+`previewer.pdparams`; the published `previewer.safetensors` uses the same indices with torch's
+`running_mean` / `running_var` names.
+"""
+from __future__ import annotations
+
+import paddle.nn as nn
+
+__all__ = ["Previewer", "Previewer_full", "Previewer_tiny", "Previewer_models", "previewer_config_from_shapes", "load_previewer"]
+
+
+class Previewer(nn.Layer):
+    """(B, c_in, h, w) -> (B, c_out, 8h, 8w). Indices of `blocks` (kept for the weight names):
+    0 conv1x1, 3 conv3x3, 6 convT, 9 conv3x3, 12 convT, 15 conv3x3, 18 convT, 21 conv3x3, 24 conv1x1;
+    each conv but the last is followed by GELU (i+1) and BatchNorm (i+2)."""
+
+    def __init__(self, c_in: int = 16, c_hidden: int = 512, c_out: int = 3):
+        super().__init__()
+        if c_hidden % 4 != 0:
+            raise ValueError(f"c_hidden must be divisible by 4, got {c_hidden}")
+        self.config = dict(c_in=c_in, c_hidden=c_hidden, c_out=c_out)
+        h, h2, h4 = c_hidden, c_hidden // 2, c_hidden // 4
+        convs = [
+            nn.Conv2D(c_in, h, 1),
+            nn.Conv2D(h, h, 3, padding=1),
+            nn.Conv2DTranspose(h, h2, 2, stride=2),  # 2x
+            nn.Conv2D(h2, h2, 3, padding=1),
+            nn.Conv2DTranspose(h2, h4, 2, stride=2),  # 4x
+            nn.Conv2D(h4, h4, 3, padding=1),
+            nn.Conv2DTranspose(h4, h4, 2, stride=2),  # 8x
+            nn.Conv2D(h4, h4, 3, padding=1),
+        ]
+        layers = []
+        for conv in convs:
+            layers += [conv, nn.GELU(), nn.BatchNorm2D(conv._out_channels)]
+        layers.append(nn.Conv2D(h4, c_out, 1))
+        self.blocks = nn.Sequential(*layers)
+
+    def forward(self, x):
+        if x.ndim != 4 or x.shape[1] != self.config["c_in"]:
+            raise ValueError(f"Previewer expects (B, {self.config['c_in']}, h, w), got {list(x.shape)}")
+        return self.blocks(x)  # (B, c_out, 8h, 8w)
+
+
+def Previewer_full(**kw):
+    return Previewer(**kw)
+
+
+def Previewer_tiny(**kw):
+    cfg = dict(c_in=16, c_hidden=32, c_out=3)
+    cfg.update(kw)
+    return Previewer(**cfg)
+
+
+Previewer_models = {"full": Previewer_full, "tiny": Previewer_tiny}
+
+
+def previewer_config_from_shapes(shapes: dict) -> dict:
+    try:
+        c_hidden, c_in = shapes["blocks.0.weight"][:2]
+        c_out = shapes["blocks.24.weight"][0]
+    except KeyError as e:
+        raise ValueError(f"not a Previewer state dict (missing {e})") from e
+    return dict(c_in=int(c_in), c_hidden=int(c_hidden), c_out=int(c_out))
+
+
+def load_previewer(path, dtype: str = "float32") -> Previewer:
+    """Load our converted `.safetensors` or the seed's `previewer.pdparams` (sizes from the shapes,
+    strict key check). Returns the model in eval mode with gradients off."""
+    from ldm.weights.other_keys import finish_loading, read_paddle_weights
+
+    items, _ = read_paddle_weights(path, "previewer")
+    cfg = previewer_config_from_shapes({k: v.shape for k, v in items})
+    return finish_loading(Previewer(**cfg), items, path, dtype)

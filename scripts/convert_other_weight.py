@@ -1,0 +1,91 @@
+"""Convert the non-UNet Stable Cascade weights to Paddle-layout safetensors.
+
+Inputs (each optional, at least one):
+  --effnet      original effnet_encoder.safetensors
+  --stage_a     original stage_a.safetensors            (latent scale 0.43)
+  --vqgan_dir   diffusers vqgan/ folder (PaellaVQModel)  (latent scale from its config.json, 0.3764)
+  --previewer   original previewer.safetensors
+  --clip_text_dir / --clip_image_dir   transformers CLIP folders (safetensors)
+Outputs go to --output_dir (effnet_encoder.safetensors, stage_a.safetensors, previewer.safetensors,
+clip_text/, clip_image/) unless a per-output path is given. Logic: ldm/weights/other_keys.py.
+
+Example:
+  python scripts/convert_other_weight.py --effnet sc/effnet_encoder.safetensors \
+      --stage_a sc/stage_a.safetensors --previewer sc/previewer.safetensors \
+      --clip_text_dir hf/clip-bigG --clip_image_dir hf/clip-vit-large-patch14 --output_dir weights
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ldm.weights import other_keys as ok  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--effnet", help="original effnet_encoder.safetensors")
+    p.add_argument("--stage_a", help="original stage_a.safetensors")
+    p.add_argument("--vqgan_dir", help="diffusers vqgan/ folder (PaellaVQModel)")
+    p.add_argument("--previewer", help="original previewer.safetensors")
+    p.add_argument("--clip_text_dir", help="transformers CLIPTextModelWithProjection (or CLIPModel) folder")
+    p.add_argument("--clip_image_dir", help="transformers CLIPVisionModelWithProjection (or CLIPModel) folder")
+    p.add_argument("--output_dir", help="default folder for every output")
+    p.add_argument("--effnet_out", help="output file (default OUTPUT_DIR/effnet_encoder.safetensors)")
+    p.add_argument("--stage_a_out", help="output file (default OUTPUT_DIR/stage_a.safetensors)")
+    p.add_argument("--previewer_out", help="output file (default OUTPUT_DIR/previewer.safetensors)")
+    p.add_argument("--clip_text_out", help="output folder (default OUTPUT_DIR/clip_text)")
+    p.add_argument("--clip_image_out", help="output folder (default OUTPUT_DIR/clip_image)")
+    p.add_argument("--stage_a_scale", type=float, default=None,
+                   help="override the Stage A latent scale (default 0.43 for --stage_a, config.json for --vqgan_dir)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="storage dtype")
+    args = p.parse_args(argv)
+    if args.stage_a and args.vqgan_dir:
+        p.error("give either --stage_a or --vqgan_dir, not both (they are two sources of the same model)")
+    jobs = [args.effnet, args.stage_a, args.vqgan_dir, args.previewer, args.clip_text_dir, args.clip_image_dir]
+    if not any(jobs):
+        p.error("nothing to convert: give at least one input")
+    defaults = {"effnet_out": "effnet_encoder.safetensors", "stage_a_out": "stage_a.safetensors",
+                "previewer_out": "previewer.safetensors", "clip_text_out": "clip_text", "clip_image_out": "clip_image"}
+    for dest, name in defaults.items():
+        if getattr(args, dest) is None:
+            if args.output_dir is None:
+                setattr(args, dest, None)
+            else:
+                setattr(args, dest, os.path.join(args.output_dir, name))
+    needed = [("effnet", "effnet_out"), ("stage_a", "stage_a_out"), ("vqgan_dir", "stage_a_out"),
+              ("previewer", "previewer_out"), ("clip_text_dir", "clip_text_out"), ("clip_image_dir", "clip_image_out")]
+    for src, dst in needed:
+        if getattr(args, src) and not getattr(args, dst):
+            p.error(f"--{src} needs --{dst} or --output_dir")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    done = {}
+    if args.effnet:
+        done["effnet"] = [args.effnet_out, ok.convert_effnet(args.effnet, args.effnet_out, args.dtype)]
+    if args.stage_a:
+        done["stage_a"] = [args.stage_a_out, ok.convert_stage_a(args.stage_a, args.stage_a_out, args.dtype, args.stage_a_scale)]
+    if args.vqgan_dir:
+        done["stage_a"] = [args.stage_a_out, ok.convert_vqgan_dir(args.vqgan_dir, args.stage_a_out, args.dtype, args.stage_a_scale)]
+    if args.previewer:
+        done["previewer"] = [args.previewer_out, ok.convert_previewer(args.previewer, args.previewer_out, args.dtype)]
+    if args.clip_text_dir:
+        ok.convert_clip_dir(args.clip_text_dir, args.clip_text_out, "text", args.dtype)
+        done["clip_text"] = [args.clip_text_out]
+    if args.clip_image_dir:
+        ok.convert_clip_dir(args.clip_image_dir, args.clip_image_out, "vision", args.dtype)
+        done["clip_image"] = [args.clip_image_out]
+    print(json.dumps(done, indent=1))
+    return done
+
+
+if __name__ == "__main__":
+    main()
