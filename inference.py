@@ -1,0 +1,98 @@
+"""Stable Cascade text-to-image (the seed's `python inference.py`): writes result_0.png, ...
+
+    python inference.py                                   # seed example: 2 images, seed 1
+    python inference.py --preset tiny                     # random tiny weights, fully offline
+    python inference.py --caption "a red fox" --height 768 --width 1280 --low_memory
+    python inference.py --image ref.png --caption ""      # image variation
+    python inference.py --init_image photo.png --strength 0.6   # image-to-image
+"""
+import argparse
+import dataclasses
+import os
+
+import config as C
+
+DEFAULTS_C, DEFAULTS_B = C.STAGE_C_SAMPLING, C.STAGE_B_SAMPLING
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Stable Cascade text-to-image (Stage C -> B -> A)")
+    p.add_argument("--caption", default=C.CAPTION)
+    p.add_argument("--negative_caption", default="", help="unconditional caption (default empty)")
+    p.add_argument("--seed", type=int, default=C.SEED, help="image i uses seed + i")
+    p.add_argument("--batch_size", type=int, default=C.BATCH_SIZE)
+    p.add_argument("--height", type=int, default=C.HEIGHT, help="rounded to a multiple of 64")
+    p.add_argument("--width", type=int, default=C.WIDTH, help="rounded to a multiple of 64")
+    p.add_argument("--steps_c", type=int, default=DEFAULTS_C.steps)
+    p.add_argument("--cfg_c", type=float, default=DEFAULTS_C.cfg)
+    p.add_argument("--shift_c", type=float, default=DEFAULTS_C.shift)
+    p.add_argument("--steps_b", type=int, default=DEFAULTS_B.steps)
+    p.add_argument("--cfg_b", type=float, default=DEFAULTS_B.cfg)
+    p.add_argument("--shift_b", type=float, default=DEFAULTS_B.shift)
+    p.add_argument("--cfg_rho", type=float, default=DEFAULTS_C.cfg_rho, help="guidance std rescale, both stages")
+    p.add_argument("--dtype", default=C.DTYPE, choices=C.DTYPES, help="bfloat16/float16 need a GPU")
+    p.add_argument("--output_dir", default=".")
+    p.add_argument("--weights_path", default=C.WEIGHTS_PATH)
+    p.add_argument("--model_c_version", default=C.MODEL_C_VERSION, choices=["1B", "3.6B"])
+    p.add_argument("--model_b_version", default=C.MODEL_B_VERSION, choices=["700M", "3B"])
+    p.add_argument("--preset", choices=["tiny"], default=None, help="random tiny networks, no weight files")
+    p.add_argument("--image", help="image for CLIP image conditioning (variation)")
+    p.add_argument("--init_image", help="image to start Stage C from (image-to-image)")
+    p.add_argument("--strength", type=float, default=C.IMG2IMG_STRENGTH, help="img2img noise level in (0, 1]")
+    p.add_argument("--low_memory", action="store_true", help="load one network at a time, free it after use")
+    p.add_argument("--save_previews", action="store_true", help="also write preview_<i>.png (Stage C previewer)")
+    p.add_argument("--no_progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.steps_c < 1 or args.steps_b < 1:
+        p.error("--batch_size, --steps_c and --steps_b must be >= 1")
+    if not 0.0 < args.strength <= 1.0:
+        p.error(f"--strength must be in (0, 1], got {args.strength}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from PIL import Image
+
+    from ldm.cascade import pipeline as pl
+    from ldm.model_b import ModelB
+    from ldm.model_c import ModelC
+
+    height, width = pl.check_size(args.height, args.width)  # fail before loading anything
+    cfg = dataclasses.replace(C.CascadeConfig(), weights_path=args.weights_path, dtype=args.dtype,
+                              model_c_version=args.model_c_version, model_b_version=args.model_b_version)
+    pl.check_dtype(args.dtype)
+    if args.preset is None:  # one error listing every missing file, before any network is built
+        extra = (("image_encoder",) if args.image else ()) + (("effnet",) if args.init_image else ())
+        pl.resolve_weights(cfg, pl.NEEDED_C + pl.NEEDED_B + extra)
+    opts = dict(preset=args.preset, low_memory=args.low_memory, progress=not args.no_progress)
+    model, model_b = ModelC(cfg, **opts).eval(), ModelB(cfg, **opts).eval()
+    image = Image.open(args.image) if args.image else None
+    init_image = Image.open(args.init_image) if args.init_image else None
+
+    preview, latent_c = model.log_image(
+        args.caption, height=height, width=width, cfg=args.cfg_c, batch_size=args.batch_size, seed=args.seed,
+        steps=args.steps_c, shift=args.shift_c, cfg_rho=args.cfg_rho, negative_caption=args.negative_caption,
+        image=image, init_image=init_image, strength=args.strength)
+    images, _ = model_b.log_image(
+        latent_c, args.caption, seed=args.seed, batch_size=args.batch_size, steps=args.steps_b, cfg=args.cfg_b,
+        shift=args.shift_b, cfg_rho=args.cfg_rho, negative_caption=args.negative_caption, height=height, width=width)
+
+    meta = {"prompt": args.caption, "negative_prompt": args.negative_caption, "seed": args.seed,
+            "steps": f"C {args.steps_c}, B {args.steps_b}", "cfg": f"C {args.cfg_c}, B {args.cfg_b}",
+            "shift": f"C {args.shift_c}, B {args.shift_b}", "cfg_rho": args.cfg_rho,
+            "size": f"{width}x{height}", "model": args.preset or f"C {cfg.model_c_version}, B {cfg.model_b_version}",
+            "image": args.image or "", "init_image": args.init_image or "", "strength": args.strength}
+    os.makedirs(args.output_dir, exist_ok=True)
+    written = []
+    for i, img in enumerate(images):
+        written.append(pl.save_png(os.path.join(args.output_dir, C.OUTPUT_PATTERN.format(i)), img,
+                                   {**meta, "seed": args.seed + i, "batch_seed": args.seed, "batch_index": i}))
+        if args.save_previews:
+            pl.save_png(os.path.join(args.output_dir, f"preview_{i}.png"), preview[i], {**meta, "seed": args.seed + i})
+    print("\n".join(written))
+    return written
+
+
+if __name__ == "__main__":
+    main()

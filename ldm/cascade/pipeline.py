@@ -1,0 +1,455 @@
+"""Stable Cascade text-to-image: Stage C (text -> 16-channel latent), Stage B (-> 4-channel
+latent), Stage A (-> pixels), each sampled with the GDF DDPM sampler and classifier-free guidance.
+
+Follows the official inference notebook (Stability-AI/StableCascade ``inference/
+text_to_image.ipynb``, ``train/base.py`` ``get_conditions``, ``train/train_b.py``):
+- conditional text: CLIP bigG ``hidden_states[-1]`` [B, 77, 1280] (the last layer output, before
+  the final LayerNorm) and pooled ``text_embeds`` [B, 1, 1280], with the tokenizer's attention mask;
+- unconditional branch: empty captions (or the negative caption) and zero image embeddings for
+  Stage C; for Stage B the pooled empty caption and a zero ``effnet`` (Stage C latent);
+- the sampler yields (x0, x, pred); the result is the last x0, as in the notebook.
+
+What ModelC / ModelB share lives here; the networks come from a ``Components`` object (the seam
+between this module and the weight files or the offline tiny preset, ``ldm.cascade.presets``).
+"""
+from __future__ import annotations
+
+import gc
+import weakref
+import math
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import paddle
+
+import config as cfg_mod
+from config import CascadeConfig, SamplingConfig
+from ldm.utils import get_logger
+
+logger = get_logger("ldm.cascade")
+
+COMPONENT_NAMES = ("tokenizer", "text_encoder", "image_encoder", "stage_c", "stage_b", "stage_a",
+                   "effnet", "previewer")
+STAGE_C_CHANNELS = 16
+STAGE_B_CHANNELS = 4
+NOISE_TAG_C, NOISE_TAG_B, NOISE_TAG_IMG2IMG = 0xC, 0xB, 0x1
+WEIGHT_EXTS = (".safetensors", ".pdparams")
+
+
+# ---------------------------------------------------------------------------- weights on disk
+class MissingWeightsError(FileNotFoundError):
+    """Raised once, listing every missing file, before anything is loaded."""
+
+
+def resolve_weight_file(folder: str, name: str) -> Optional[str]:
+    """``<folder>/<name>`` if it has an extension, else ``<name>.safetensors`` (preferred) or
+    ``<name>.pdparams``; None when absent."""
+    base = os.path.join(folder, name)
+    if name.endswith(WEIGHT_EXTS):
+        return base if os.path.isfile(base) else None
+    for ext in WEIGHT_EXTS:
+        if os.path.isfile(base + ext):
+            return base + ext
+    return None
+
+
+def _file_field(component: str) -> str:
+    return {"tokenizer": "clip_text", "text_encoder": "clip_text", "image_encoder": "clip_image"}.get(component, component)
+
+
+def resolve_weights(cfg: CascadeConfig, components: Sequence[str]) -> Dict[str, str]:
+    """Map each needed component to its file or folder; raise ``MissingWeightsError`` naming
+    every missing one and the README section that explains how to get them."""
+    found, missing = {}, []
+    for comp in components:
+        name = getattr(cfg, _file_field(comp))
+        if comp in ("tokenizer", "text_encoder", "image_encoder"):
+            path = os.path.join(cfg.weights_path, name or "")
+            if name and os.path.isfile(os.path.join(path, "config.json")):
+                found[comp] = path
+            elif f"{path}/" not in [m[1] for m in missing]:
+                missing.append((comp, f"{path}/", "a folder with config.json, the weights and the tokenizer files"))
+        else:
+            path = resolve_weight_file(cfg.weights_path, name)
+            if path:
+                found[comp] = path
+            else:
+                alts = name if name.endswith(WEIGHT_EXTS) else f"{name}.safetensors or {name}.pdparams"
+                missing.append((comp, os.path.join(cfg.weights_path, alts), ""))
+    if missing:
+        lines = [f"  - {comp}: {path}" + (f" ({what})" if what else "") for comp, path, what in missing]
+        raise MissingWeightsError(
+            f"Stable Cascade weights not found in '{os.path.abspath(cfg.weights_path)}' "
+            f"(WEIGHTS_PATH in config.py, the STABLE_CASCADE_WEIGHTS environment variable or "
+            f"--weights_path). Missing {len(missing)} file(s):\n" + "\n".join(lines) +
+            f"\nSee the README section \"{cfg.readme_section}\" to download the seed's archive or "
+            f"convert the official weights. (Or try `python inference.py --preset tiny`, which "
+            f"needs no files.)")
+    return found
+
+
+# ---------------------------------------------------------------------------- components
+class Components:
+    """Lazily built, cached networks. ``builders[name]()`` returns the network (eval mode);
+    ``release(name)`` drops it (low-memory mode frees each stage before the next)."""
+
+    def __init__(self, builders: Dict[str, Callable[[], object]], dtype: str = "float32",
+                 meta: Optional[dict] = None):
+        self.builders = dict(builders)
+        self.dtype = dtype
+        self.meta = {"c_clip_img": 768, **(meta or {})}  # facts needed before a network is built
+        self._cache: Dict[str, object] = {}
+
+    def has(self, name: str) -> bool:
+        return name in self.builders
+
+    def get(self, name: str):
+        if name not in self._cache:
+            if name not in self.builders:
+                raise ValueError(f"component '{name}' is not configured (known: {sorted(self.builders)})")
+            logger.info("loading %s", name)
+            net = self.builders[name]()
+            if hasattr(net, "eval"):
+                net.eval()
+            self._cache[name] = net
+        return self._cache[name]
+
+    def release(self, *names: str) -> None:
+        dropped = [n for n in names if self._cache.pop(n, None) is not None]
+        if dropped:
+            gc.collect()
+            if paddle.device.is_compiled_with_cuda():
+                paddle.device.cuda.empty_cache()
+
+
+def file_components(cfg: CascadeConfig, needed: Sequence[str]) -> Components:
+    """Components read from ``cfg.weights_path``; checks every needed file up front."""
+    dtype = check_dtype(cfg.dtype)
+    paths = resolve_weights(cfg, needed)
+    from ldm.cascade import clip, effnet, previewer, stage_a, stage_b, stage_c  # the networks
+
+    def lazy(comp, fn):
+        return lambda: fn(paths[comp]) if comp in paths else fn(resolve_weights(cfg, [comp])[comp])
+
+    builders = {
+        "tokenizer": lazy("tokenizer", clip.load_tokenizer),
+        "text_encoder": lazy("text_encoder", lambda p: clip.load_clip_text(p, dtype=dtype)),
+        "image_encoder": lazy("image_encoder", lambda p: clip.load_clip_vision(p, dtype=dtype)),
+        "stage_c": lazy("stage_c", lambda p: stage_c.load_stage_c(p, cfg.model_c_version, dtype=dtype)),
+        "stage_b": lazy("stage_b", lambda p: stage_b.load_stage_b(p, cfg.model_b_version, dtype=dtype)),
+        "stage_a": lazy("stage_a", lambda p: stage_a.load_stage_a(p, dtype="float32")),
+        "effnet": lazy("effnet", lambda p: effnet.load_effnet(p, dtype="float32")),
+        "previewer": lazy("previewer", lambda p: previewer.load_previewer(p, dtype="float32")),
+    }
+    return Components(builders, dtype)
+
+
+def check_dtype(dtype: str) -> str:
+    """float32 everywhere; bfloat16/float16 only on a GPU (Paddle has no CPU half conv kernels)."""
+    if dtype not in cfg_mod.DTYPES:
+        raise ValueError(f"dtype must be one of {cfg_mod.DTYPES}, got {dtype!r}")
+    if dtype != "float32" and not paddle.device.is_compiled_with_cuda():
+        raise ValueError(f"dtype {dtype} needs a GPU (Paddle has no {dtype} convolution kernels on "
+                         f"CPU); use --dtype float32 on CPU, bfloat16 on a GPU")
+    return dtype
+
+
+# ---------------------------------------------------------------------------- sizes and noise
+def check_size(height, width) -> Tuple[int, int]:
+    """Validate an image size and round it to a multiple of ``SIZE_MULTIPLE`` (logged)."""
+    out = []
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer, float)) or v != v:
+            raise ValueError(f"{name} must be a number of pixels, got {v!r}")
+        if not cfg_mod.MIN_SIZE <= v <= cfg_mod.MAX_SIZE:
+            raise ValueError(f"{name} must be between {cfg_mod.MIN_SIZE} and {cfg_mod.MAX_SIZE} pixels, got {v}")
+        r = max(cfg_mod.MIN_SIZE, int(round(v / cfg_mod.SIZE_MULTIPLE)) * cfg_mod.SIZE_MULTIPLE)
+        if r != v:
+            logger.warning("%s %s rounded to %d (Stable Cascade sizes are multiples of %d px)",
+                           name, v, r, cfg_mod.SIZE_MULTIPLE)
+        out.append(r)
+    return out[0], out[1]
+
+
+def stage_c_latent_size(height: int, width: int) -> Tuple[int, int]:
+    """(ceil(H / 42.67), ceil(W / 42.67)): 24 x 24 for 1024 x 1024."""
+    return math.ceil(height / cfg_mod.STAGE_C_COMPRESSION), math.ceil(width / cfg_mod.STAGE_C_COMPRESSION)
+
+
+def stage_b_latent_size(height: int, width: int) -> Tuple[int, int]:
+    """(ceil(H / 4), ceil(W / 4)): 256 x 256 for 1024 x 1024."""
+    return math.ceil(height / cfg_mod.STAGE_A_COMPRESSION), math.ceil(width / cfg_mod.STAGE_A_COMPRESSION)
+
+
+def size_from_stage_c(hc: int, wc: int) -> Tuple[int, int]:
+    """The image size (a multiple of 64) whose Stage C latent is hc x wc; exact for every size
+    ``check_size`` returns."""
+    m = cfg_mod.SIZE_MULTIPLE
+    return (max(m, int(round(hc * cfg_mod.STAGE_C_COMPRESSION / m)) * m),
+            max(m, int(round(wc * cfg_mod.STAGE_C_COMPRESSION / m)) * m))
+
+
+def image_noise_fn(seed: int, batch_size: int, tag: int) -> Callable[[List[int]], paddle.Tensor]:
+    """Image i draws from its own numpy PCG64 stream seeded by (seed + i, tag), so image i of a
+    batch equals image 0 of a batch of one with seed + i, and Stage C, Stage B and img2img
+    (different tags) never reuse each other's numbers."""
+    rngs = [np.random.default_rng([int(seed) + i, tag]) for i in range(batch_size)]
+
+    def draw(shape):
+        if shape[0] != batch_size:
+            raise ValueError(f"noise for a batch of {shape[0]} requested, {batch_size} streams")
+        return paddle.to_tensor(np.stack([r.standard_normal(list(shape[1:]), dtype=np.float32) for r in rngs]))
+
+    return draw
+
+
+# ---------------------------------------------------------------------------- conditioning
+def encode_text(tokenizer, text_encoder, captions: List[str]) -> Tuple[paddle.Tensor, paddle.Tensor]:
+    """CLIP bigG: (hidden_states[-1] [B, 77, C], text_embeds [B, 1, C]), attention mask applied."""
+    tokens = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_attention_mask=True, return_tensors="pd")
+    out = text_encoder(tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                       output_hidden_states=True, return_dict=True)
+    return out.hidden_states[-1].astype("float32"), out.text_embeds.astype("float32").unsqueeze(1)
+
+
+def clip_image_batch(images) -> paddle.Tensor:
+    """PIL images -> [B, 3, 224, 224]: bicubic short-side resize, centre crop, CLIP mean/std."""
+    from PIL import Image
+
+    size = cfg_mod.CLIP_IMAGE_SIZE
+    arrs = []
+    for im in images:
+        im = im.convert("RGB")
+        s = size / min(im.size)
+        im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.BICUBIC)
+        left, top = (im.width - size) // 2, (im.height - size) // 2
+        arrs.append(np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0)
+    x = (np.stack(arrs) - np.array(cfg_mod.CLIP_MEAN, np.float32)) / np.array(cfg_mod.CLIP_STD, np.float32)
+    return paddle.to_tensor(x.transpose(0, 3, 1, 2).copy())
+
+
+def encode_image(image_encoder, images) -> paddle.Tensor:
+    """CLIP ViT-L/14 ``image_embeds`` [B, 1, 768]."""
+    out = image_encoder(pixel_values=clip_image_batch(images).astype(image_encoder_dtype(image_encoder)),
+                        return_dict=True)
+    return out.image_embeds.astype("float32").unsqueeze(1)
+
+
+def image_encoder_dtype(net) -> str:
+    p = next(iter(net.parameters()), None)
+    return str(p.dtype).replace("paddle.", "") if p is not None else "float32"
+
+
+def effnet_batch(images, height: int, width: int) -> paddle.Tensor:
+    """PIL images -> [B, 3, H, W] in [0, 1] (bilinear resize); the encoder normalises."""
+    from PIL import Image
+
+    arrs = [np.asarray(im.convert("RGB").resize((width, height), Image.BILINEAR), np.float32) / 255.0 for im in images]
+    return paddle.to_tensor(np.stack(arrs).transpose(0, 3, 1, 2).copy())
+
+
+def to_uint8(images: paddle.Tensor) -> np.ndarray:
+    """[B, 3, H, W] floats in [0, 1] -> [B, H, W, 3] uint8 (rounded)."""
+    x = images.astype("float32").clip(0.0, 1.0).numpy().transpose(0, 2, 3, 1)
+    return (x * 255.0 + 0.5).astype(np.uint8)
+
+
+def _broadcast(captions, batch_size: int, what: str) -> List[str]:
+    if isinstance(captions, str):
+        return [captions] * batch_size
+    captions = list(captions)
+    if len(captions) != batch_size:
+        raise ValueError(f"{len(captions)} {what}s for a batch of {batch_size}")
+    return captions
+
+
+# ---------------------------------------------------------------------------- sampling
+def _progress(it, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, total=total, desc=desc)
+
+
+def run_gdf(gdf, model: Callable, cond: dict, uncond: dict, sampling: SamplingConfig, noise,
+            shape=None, x_init=None, t_start: Optional[float] = None, desc: str = "",
+            progress: bool = True, final: str = "x0", model_dtype: Optional[str] = None) -> paddle.Tensor:
+    """Run the GDF sampler to the end; ``final`` "x0" (the notebook's result) or "x" (the
+    sample after the last update, what diffusers' pipelines return)."""
+    if final not in ("x0", "x"):
+        raise ValueError(f"final must be 'x0' or 'x', got {final!r}")
+    it = gdf.sample(model, cond, shape, uncond, x_init=x_init, timesteps=sampling.steps,
+                    t_start=sampling.t_start if t_start is None else t_start, cfg=sampling.cfg,
+                    cfg_rho=sampling.cfg_rho, cfg_rho_per_sample=sampling.per_sample_rho,
+                    shift=sampling.shift, noise=noise, model_dtype=model_dtype)
+    last = None
+    with paddle.no_grad():
+        for last in _progress(it, sampling.steps, desc, progress):
+            pass
+    out = last[0] if final == "x0" else last[1]
+    if not bool(paddle.isfinite(out).all()):
+        raise FloatingPointError(f"{desc}: the sampler produced NaN/inf (dtype {model_dtype}); "
+                                 f"float16 overflows in Stable Cascade, use --dtype bfloat16 or float32")
+    return out
+
+
+def _cast_inputs(net, dtype: str):
+    def call(x, r, **kw):
+        kw = {k: (v.astype(dtype) if isinstance(v, paddle.Tensor) else v) for k, v in kw.items()}
+        return net(x, r, **kw)
+    return call
+
+
+def sample_stage_c(comps: Components, gdf, captions: List[str], negative: List[str], seed: int,
+                   height: int, width: int, sampling: SamplingConfig, images=None, init_images=None,
+                   strength: float = cfg_mod.IMG2IMG_STRENGTH, progress: bool = True, final: str = "x0",
+                   noise=None, x_init: Optional[paddle.Tensor] = None, low_memory: bool = False) -> paddle.Tensor:
+    """Stage C latents [B, 16, ceil(H/42.67), ceil(W/42.67)] (float32).
+
+    images: PIL images for CLIP image embeddings (variation); init_images: PIL images whose
+    EfficientNet latent, noised to t = strength, starts the sampler (img2img). ``noise``
+    overrides the per-image seeded streams (a callable ``shape -> Tensor``)."""
+    bsz = len(captions)
+    hc, wc = stage_c_latent_size(height, width)
+    with paddle.no_grad():
+        tok, te = comps.get("tokenizer"), comps.get("text_encoder")
+        clip_text, clip_pooled = encode_text(tok, te, captions)
+        u_text, u_pooled = encode_text(tok, te, negative)
+        clip_img = paddle.zeros([bsz, 1, image_embed_dim(comps)], dtype="float32")
+        u_img = paddle.zeros_like(clip_img)
+        if low_memory:
+            comps.release("tokenizer", "text_encoder")
+        if images is not None:
+            clip_img = encode_image(comps.get("image_encoder"), _broadcast_images(images, bsz))
+            if low_memory:
+                comps.release("image_encoder")
+        t_start = None
+        if init_images is not None:
+            if not 0.0 < strength <= 1.0:
+                raise ValueError(f"strength must be in (0, 1], got {strength}")
+            enc = comps.get("effnet")
+            pix = effnet_batch(_broadcast_images(init_images, bsz), hc * cfg_mod.EFFNET_STRIDE, wc * cfg_mod.EFFNET_STRIDE)
+            latent = enc(pix).astype("float32")
+            if low_memory:
+                comps.release("effnet")
+            eps = image_noise_fn(seed, bsz, NOISE_TAG_IMG2IMG)([bsz, STAGE_C_CHANNELS, hc, wc])
+            x_init = gdf.diffuse(latent, epsilon=eps, t=paddle.full([bsz], strength, "float32"),
+                                 shift=sampling.shift).noised
+            t_start = strength
+    model = comps.get("stage_c")
+    cond = {"clip_text": clip_text, "clip_text_pooled": clip_pooled, "clip_img": clip_img}
+    uncond = {"clip_text": u_text, "clip_text_pooled": u_pooled, "clip_img": u_img}
+    noise = image_noise_fn(seed, bsz, NOISE_TAG_C) if noise is None else noise
+    out = run_gdf(gdf, _cast_inputs(model, comps.dtype), cond, uncond, sampling, noise,
+                  shape=[bsz, STAGE_C_CHANNELS, hc, wc], x_init=x_init, t_start=t_start, desc="Stage C",
+                  progress=progress, final=final, model_dtype=comps.dtype)
+    if low_memory:
+        comps.release("stage_c")
+    return out
+
+
+def image_embed_dim(comps: Components) -> int:
+    """c_clip_img of the Stage C network (768, CLIP ViT-L/14, for the released models)."""
+    return int(comps.meta["c_clip_img"])
+
+
+def _broadcast_images(images, bsz: int):
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    if len(images) == 1:
+        return images * bsz
+    if len(images) != bsz:
+        raise ValueError(f"{len(images)} images for a batch of {bsz}")
+    return images
+
+
+def preview(comps: Components, latent_c: paddle.Tensor, low_memory: bool = False) -> np.ndarray:
+    """Previewer RGB (8x the Stage C latent) as uint8 [B, h, w, 3]."""
+    with paddle.no_grad():
+        img = comps.get("previewer")(latent_c)
+    if low_memory:
+        comps.release("previewer")
+    return to_uint8(img)
+
+
+def sample_stage_b(comps: Components, gdf, latent_c: paddle.Tensor, captions: List[str], negative: List[str],
+                   seed: int, height: int, width: int, sampling: SamplingConfig, progress: bool = True,
+                   final: str = "x0", noise=None, x_init: Optional[paddle.Tensor] = None,
+                   low_memory: bool = False) -> paddle.Tensor:
+    """Stage B latents [B, 4, ceil(H/4), ceil(W/4)] conditioned on the Stage C latent."""
+    bsz = len(captions)
+    if latent_c.shape[0] != bsz:
+        raise ValueError(f"latent_c has {latent_c.shape[0]} items for a batch of {bsz}")
+    hb, wb = stage_b_latent_size(height, width)
+    with paddle.no_grad():
+        tok, te = comps.get("tokenizer"), comps.get("text_encoder")
+        pooled = encode_text(tok, te, captions)[1]
+        u_pooled = encode_text(tok, te, negative)[1]
+        if low_memory:
+            comps.release("tokenizer", "text_encoder")
+    latent_c = latent_c.astype("float32")
+    cond = {"effnet": latent_c, "clip": pooled}
+    uncond = {"effnet": paddle.zeros_like(latent_c), "clip": u_pooled}
+    noise = image_noise_fn(seed, bsz, NOISE_TAG_B) if noise is None else noise
+    out = run_gdf(gdf, _cast_inputs(comps.get("stage_b"), comps.dtype), cond, uncond, sampling, noise,
+                  shape=[bsz, STAGE_B_CHANNELS, hb, wb], x_init=x_init, desc="Stage B", progress=progress,
+                  final=final, model_dtype=comps.dtype)
+    if low_memory:
+        comps.release("stage_b")
+    return out
+
+
+def decode_stage_a(comps: Components, latent_b: paddle.Tensor, low_memory: bool = False) -> paddle.Tensor:
+    """Stage A decode -> [B, 3, H, W] floats clipped to [0, 1]."""
+    with paddle.no_grad():
+        img = comps.get("stage_a").decode(latent_b.astype("float32")).astype("float32").clip(0.0, 1.0)
+    if low_memory:
+        comps.release("stage_a")
+    return img
+
+
+# ---------------------------------------------------------------------------- shared components
+NEEDED_C = ("tokenizer", "text_encoder", "stage_c", "previewer")
+NEEDED_B = ("tokenizer", "text_encoder", "stage_b", "stage_a")
+PRESETS = (None, "tiny")
+_SHARED: "weakref.WeakValueDictionary[str, Components]" = weakref.WeakValueDictionary()
+
+
+def shared_components(cfg: CascadeConfig, preset: Optional[str], needed: Sequence[str]) -> Components:
+    """One ``Components`` per (config, preset) while any model uses it, so a ModelC and a ModelB
+    built separately (the seed's example) share one CLIP text encoder. Checks ``needed`` files."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    key = f"{preset}|{cfg!r}"
+    comps = _SHARED.get(key)
+    if comps is None:
+        if preset == "tiny":
+            from ldm.cascade.presets import tiny_components
+
+            comps = tiny_components(check_dtype(cfg.dtype))
+        else:
+            comps = file_components(cfg, needed)
+        _SHARED[key] = comps
+    elif preset is None:
+        resolve_weights(cfg, needed)
+    return comps
+
+
+def save_png(path: str, image: np.ndarray, meta: Dict[str, object]) -> str:
+    """Write a uint8 HxWx3 image as PNG with ``meta`` as text chunks, atomically (temp + rename)."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in meta.items():
+        info.add_text(str(k), str(v))
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
