@@ -105,6 +105,8 @@ class GDF:
             if offset is None:
                 offset = paddle.randn([bsz, x0.shape[1]] + [1] * (x0.ndim - 2), dtype="float32")
             epsilon = epsilon + offset.astype("float32") * self.offset_noise
+        if isinstance(t, int) and not isinstance(t, bool):
+            t = float(t)  # an int would mean "batch size" to the schedule
         log_snr = self.schedule(bsz if t is None else t, shift=shift)
         if log_snr.shape[0] == 1 and bsz > 1:
             log_snr = log_snr.expand([bsz])
