@@ -10,8 +10,9 @@
   with ``ImageDecodeError(reason="too_large")`` (the warning threshold is the limit: a warning
   inside a DataLoader worker is invisible, so it is treated as a rejection). ``None`` disables
   the limit. Pillow's global is never read or written after import.
-* A file that ends early is ``"truncated"`` (``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set);
-  anything Pillow cannot identify or decode is ``"undecodable"``.
+* A file whose pixel data ends early is ``"truncated"`` (``ImageFile.LOAD_TRUNCATED_IMAGES`` is
+  never set); anything Pillow cannot identify or decode, including a file cut inside its header,
+  is ``"undecodable"``.
 * Colour modes: CMYK (Pillow's JPEG decoder already undoes Adobe's inverted CMYK), YCbCr, L, 1
   and P are converted with Pillow's matrices. Images with transparency (RGBA, LA, PA, P with a
   ``transparency`` entry) are alpha-composited onto a WHITE background: dropping alpha would
