@@ -6,7 +6,8 @@
 Every (rank, worker) consumer is simulated in this process (no processes are spawned). The LAST
 line printed is a JSON object: records, valid, invalid ({reason: {count, first: "file:line"}}),
 per_consumer ([{rank, worker, records, valid}]). Exit status: 1 with --strict when any record is
-invalid, 2 when no record is valid or a consumer gets no valid record, 0 otherwise.
+invalid, 2 when no record is valid or (file lists) a consumer gets no valid record - training's
+infinite stream would stop with an error there - and 0 otherwise.
 """
 import argparse
 import json
@@ -15,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.data.laion import check_file_list  # noqa: E402
+from ldm.data.check import check_file_list, check_folder  # noqa: E402
 from ldm.data.transforms import DEFAULT_MAX_PIXELS  # noqa: E402
 
 
@@ -26,6 +27,7 @@ def parse_args(argv=None):
     src.add_argument("--dataset_path", help="a Stage C image/caption folder (ldm.data.folder)")
     p.add_argument("--world_size", type=int, default=1)
     p.add_argument("--num_workers", type=int, default=1, help="DataLoader workers per rank (0 counts as 1)")
+    p.add_argument("--batch_size", type=int, default=1, help="--dataset_path only: per-rank batch size")
     p.add_argument("--resolution", type=int, default=256, help="training resolution (JPEG draft decoding)")
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit (0: none)")
     p.add_argument("--strict", action="store_true", help="exit non-zero when anything is invalid")
@@ -36,12 +38,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     num_workers = max(args.num_workers, 1)
     if args.dataset_path:
-        try:
-            from ldm.data.folder import check_folder  # provided with the folder dataset
-        except ImportError:
-            print("error: --dataset_path needs ldm.data.folder.check_folder, which is not available", file=sys.stderr)
-            return 2
-        report = check_folder(args.dataset_path, world_size=args.world_size, num_workers=num_workers)
+        report = check_folder(
+            args.dataset_path,
+            world_size=args.world_size,
+            num_workers=num_workers,
+            batch_size=args.batch_size,
+            resolution=args.resolution,
+            max_pixels=args.max_pixels or None,
+        )
     else:
         report = check_file_list(
             args.file_list,

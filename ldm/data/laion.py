@@ -476,16 +476,26 @@ def check_file_list(
     epoch: int = 0,
 ) -> dict:
     """One full pass of every (rank, worker) consumer, simulated in this process, sharded
-    exactly as training shards it. Returns the report printed by scripts/check_data.py."""
+    exactly as training shards it. Returns the report printed by scripts/check_data.py; the
+    "first" example of each invalid reason is the earliest one in the pass (file order, line)."""
     if world_size < 1 or num_workers < 1:
         raise ValueError(f"world_size and num_workers must be >= 1, got {world_size}, {num_workers}")
     per_consumer, invalid, all_files = [], {}, set()
     records = valid = 0
+    position: dict = {}  # part file -> first position in this pass, for "first example"
+
+    def first_key(where: str):
+        path, line = where.rsplit(":", 1)
+        return position.get(path, len(position)), int(line)
+
     for rank in range(world_size):
         ds = LaionDataset(
             file_list, resolution=resolution, seed=seed, infinite=False, rank=rank,
             world_size=world_size, max_pixels=max_pixels,
         )
+        if not position:
+            for e in pass_order(ds.entries, seed, epoch, ds.shuffle_files):
+                position.setdefault(e.path, len(position))
         for worker in range(num_workers):
             st = ds.scan_consumer(worker, num_workers, epoch=epoch)
             records += st.records
@@ -493,8 +503,11 @@ def check_file_list(
             all_files.update(st.files)
             per_consumer.append({"rank": rank, "worker": worker, "records": st.records, "valid": st.valid})
             for reason, count in st.invalid.items():
-                slot = invalid.setdefault(reason, {"count": 0, "first": st.first_example[reason]})
+                where = st.first_example[reason]
+                slot = invalid.setdefault(reason, {"count": 0, "first": where})
                 slot["count"] += count
+                if first_key(where) < first_key(slot["first"]):
+                    slot["first"] = where
     return {
         "file_list": file_list,
         "world_size": world_size,
