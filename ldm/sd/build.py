@@ -1,0 +1,92 @@
+"""Builds the pieces of `train_txt2img_laion400m_trainer.py` from its parsed arguments."""
+from __future__ import annotations
+
+import json
+import os
+
+import paddle
+
+from ldm.sd.loading import (load_scheduler_config, load_text_encoder, load_tokenizer, load_unet, load_vae,
+                            resolve_paths)
+from ldm.sd.model import DEFAULT_VALIDATION_PROMPTS, StableDiffusionModel
+from ldm.train.callbacks import EMACallback, ImageLoggingCallback, TimingCallback
+from ldm.train.checkpoint import CheckpointMarkerCallback
+from ldm.train.optim import build_param_groups
+from ldm.utils import get_logger
+
+logger = get_logger("ldm.sd.build")
+
+__all__ = ["build_model", "build_dataset", "build_callbacks", "build_param_groups_for", "check_precision", "resume_step"]
+
+
+def check_precision(training_args) -> None:
+    """fp16 needs a GPU: paddle's GradScaler crashes on CPU, so say so before building anything."""
+    if training_args.fp16 and not paddle.device.is_compiled_with_cuda():
+        raise ValueError("--fp16 needs a GPU build of paddle (fp16 loss scaling fails on CPU); use fp32 or --bf16")
+
+
+def build_model(model_args, training_args) -> StableDiffusionModel:
+    paths = resolve_paths(model_args)
+    pre = model_args.pretrained_model_name_or_path
+    if model_args.unet_name_or_path and pre:
+        logger.info("--unet_name_or_path %s takes precedence over %s/unet", model_args.unet_name_or_path, pre)
+    unet = load_unet(paths.unet)
+    vae, text_encoder = load_vae(paths.vae), load_text_encoder(paths.text_encoder)
+    tokenizer = load_tokenizer(paths.tokenizer, model_args.model_max_length)
+    if training_args.recompute:
+        unet.enable_gradient_checkpointing()
+        logger.info("recompute: gradient checkpointing on the UNet")
+    if training_args.enable_xformers_memory_efficient_attention:
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+            logger.info("memory-efficient attention enabled")
+        except (NotImplementedError, ValueError, ImportError, RuntimeError) as e:
+            logger.warning("memory-efficient attention unavailable here (%s); using standard attention", e)
+    return StableDiffusionModel(
+        unet, vae, text_encoder, tokenizer, scheduler_config=load_scheduler_config(paths.scheduler),
+        prediction_type=model_args.prediction_type, noise_offset=model_args.noise_offset,
+        input_perturbation=model_args.input_perturbation, snr_gamma=model_args.snr_gamma,
+        train_text_encoder=model_args.train_text_encoder,
+    )
+
+
+def resume_step(checkpoint: str | None) -> int:
+    if not checkpoint:
+        return 0
+    with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+        return int(json.load(f)["global_step"])
+
+
+def build_dataset(data_args, training_args, tokenizer, start_step: int = 0):
+    from ldm.data.laion import LaionDataset
+
+    ds = LaionDataset(
+        data_args.file_list, resolution=data_args.resolution, tokenizer=tokenizer,
+        caption_dropout=data_args.caption_drop_prob, center_crop=data_args.center_crop,
+        random_flip=data_args.random_flip, seed=training_args.seed, infinite=True,
+    )
+    ds.set_epoch(start_step)  # a resumed run reads a fresh stream instead of replaying consumed batches
+    return ds
+
+
+def build_param_groups_for(model, training_args):
+    return build_param_groups(
+        model.param_groups(),
+        {"unet": training_args.unet_learning_rate, "text_encoder": training_args.text_encoder_learning_rate},
+        base_learning_rate=training_args.learning_rate, weight_decay=training_args.weight_decay,
+    )
+
+
+def build_callbacks(model_args, data_args, training_args):
+    samples = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    cbs = [TimingCallback(samples * max(training_args.world_size, 1))]
+    ema = EMACallback(training_args.ema_decay) if training_args.use_ema else None
+    if ema:
+        cbs.append(ema)
+    if training_args.image_logging_steps > 0:
+        kwargs = dict(prompts=tuple(training_args.validation_prompts or DEFAULT_VALIDATION_PROMPTS),
+                      num_inference_steps=model_args.num_inference_steps, seed=training_args.seed,
+                      resolution=data_args.resolution)
+        cbs.append(ImageLoggingCallback(training_args.image_logging_steps, kwargs))
+    cbs.append(CheckpointMarkerCallback())  # last: marks a checkpoint complete after every on_save hook
+    return cbs, ema

@@ -1,0 +1,204 @@
+"""Model-agnostic Trainer callbacks: EMA, image logging to VisualDL, timing and gradient norm.
+
+Hooks a model may implement (all optional except where noted):
+- `ema_parameters() -> {name: Parameter}` (EMACallback: required)
+- `save_ema(checkpoint_dir, shadow)` / `load_ema(checkpoint_dir) -> {name: ndarray} | None`
+  (default: `ema.safetensors` in the checkpoint, keyed by the names above)
+- `log_images(pixel_values=..., **kwargs) -> {tag: uint8 (H, W, 3)}` (ImageLoggingCallback)
+
+Extra scalars reach VisualDL through `pop_logs()`: `ldm.train.trainer.DiffusionTrainer.log` merges
+them into the Trainer's own log dict, so they land next to loss and learning_rate.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import paddle
+from paddlenlp.trainer import TrainerCallback
+
+from ldm.utils import get_logger
+from ldm.weights.io import iter_state_dict, save_safetensors
+
+logger = get_logger("ldm.train.callbacks")
+
+__all__ = ["EMACallback", "ImageLoggingCallback", "TimingCallback", "EMA_FILE"]
+
+EMA_FILE = "ema.safetensors"
+
+
+def _checkpoint_dir(args, state) -> str:
+    return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+
+
+class EMACallback(TrainerCallback):
+    """Exponential moving average of `model.ema_parameters()`, updated after EVERY optimiser step.
+
+    shadow <- decay * shadow + (1 - decay) * param. Saved into each checkpoint (on_save) and
+    restored at train start when resuming (args.resume_from_checkpoint names the checkpoint).
+    """
+
+    def __init__(self, decay: float = 0.9999):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.shadow: Dict[str, paddle.Tensor] = {}
+        self.num_updates = 0
+
+    def _params(self, model):
+        if not hasattr(model, "ema_parameters"):
+            raise TypeError(f"{type(model).__name__} has no ema_parameters(): EMACallback needs it")
+        return model.ema_parameters()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        params = self._params(model)
+        self.shadow = {k: p.detach().clone() for k, p in params.items()}
+        resume = getattr(args, "resume_from_checkpoint", None)
+        if state.global_step > 0 and resume and os.path.isdir(str(resume)):
+            loaded = self.load(model, str(resume))
+            if loaded is None:
+                logger.warning("no EMA weights in %s: EMA restarts from the current weights", resume)
+            else:
+                logger.info("EMA restored from %s (%d tensors)", resume, len(loaded))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        w = 1.0 - self.decay
+        with paddle.no_grad():
+            for k, p in self._params(model).items():
+                s = self.shadow[k]
+                s.set_value(s * self.decay + p.detach().astype(s.dtype) * w)
+        self.num_updates += 1
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if args.should_save:
+            self.save(model, _checkpoint_dir(args, state))
+
+    def save(self, model, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        if hasattr(model, "save_ema"):
+            model.save_ema(folder, self.shadow)
+        else:
+            save_safetensors({k: v.numpy() for k, v in self.shadow.items()}, os.path.join(folder, EMA_FILE))
+
+    def load(self, model, folder: str) -> Optional[Dict[str, np.ndarray]]:
+        if hasattr(model, "load_ema"):
+            state = model.load_ema(folder)
+        else:
+            f = os.path.join(folder, EMA_FILE)
+            state = dict(iter_state_dict(f)) if os.path.isfile(f) else None
+        if state is None:
+            return None
+        missing = sorted(set(self.shadow) - set(state))
+        if missing:
+            raise ValueError(f"EMA weights in {folder} lack {len(missing)} tensors, e.g. {missing[:3]}")
+        for k, s in self.shadow.items():
+            s.set_value(paddle.to_tensor(np.asarray(state[k])).astype(s.dtype))
+        return state
+
+
+class ImageLoggingCallback(TrainerCallback):
+    """Every `every` optimiser steps (rank 0): `model.log_images(...)` -> VisualDL images.
+
+    The last training batch's `pixel_values` is passed along (for reconstructions); `log_kwargs`
+    go to `log_images` unchanged (prompts, guidance scales, steps...).
+    """
+
+    def __init__(self, every: int, log_kwargs: Optional[dict] = None, logdir: Optional[str] = None):
+        self.every = int(every)
+        self.log_kwargs = dict(log_kwargs or {})
+        self.logdir = logdir
+        self._writer = None
+        self._pixels = None
+
+    def on_load_data_end(self, args, state, control, inputs=None, **kwargs):
+        if self.every > 0 and isinstance(inputs, dict) and "pixel_values" in inputs:
+            self._pixels = inputs["pixel_values"]
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every <= 0 or state.global_step % self.every or not state.is_world_process_zero:
+            return
+        t0 = time.time()
+        images = model.log_images(pixel_values=self._pixels, **self.log_kwargs)
+        if self._writer is None:
+            from visualdl import LogWriter
+
+            self._writer = LogWriter(logdir=self.logdir or args.logging_dir)
+        for tag, img in images.items():
+            self._writer.add_image(tag, img, state.global_step)
+        self._writer.flush()
+        logger.info("logged %d images at step %d in %.1fs", len(images), state.global_step, time.time() - t0)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class TimingCallback(TrainerCallback):
+    """samples/s, share of wall time spent waiting for data, and the global gradient norm.
+
+    Data wait = time from the end of one step (or train start) to the arrival of the next batch.
+    The gradient norm (of the parameters with gradients, before clipping, unscaled) is taken
+    just before the optimiser step of each logging step.
+    """
+
+    def __init__(self, samples_per_step: int):
+        self.samples_per_step = int(samples_per_step)
+        self._reset()
+        self.grad_norm: Optional[float] = None
+        self._mark = None
+        self._step_start = time.perf_counter()
+        self._wait_step = 0.0
+        self.history = []  # (global_step, step_seconds, data_wait_seconds) of every step
+
+    def _reset(self):
+        self._steps, self._wait, self._t0 = 0, 0.0, time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._reset()
+        self._mark = self._step_start = time.perf_counter()
+
+    def on_load_data_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if self._mark is not None:
+            self._wait_step += now - self._mark
+            self._wait += now - self._mark
+        self._mark = None
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._mark = time.perf_counter()
+
+    def on_optimizer_begin(self, args, state, control, model=None, scaler=None, **kwargs):
+        if args.logging_steps <= 0 or (state.global_step + 1) % args.logging_steps:
+            return
+        sq = 0.0
+        for p in model.parameters():
+            if p.stop_gradient or p.grad is None:
+                continue
+            g = p.grad.astype("float32")
+            sq += float((g * g).sum())
+        norm = sq ** 0.5
+        if scaler is not None:
+            norm /= float(scaler._scale)
+        self.grad_norm = norm
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self._steps += 1
+        self.history.append((state.global_step, now - self._step_start, self._wait_step))
+        self._wait_step = 0.0
+        self._mark = self._step_start = now
+
+    def pop_logs(self) -> Dict[str, float]:
+        elapsed = time.perf_counter() - self._t0
+        out = {}
+        if self._steps:
+            out["samples_per_second"] = round(self._steps * self.samples_per_step / max(elapsed, 1e-9), 4)
+            out["data_wait_fraction"] = round(self._wait / max(elapsed, 1e-9), 4)
+        if self.grad_norm is not None:
+            out["grad_norm"] = round(self.grad_norm, 6)
+            self.grad_norm = None
+        self._reset()
+        return out

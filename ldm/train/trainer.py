@@ -1,0 +1,119 @@
+"""A PaddleNLP `Trainer` for diffusion models whose `forward(**batch)` returns the loss.
+
+Overrides (nothing else is changed):
+- `compute_loss`: `loss = model(**inputs)`.
+- `get_train_dataloader`: a paddle DataLoader with a numpy-stacking collate (PaddleNLP's default
+  collator segfaults with worker processes) and per-worker/per-rank seeding. The dataset shards
+  itself by rank (no IterableDatasetShard wrapper).
+- `log`: merges the scalars of callbacks that have `pop_logs()` (timing, grad norm).
+- `_save` / `_load_from_checkpoint`: delegate to `model.save_trained(dir, only_updated)` /
+  `model.load_trained(dir)` when the model has them (so checkpoints hold loadable component
+  folders such as `unet/`), else the Trainer's own state-dict files.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Dict, List
+
+import numpy as np
+import paddle
+from paddle.io import DataLoader, IterableDataset
+from paddlenlp.trainer import Trainer
+
+from ldm.utils import get_logger
+
+logger = get_logger("ldm.train.trainer")
+
+__all__ = ["DiffusionTrainer", "numpy_collate", "worker_init_fn"]
+
+
+def numpy_collate(samples: List[Dict]) -> Dict:
+    """Stack numeric fields with numpy; keep strings (and other objects) as lists."""
+    if not samples:
+        raise ValueError("empty batch")
+    out = {}
+    for key in samples[0]:
+        vals = [s[key] for s in samples]
+        if isinstance(vals[0], (np.ndarray, np.generic, int, float, bool)):
+            out[key] = np.stack([np.asarray(v) for v in vals])
+        elif isinstance(vals[0], paddle.Tensor):
+            out[key] = paddle.stack(vals)
+        else:
+            out[key] = vals
+    return out
+
+
+class worker_init_fn:  # noqa: N801 - used like a function, picklable for worker processes
+    """Seeds python/numpy RNGs of DataLoader worker `worker_id` from (seed, rank, worker_id)."""
+
+    def __init__(self, seed: int, rank: int):
+        self.seed, self.rank = int(seed), int(rank)
+
+    def __call__(self, worker_id: int) -> None:
+        s = (self.seed * 1000003 + self.rank * 1009 + worker_id) % (2**32)
+        random.seed(s)
+        np.random.seed(s)
+
+
+class DiffusionTrainer(Trainer):
+    """Trainer for `loss = model(**batch)` models; see the module docstring for the hooks."""
+
+    def compute_loss(self, model, inputs, return_outputs=False):
+        if getattr(self.args, "record_log_dir", None) and "caption" in inputs:
+            self._record(inputs["caption"])
+        loss = model(**inputs)
+        return (loss, None) if return_outputs else loss
+
+    def _record(self, captions) -> None:
+        os.makedirs(self.args.record_log_dir, exist_ok=True)
+        path = os.path.join(self.args.record_log_dir, f"rank{max(self.args.process_index, 0)}.txt")
+        with open(path, "a", encoding="utf-8") as f:
+            for c in captions:
+                f.write(str(c).replace("\n", " ") + "\n")
+
+    def get_train_dataloader(self):
+        ds = self.train_dataset
+        if ds is None:
+            raise ValueError("DiffusionTrainer needs a train_dataset")
+        from paddlenlp.data import DataCollatorWithPadding, default_data_collator
+
+        builtin = self.data_collator is default_data_collator or isinstance(self.data_collator, DataCollatorWithPadding)
+        collate = numpy_collate if builtin else self.data_collator
+        common = dict(
+            batch_size=self.args.per_device_train_batch_size,
+            collate_fn=collate,
+            num_workers=self.args.dataloader_num_workers,
+            worker_init_fn=worker_init_fn(self.args.seed, max(self.args.process_index, 0)),
+        )
+        if isinstance(ds, IterableDataset):
+            return DataLoader(ds, drop_last=True, **common)
+        sampler = paddle.io.DistributedBatchSampler(
+            ds, batch_size=self.args.per_device_train_batch_size, shuffle=True, drop_last=True,
+            num_replicas=self.args.dataset_world_size, rank=self.args.dataset_rank,
+        )
+        common.pop("batch_size")
+        return DataLoader(ds, batch_sampler=sampler, **common)
+
+    def log(self, logs: Dict[str, float], **kwargs) -> None:
+        if "loss" in logs:  # training logs only
+            for cb in self.callback_handler.callbacks:
+                if hasattr(cb, "pop_logs"):
+                    logs.update(cb.pop_logs())
+        super().log(logs, **kwargs)
+
+    def _save(self, output_dir=None, state_dict=None, merge_tensor_parallel=False):
+        model = self.model
+        if not hasattr(model, "save_trained"):
+            return super()._save(output_dir, state_dict, merge_tensor_parallel)
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            logger.info("saving trained components to %s", output_dir)
+            model.save_trained(output_dir, only_updated=getattr(self.args, "only_save_updated_model", True))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint=None):
+        model = self.model
+        if not resume_from_checkpoint or not hasattr(model, "load_trained"):
+            return super()._load_from_checkpoint(resume_from_checkpoint)
+        model.load_trained(str(resume_from_checkpoint))
