@@ -6,9 +6,8 @@ import numpy as np
 import paddle
 import pytest
 
-from ldm.cascade.gdf import (GDF, AdaptiveLossWeight, CosineSchedule, CosineTNoiseCond, DDIMSampler,
-                             DDPMSampler, EpsilonTarget, P2LossWeight, VPScaler, make_noise_fn,
-                             stable_cascade_gdf)
+from ldm.cascade.gdf import (GDF, AdaptiveLossWeight, CosineSchedule, CosineTNoiseCond, DDIMSampler, P2LossWeight,
+                             VPScaler, make_noise_fn, stable_cascade_gdf)
 
 S = 0.008
 LO, HI = 1e-4, 0.9999
