@@ -73,6 +73,12 @@ def test_round_trip_jsonl_parts_dataset(tmp_path, monkeypatch):
     samples = list(ds.iter_consumer())
     counts = collections.Counter(s["caption"] for s in samples)
     assert counts == collections.Counter({c: 3 for c in CLEAN})  # num_repeat=3: three passes
+    # relative file-list paths from other working directories
+    for cwd, rel in [(out, "filelist/custom_dataset.filelist.list"), (out / "filelist", "custom_dataset.filelist"),
+                     (out / "laion400m_format_data", "../filelist/custom_dataset.filelist.list")]:
+        monkeypatch.chdir(cwd)
+        other = LaionDataset(rel, resolution=4, infinite=False, rank=0, world_size=1)
+        assert sorted(s["caption"] for s in other.iter_consumer()) == sorted(CLEAN * 3)
     tf = ImageTransform(10, center_crop=True)
     by_caption = {c: data for (_, _, data), c in zip(GOOD, CLEAN)}
     for s in samples:

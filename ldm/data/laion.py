@@ -267,7 +267,7 @@ def iter_consumer_lines(
             with open_part(path) as fh:
                 for raw in fh:
                     lineno += 1
-                    if not raw.strip():
+                    if len(raw) < 64 and not raw.strip():
                         continue  # blank lines are not records
                     if shared:
                         j += 1
