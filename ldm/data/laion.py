@@ -304,7 +304,18 @@ class LaionDataset(paddle.io.IterableDataset):
         rank / world_size: default from ldm.utils.dist_info().
         max_pixels: decompression-bomb guard (None disables it).
         shuffle_files: per-pass weighted shuffle of file entries (False keeps listing order).
-        shuffle_buffer: size of a reservoir of raw lines shuffled before decoding (0 = off).
+        shuffle_buffer: size of a reservoir of raw lines shuffled before decoding (0 = off;
+            records then come in file order).
+
+    Yields dicts: "pixel_values" float32 ndarray [3, R, R] in [-1, 1], "caption" str (after
+    dropout), and with a tokenizer "input_ids" int64 ndarray [model_max_length]. Batch them with
+    `numpy_collate`. Inside a DataLoader, worker id / count come from paddle.io.get_worker_info();
+    `iter_consumer(worker, num_workers)` runs one consumer explicitly (tests, check_data).
+    `self.stats` holds the counts of the latest pass run in this process.
+
+    With paddlenlp's Trainer, do NOT let it wrap this dataset in IterableDatasetShard (it does so
+    when dataset_world_size > 1): this dataset already shards by rank, and the wrapper would keep
+    only every world_size-th batch of each rank's share.
     """
 
     def __init__(
