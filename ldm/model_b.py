@@ -40,11 +40,11 @@ class ModelB:
                   cfg_rho: float = cfg_mod.STAGE_B_SAMPLING.cfg_rho, negative_caption: Captions = "",
                   height: Optional[int] = None, width: Optional[int] = None, per_sample_rho: bool = True,
                   final: str = "x0", noise=None, x_init: Optional[paddle.Tensor] = None,
-                  return_float: bool = False) -> Tuple[np.ndarray, paddle.Tensor]:
+                  t_start: float = 1.0, return_float: bool = False) -> Tuple[np.ndarray, paddle.Tensor]:
         """Sample Stage B on ``latent_c`` [B, 16, hc, wc] and decode with Stage A.
 
         height/width default to the size ModelC used (the multiple of 64 whose Stage C latent
-        is hc x wc). Image i uses seed + i. Returns (images uint8 [B, H, W, 3] - float32
+        is hc x wc). Image i uses seed + i; ``noise``/``x_init``/``t_start``/``final`` as ModelC. Returns (images uint8 [B, H, W, 3] - float32
         [B, 3, H, W] in [0, 1] with ``return_float`` - , latent_b float32 [B, 4, H/4, W/4]).
         """
         if latent_c.ndim != 4 or latent_c.shape[1] != pl.STAGE_C_CHANNELS:
@@ -55,7 +55,7 @@ class ModelB:
         dh, dw = pl.size_from_stage_c(latent_c.shape[2], latent_c.shape[3])
         height, width = pl.check_size(height or dh, width or dw)
         sampling = SamplingConfig(steps=int(steps), cfg=float(cfg), shift=float(shift), cfg_rho=float(cfg_rho),
-                                  per_sample_rho=per_sample_rho)
+                                  t_start=float(t_start), per_sample_rho=per_sample_rho)
         captions = pl._broadcast(caption, bsz, "caption")
         negative = pl._broadcast(negative_caption, bsz, "negative caption")
         latent_b = pl.sample_stage_b(self.components, self.gdf, latent_c, captions, negative, int(seed), height,

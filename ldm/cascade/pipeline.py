@@ -243,7 +243,7 @@ def image_encoder_dtype(net) -> str:
 
 
 def effnet_batch(images, height: int, width: int) -> paddle.Tensor:
-    """PIL images -> [B, 3, H, W] in [0, 1] (bilinear resize); the encoder normalises."""
+    """PIL images -> [B, 3, H, W] in [0, 1] (bilinear resize)."""
     from PIL import Image
 
     arrs = [np.asarray(im.convert("RGB").resize((width, height), Image.BILINEAR), np.float32) / 255.0 for im in images]
@@ -332,7 +332,9 @@ def sample_stage_c(comps: Components, gdf, captions: List[str], negative: List[s
                 raise ValueError(f"strength must be in (0, 1], got {strength}")
             enc = comps.get("effnet")
             pix = effnet_batch(_broadcast_images(init_images, bsz), hc * cfg_mod.EFFNET_STRIDE, wc * cfg_mod.EFFNET_STRIDE)
-            latent = enc(pix).astype("float32")
+            from ldm.cascade.effnet import imagenet_normalize
+
+            latent = enc(imagenet_normalize(pix)).astype("float32")
             if low_memory:
                 comps.release("effnet")
             eps = image_noise_fn(seed, bsz, NOISE_TAG_IMG2IMG)([bsz, STAGE_C_CHANNELS, hc, wc])

@@ -1,0 +1,95 @@
+"""The offline ``tiny`` preset: every Stable Cascade component with small random weights.
+
+Nothing is read from disk or the network: a byte-level CLIP tokenizer (the 256 byte symbols,
+the same with ``</w>``, ``<|startoftext|>`` and ``<|endoftext|>``, no merges), a 2-layer CLIP
+text and vision model with projection 32, and the ``tiny`` presets of Stage C / Stage B /
+Stage A / Previewer (the EfficientNet encoder keeps its real architecture, built only for
+img2img). Each network is initialised from its own fixed seed, so the preset is identical in
+every process; the caller's global Paddle RNG state is restored afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Callable
+
+import paddle
+
+from ldm.cascade.pipeline import Components
+
+TINY_SEED = 1234
+TINY_WIDTH = 32  # CLIP hidden/projection size = Stage B/C tiny c_clip_* (ldm.cascade.stage_c/stage_b)
+TINY_MAX_LENGTH = 77
+TINY_CLIP = dict(hidden_size=TINY_WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 projection_dim=TINY_WIDTH, hidden_act="quick_gelu")
+TINY_VISION = dict(image_size=224, patch_size=32)  # the pipeline feeds 224 x 224 crops
+
+
+def _seeded(offset: int, build: Callable[[], object]) -> Callable[[], object]:
+    """Run ``build`` under paddle.seed(TINY_SEED + offset), then restore the global RNG."""
+    def run():
+        state = paddle.get_rng_state()
+        try:
+            paddle.seed(TINY_SEED + offset)
+            net = build()
+        finally:
+            paddle.set_rng_state(state)
+        return net
+    return run
+
+
+def write_tiny_tokenizer_files(folder: str) -> None:
+    """vocab.json (514 byte-level tokens) + merges.txt (no merges) in ``folder``."""
+    from paddlenlp.transformers.clip.tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = 2 * len(chars), 2 * len(chars) + 1
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+
+
+def tiny_tokenizer():
+    from ppdiffusers.transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        write_tiny_tokenizer_files(d)
+        return CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"),
+                             model_max_length=TINY_MAX_LENGTH, pad_token="<|endoftext|>")
+
+
+def tiny_text_encoder():
+    from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=514, max_position_embeddings=TINY_MAX_LENGTH, bos_token_id=512,
+                         eos_token_id=513, pad_token_id=513, **TINY_CLIP)
+    return CLIPTextModelWithProjection(cfg)
+
+
+def tiny_image_encoder():
+    from ppdiffusers.transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP, **TINY_VISION))
+
+
+def tiny_components(dtype: str = "float32") -> Components:
+    """All eight components of the tiny preset (built lazily, each from its own seed)."""
+    if dtype != "float32":
+        raise ValueError(f"the tiny preset runs in float32 only, got {dtype}")
+    from ldm.cascade import effnet, previewer, stage_a, stage_b, stage_c
+
+    builders = {
+        "tokenizer": tiny_tokenizer,
+        "text_encoder": _seeded(1, tiny_text_encoder),
+        "image_encoder": _seeded(2, tiny_image_encoder),
+        "stage_c": _seeded(3, lambda: stage_c.load_stage_c(None, "tiny")),
+        "stage_b": _seeded(4, lambda: stage_b.load_stage_b(None, "tiny")),
+        "stage_a": _seeded(5, stage_a.StageA_tiny),
+        "effnet": _seeded(6, effnet.EfficientNetEncoder),
+        "previewer": _seeded(7, previewer.Previewer_tiny),
+    }
+    return Components(builders, dtype, meta={"c_clip_img": TINY_WIDTH})
