@@ -1,0 +1,327 @@
+"""Data-loading throughput on LAION-format part files: this project's pipeline against baselines.
+
+    python benchmarks/bench_dataloader.py --make_data /tmp/bench_data --num_images 200
+    python benchmarks/bench_dataloader.py --file_list /tmp/bench_data/bench.filelist.list \
+        --resolution 256 --num_workers 0 --samples 300
+
+Three pipelines read the same records in the same way (line split + base64 decode) in one
+process, each for `--samples` samples, repeated `--rounds` times in alternation. Rates are
+samples per second of process CPU time (all three are single-threaded, so this is the
+throughput of one dedicated core and does not depend on what else the machine runs); the median
+round is reported, and the wall-clock medians are printed too:
+
+1. ours: `ldm.data.laion.LaionDataset` (JPEG draft decode + antialiased crop-box resize +
+   flip + [-1, 1]); if ldm/data/laion.py is missing, `decode_image` + `ImageTransform` directly.
+2. paddlemix: PaddleMIX's `TextImagePair` chain (ppdiffusers/examples/stable_diffusion/sd/
+   text_image_pair_dataset.py), re-implemented step by step: UTF-8 line, split on tabs, base64,
+   `Image.open(...).convert("RGB")` at full size, 10% caption dropout, drop images smaller than
+   the size, then paddle.vision `Resize(int(size / 0.9), "lanczos")`, a RandomCrop whose offsets
+   come from `paddle.randint`, `ToTensor()`, `Normalize(0.5, 0.5)`. Tokenisation is left out of
+   all three pipelines.
+3. decode_only: the same reading, then `Image.open(...).convert("RGB")` at full size.
+
+The last stdout line is JSON: `samples_per_s` (ours; with `--num_workers N >= 1` measured
+through `paddle.io.DataLoader` with N workers), the three single-process rates, and the ratios
+`ours_vs_paddlemix` (target >= 3) and `ours_vs_decode_only` (target >= 0.4).
+
+`--make_data DIR --num_images N` first writes N photo-like 640x480 JPEGs (quality 90) as part
+files under DIR (through `create_pretraining_data` when ldm/data/prepare.py is present).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from ldm.data.transforms import ImageTransform, decode_image  # noqa: E402
+from ldm.utils import get_logger  # noqa: E402
+
+logger = get_logger("bench_dataloader")
+
+try:  # helper modules of the LAION pipeline (optional: the benchmark degrades gracefully)
+    from ldm.data import laion as _laion
+except ImportError:  # pragma: no cover
+    _laion = None
+
+
+# ----------------------------------------------------------------------------- test data
+def synthetic_photo(rng: np.random.Generator, width: int = 640, height: int = 480) -> Image.Image:
+    """A photo-like image: random smooth colour fields, a few hard-edged shapes, sensor-like noise."""
+    sw, sh = width // 4, height // 4
+    yy, xx = np.mgrid[0:sh, 0:sw].astype(np.float32) * 4
+    small = np.empty((sh, sw, 3), np.float32)
+    for c in range(3):
+        field = np.full((sh, sw), rng.uniform(60, 190), np.float32)
+        for _ in range(4):
+            fx, fy = rng.uniform(0.002, 0.03, 2)
+            field += rng.uniform(10, 45) * np.sin((xx * fx + yy * fy) * 2 * np.pi + rng.uniform(0, 2 * np.pi))
+        small[..., c] = field
+    base = Image.fromarray(np.clip(small, 0, 255).astype(np.uint8), "RGB").resize((width, height), Image.BICUBIC)
+    arr = np.asarray(base).astype(np.float32)
+    for _ in range(int(rng.integers(3, 8))):  # hard edges, like objects
+        x0, y0 = int(rng.integers(0, width - 40)), int(rng.integers(0, height - 40))
+        w, h = int(rng.integers(30, 200)), int(rng.integers(30, 200))
+        arr[y0:y0 + h, x0:x0 + w] = arr[y0:y0 + h, x0:x0 + w] * 0.4 + rng.uniform(0, 255, 3) * 0.6
+    arr += rng.normal(0, 4, arr.shape).astype(np.float32)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def make_data(out_dir: str, num_images: int, per_part: int, seed: int = 0) -> str:
+    """Write `num_images` 640x480 JPEGs as LAION part files; returns the .filelist.list path."""
+    os.makedirs(out_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    img_dir = os.path.join(out_dir, "images")
+    os.makedirs(img_dir, exist_ok=True)
+    jsonl = os.path.join(out_dir, "bench.jsonl")
+    with open(jsonl, "w", encoding="utf-8") as f:
+        for i in range(num_images):
+            name = f"{i:06d}.jpg"
+            synthetic_photo(rng).save(os.path.join(img_dir, name), "JPEG", quality=90)
+            f.write(json.dumps({"caption": f"synthetic photo number {i}", "image": f"images/{name}"}) + "\n")
+    try:
+        from ldm.data.prepare import create_pretraining_data
+    except ImportError:  # pragma: no cover - fallback writer
+        create_pretraining_data = None
+    if create_pretraining_data is not None:
+        create_pretraining_data(jsonl, out_dir, output_name="bench", per_part_file_num=per_part, progress=False)
+        file_list = os.path.join(out_dir, "filelist", "bench.filelist.list")
+    else:  # pragma: no cover
+        part_dir = os.path.join(out_dir, "laion400m_format_data")
+        os.makedirs(part_dir, exist_ok=True)
+        parts = []
+        names = sorted(os.listdir(img_dir))
+        for p in range(0, len(names), per_part):
+            path = os.path.join(part_dir, f"part-{p // per_part + 1:06d}")
+            with open(path, "w", encoding="utf-8") as f:
+                for name in names[p:p + per_part]:
+                    with open(os.path.join(img_dir, name), "rb") as g:
+                        f.write(f"synthetic photo {name}\tNONE\t{base64.b64encode(g.read()).decode('ascii')}\n")
+            parts.append(os.path.abspath(path))
+        os.makedirs(os.path.join(out_dir, "filelist"), exist_ok=True)
+        fl = os.path.join(out_dir, "filelist", "bench.filelist")
+        with open(fl, "w") as f:
+            f.write("\n".join(parts) + "\n")
+        file_list = fl + ".list"
+        with open(file_list, "w") as f:
+            f.write(os.path.abspath(fl) + "\n")
+    return file_list
+
+
+# ----------------------------------------------------------------------------- record reading
+def part_files(file_list: str) -> list[str]:
+    if _laion is not None:
+        return [e.path for e in _laion.expand_file_list(file_list)]
+    # minimal fallback: a .filelist.list, a .filelist or a part file, plain text
+    with open(file_list, "rb") as f:
+        head = f.read(4096)
+    if b"\t" in head:
+        return [file_list]
+    out = []
+    for line in open(file_list, encoding="utf-8"):
+        line = line.split()[0] if line.strip() else ""
+        if line:
+            out.extend(part_files(line) if line.endswith(".filelist") else [line])
+    return out
+
+
+def iter_lines_forever(paths: list[str]):
+    import gzip
+
+    while True:
+        for path in paths:
+            with open(path, "rb") as f:
+                gz = f.read(2) == b"\x1f\x8b"
+            with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+                for raw in f:
+                    yield raw
+
+
+# ----------------------------------------------------------------------------- pipelines
+class PaddleMixChain:
+    """Step-by-step re-implementation of PaddleMIX TextImagePair's per-record work (see doc)."""
+
+    def __init__(self, size: int):
+        import paddle
+        from paddle.vision import transforms
+
+        class PaddleRandCrop(transforms.RandomCrop):  # crop offsets drawn with paddle.randint
+            def _get_param(self, img, output_size):
+                w, h = img.size
+                th, tw = output_size
+                if (w, h) == (tw, th):
+                    return 0, 0, h, w
+                top = paddle.randint(0, h - th + 1).item()
+                left = paddle.randint(0, w - tw + 1).item()
+                return top, left, th, tw
+
+        import random
+
+        self.random = random
+        self.size = size
+        self.image_processing = transforms.Compose(
+            [
+                transforms.Resize(int(size / 0.9), "lanczos"),
+                PaddleRandCrop(size),
+                transforms.ToTensor(),
+                transforms.Normalize(0.5, 0.5),
+            ]
+        )
+
+    def __call__(self, raw: bytes):
+        line = raw.decode("utf-8")
+        caption, _, img_b64 = line.strip().split("\t")[:3]
+        image = Image.open(io.BytesIO(base64.b64decode(img_b64))).convert("RGB")
+        if self.random.random() < 0.1:
+            caption = ""
+        w, h = image.size
+        if w < self.size or h < self.size:
+            return None
+        return {"pixel_values": self.image_processing(image), "caption": caption}
+
+
+def decode_only(raw: bytes):
+    line = raw.decode("utf-8")
+    caption, _, img_b64 = line.strip().split("\t")[:3]
+    return Image.open(io.BytesIO(base64.b64decode(img_b64))).convert("RGB"), caption
+
+
+def ours_iterator(file_list: str, resolution: int, seed: int):
+    """Samples of our pipeline, in this process, forever."""
+    if _laion is not None:
+        ds = _laion.LaionDataset(
+            file_list, resolution=resolution, caption_dropout=0.1, random_flip=True, seed=seed,
+            infinite=True, rank=0, world_size=1,
+        )
+        return ds.iter_consumer(0, 1)
+    transform = ImageTransform(resolution, random_flip=True)  # pragma: no cover - fallback
+    rng = np.random.default_rng(seed)
+
+    def gen():
+        for raw in iter_lines_forever(part_files(file_list)):
+            caption, _, b64 = raw.decode("utf-8").rstrip("\r\n").split("\t")[:3]
+            img = decode_image(base64.b64decode(b64), target_short_side=resolution)
+            yield {"pixel_values": transform(img, rng), "caption": caption}
+
+    return gen()
+
+
+def time_samples(next_sample, n: int) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) for n samples."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    got = 0
+    while got < n:
+        if next_sample() is not None:
+            got += 1
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def measure_dataloader(file_list: str, resolution: int, num_workers: int, samples: int, batch_size: int, seed: int):
+    import paddle
+
+    ds = _laion.LaionDataset(
+        file_list, resolution=resolution, caption_dropout=0.1, random_flip=True, seed=seed, infinite=True,
+        rank=0, world_size=1,
+    )
+    loader = paddle.io.DataLoader(
+        ds, batch_size=batch_size, num_workers=num_workers, collate_fn=_laion.numpy_collate, use_shared_memory=False
+    )
+    it = iter(loader)
+    next(it)  # worker start-up is not part of the rate
+    got, t0 = 0, time.perf_counter()
+    while got < samples:
+        batch = next(it)
+        got += int(batch["pixel_values"].shape[0])
+    dt = time.perf_counter() - t0
+    del it
+    return got / dt
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--file_list", help="a .filelist.list, .filelist or part file")
+    p.add_argument("--make_data", metavar="DIR", help="first write synthetic 640x480 JPEG part files into DIR")
+    p.add_argument("--num_images", type=int, default=200)
+    p.add_argument("--per_part", type=int, default=50)
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--num_workers", type=int, default=0, help="0: in-process; N >= 1: paddle DataLoader workers")
+    p.add_argument("--batch_size", type=int, default=8, help="DataLoader batch size (num_workers >= 1)")
+    p.add_argument("--samples", type=int, default=300, help="samples per pipeline per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.samples < 1 or args.rounds < 1 or args.num_images < 1:
+        p.error("--samples, --rounds and --num_images must be >= 1")
+
+    file_list = args.file_list
+    if args.make_data:
+        t0 = time.perf_counter()
+        made = make_data(args.make_data, args.num_images, args.per_part, args.seed)
+        logger.info("wrote %d images to %s in %.1fs (file list %s)", args.num_images, args.make_data,
+                    time.perf_counter() - t0, made)
+        file_list = file_list or made
+    if not file_list:
+        p.error("give --file_list, or --make_data DIR to create test data")
+
+    import paddle
+
+    paddle.seed(args.seed)
+    paths = part_files(file_list)
+    ours = ours_iterator(file_list, args.resolution, args.seed)
+    pm_chain = PaddleMixChain(args.resolution)
+    pm_lines, dec_lines = iter_lines_forever(paths), iter_lines_forever(paths)
+    pipelines = {
+        "ours": lambda: next(ours),
+        "paddlemix": lambda: pm_chain(next(pm_lines)),
+        "decode_only": lambda: decode_only(next(dec_lines)),
+    }
+    for fn in pipelines.values():  # warm-up: imports, file cache, Pillow plugin init
+        time_samples(fn, 5)
+    rates = {name: [] for name in pipelines}  # samples per CPU second
+    wall = {name: [] for name in pipelines}  # samples per wall second
+    for _ in range(args.rounds):
+        for name, fn in pipelines.items():
+            dt_wall, dt_cpu = time_samples(fn, args.samples)
+            rates[name].append(args.samples / dt_cpu)
+            wall[name].append(args.samples / dt_wall)
+    med = {name: statistics.median(r) for name, r in rates.items()}
+    med_wall = {name: statistics.median(r) for name, r in wall.items()}
+
+    result = {
+        "samples_per_s": round(med["ours"], 2),
+        "num_workers": args.num_workers,
+        "resolution": args.resolution,
+        "samples": args.samples,
+        "rounds": args.rounds,
+        "ours_1proc_samples_per_s": round(med["ours"], 2),
+        "paddlemix_samples_per_s": round(med["paddlemix"], 2),
+        "decode_only_samples_per_s": round(med["decode_only"], 2),
+        "ours_vs_paddlemix": round(med["ours"] / med["paddlemix"], 3),
+        "ours_vs_decode_only": round(med["ours"] / med["decode_only"], 3),
+        "wall_samples_per_s": {k: round(v, 2) for k, v in med_wall.items()},
+        "rounds_samples_per_s": {k: [round(v, 1) for v in r] for k, r in rates.items()},
+        "pipeline": "LaionDataset" if _laion is not None else "decode_image+ImageTransform",
+        "file_list": file_list,
+    }
+    if args.num_workers >= 1:
+        if _laion is None:  # pragma: no cover
+            p.error("--num_workers >= 1 needs ldm/data/laion.py")
+        result["samples_per_s"] = round(
+            measure_dataloader(file_list, args.resolution, args.num_workers, args.samples, args.batch_size, args.seed), 2
+        )
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
