@@ -1,0 +1,351 @@
+"""Building blocks shared by Stage C and Stage B (and usable by Stage A / the previewer).
+
+Follows Stability-AI/StableCascade `modules/common.py` (ResBlock, AttnBlock, FeedForwardBlock,
+TimestepBlock, GlobalResponseNorm from ConvNeXt-V2, non-affine LayerNorm2d) and the shared U-Net
+skeleton of `modules/stage_c.py` / `modules/stage_b.py` (levels, repeat mappers, skip handling).
+
+Parameter names and shapes equal the Paddle state dicts of PaddleMIX's port (the seed's
+`stage_c_lite.pdparams` / `stage_b_lite.pdparams`): Linear weights are [in, out]; the attention
+keeps paddle `nn.MultiHeadAttention` names (`attention.attn.{q,k,v,out}_proj.*`).
+
+Numerics differ from PaddleMIX on purpose: GlobalResponseNorm takes the vector L2 norm over the
+spatial axes (as torch.norm does in the reference), not paddle.norm's matrix 2-norm.
+"""
+from __future__ import annotations
+
+import math
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+__all__ = [
+    "LN_EPS",
+    "GRN_EPS",
+    "layer_norm_channels_last",
+    "LayerNorm2d",
+    "GlobalResponseNorm",
+    "ResBlock",
+    "FeedForwardBlock",
+    "TimestepBlock",
+    "Attention",
+    "Attention2D",
+    "AttnBlock",
+    "timestep_embedding",
+    "CascadeUNet",
+]
+
+LN_EPS = 1e-6  # every LayerNorm in Stage B/C
+GRN_EPS = 1e-6  # GlobalResponseNorm: Gx / (mean_c(Gx) + eps)
+MAX_POSITIONS = 10000  # r embedding: sinusoid of r * 10000
+
+
+def layer_norm_channels_last(x: paddle.Tensor, eps: float = LN_EPS) -> paddle.Tensor:
+    """Non-affine LayerNorm over the last axis."""
+    return F.layer_norm(x, x.shape[-1:], weight=None, bias=None, epsilon=eps)
+
+
+class LayerNorm2d(nn.Layer):
+    """Non-affine LayerNorm over the channel axis of an NCHW tensor (no parameters)."""
+
+    def __init__(self, c: int, eps: float = LN_EPS):
+        super().__init__()
+        self.c, self.eps = c, eps
+
+    def forward(self, x):  # (B, C, H, W)
+        x = x.transpose([0, 2, 3, 1])  # (B, H, W, C)
+        x = layer_norm_channels_last(x, self.eps)
+        return x.transpose([0, 3, 1, 2])  # (B, C, H, W)
+
+
+class GlobalResponseNorm(nn.Layer):
+    """ConvNeXt-V2 GRN on channels-last input (B, H, W, C).
+
+    Gx = ||x||_2 over (H, W) per channel; Nx = Gx / (mean_C(Gx) + 1e-6);
+    y = gamma * (x * Nx) + beta + x. gamma/beta are (1, 1, 1, C), zero at init.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        zeros = nn.initializer.Constant(0.0)
+        self.gamma = self.create_parameter([1, 1, 1, dim], default_initializer=zeros)
+        self.beta = self.create_parameter([1, 1, 1, dim], default_initializer=zeros)
+
+    def forward(self, x):  # (B, H, W, C)
+        gx = (x * x).sum(axis=[1, 2], keepdim=True).sqrt()  # (B, 1, 1, C)
+        nx = gx / (gx.mean(axis=-1, keepdim=True) + GRN_EPS)  # (B, 1, 1, C)
+        return self.gamma * (x * nx) + self.beta + x
+
+
+def _channel_mlp(c_in: int, c: int, dropout: float) -> nn.Sequential:
+    # indices 0..4 are part of the checkpoint names: channelwise.0 / .2 (GRN) / .4
+    return nn.Sequential(nn.Linear(c_in, c * 4), nn.GELU(), GlobalResponseNorm(c * 4), nn.Dropout(dropout), nn.Linear(c * 4, c))
+
+
+class ResBlock(nn.Layer):
+    """Depthwise conv -> LayerNorm2d -> [concat skip] -> Linear/GELU/GRN/Linear, residual."""
+
+    def __init__(self, c: int, c_skip: int = 0, kernel_size: int = 3, dropout: float = 0.0):
+        super().__init__()
+        self.depthwise = nn.Conv2D(c, c, kernel_size, padding=kernel_size // 2, groups=c)
+        self.norm = LayerNorm2d(c)
+        self.channelwise = _channel_mlp(c + c_skip, c, dropout)
+
+    def forward(self, x, x_skip=None):  # x (B, C, H, W), x_skip (B, C_skip, H, W)
+        h = self.depthwise(x).transpose([0, 2, 3, 1])  # (B, H, W, C)
+        h = layer_norm_channels_last(h)
+        if x_skip is not None:
+            h = paddle.concat([h, x_skip.transpose([0, 2, 3, 1])], axis=-1)  # (B, H, W, C + C_skip)
+        h = self.channelwise(h)  # (B, H, W, C)
+        return h.transpose([0, 3, 1, 2]) + x  # (B, C, H, W)
+
+
+class FeedForwardBlock(nn.Layer):
+    """LayerNorm2d -> Linear/GELU/GRN/Linear, residual ('F' in level_config)."""
+
+    def __init__(self, c: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm = LayerNorm2d(c)
+        self.channelwise = _channel_mlp(c, c, dropout)
+
+    def forward(self, x):  # (B, C, H, W)
+        h = layer_norm_channels_last(x.transpose([0, 2, 3, 1]))  # (B, H, W, C)
+        return self.channelwise(h).transpose([0, 3, 1, 2]) + x
+
+
+class TimestepBlock(nn.Layer):
+    """x * (1 + a) + b with (a, b) = sum of per-condition linear maps of the r embeddings."""
+
+    def __init__(self, c: int, c_timestep: int, conds=("sca",)):
+        super().__init__()
+        self.conds = list(conds)
+        self.mapper = nn.Linear(c_timestep, c * 2)
+        for name in self.conds:
+            setattr(self, f"mapper_{name}", nn.Linear(c_timestep, c * 2))
+
+    def forward(self, x, t):  # x (B, C, H, W), t (B, c_r * (1 + len(conds)))
+        ts = paddle.split(t, len(self.conds) + 1, axis=1)  # each (B, c_r)
+        ab = self.mapper(ts[0])  # (B, 2C)
+        for i, name in enumerate(self.conds):
+            ab = ab + getattr(self, f"mapper_{name}")(ts[i + 1])
+        a, b = paddle.chunk(ab[:, :, None, None], 2, axis=1)  # (B, C, 1, 1) each
+        return x * (1 + a) + b
+
+
+class Attention(nn.Layer):
+    """Multi-head attention with paddle `nn.MultiHeadAttention` parameter names
+    (q_proj, k_proj, v_proj, out_proj; Linear weights [in, out]).
+
+    Equivalent to torch `nn.MultiheadAttention(c, nhead, bias=True, batch_first=True)`.
+    """
+
+    def __init__(self, c: int, nhead: int, dropout: float = 0.0):
+        super().__init__()
+        if nhead <= 0 or c % nhead:
+            raise ValueError(f"attention width {c} is not divisible by nhead={nhead}")
+        self.c, self.nhead, self.dropout = c, nhead, dropout
+        self.q_proj = nn.Linear(c, c)
+        self.k_proj = nn.Linear(c, c)
+        self.v_proj = nn.Linear(c, c)
+        self.out_proj = nn.Linear(c, c)
+
+    def forward(self, q, kv):  # q (B, Lq, C), kv (B, Lk, C)
+        b, lq, c = q.shape
+        lk = kv.shape[1]
+        h, d = self.nhead, c // self.nhead
+        q = self.q_proj(q).reshape([b, lq, h, d])  # (B, Lq, H, D)
+        k = self.k_proj(kv).reshape([b, lk, h, d])  # (B, Lk, H, D)
+        v = self.v_proj(kv).reshape([b, lk, h, d])
+        p = self.dropout if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=p, training=self.training)  # (B, Lq, H, D)
+        return self.out_proj(o.reshape([b, lq, c]))  # (B, Lq, C)
+
+
+class Attention2D(nn.Layer):
+    """Attention of image tokens over (optionally themselves and) conditioning tokens."""
+
+    def __init__(self, c: int, nhead: int, dropout: float = 0.0):
+        super().__init__()
+        self.attn = Attention(c, nhead, dropout)
+
+    def forward(self, x, kv, self_attn: bool = False):  # x (B, C, H, W), kv (B, L, C)
+        b, c, hh, ww = x.shape
+        tokens = x.reshape([b, c, hh * ww]).transpose([0, 2, 1])  # (B, HW, C)
+        if self_attn:
+            kv = paddle.concat([tokens, kv], axis=1)  # (B, HW + L, C)
+        out = self.attn(tokens, kv)  # (B, HW, C)
+        return out.transpose([0, 2, 1]).reshape([b, c, hh, ww])
+
+
+class AttnBlock(nn.Layer):
+    """x + Attention2D(LayerNorm2d(x), kv_mapper(cond)); kv_mapper = SiLU -> Linear."""
+
+    def __init__(self, c: int, c_cond: int, nhead: int, self_attn: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.self_attn = self_attn
+        self.norm = LayerNorm2d(c)
+        self.attention = Attention2D(c, nhead, dropout)
+        self.kv_mapper = nn.Sequential(nn.Silu(), nn.Linear(c_cond, c))
+
+    def forward(self, x, kv):  # x (B, C, H, W), kv (B, L, c_cond)
+        kv = self.kv_mapper(kv)  # (B, L, C)
+        return x + self.attention(self.norm(x), kv, self_attn=self.self_attn)
+
+
+def timestep_embedding(r: paddle.Tensor, c_r: int, max_positions: int = MAX_POSITIONS) -> paddle.Tensor:
+    """Sinusoidal embedding of the noise ratio r in [0, 1]: (B,) -> (B, c_r), float32."""
+    r = r.astype("float32") * max_positions
+    half = c_r // 2
+    scale = math.log(max_positions) / (half - 1)
+    freqs = paddle.exp(paddle.arange(half, dtype="float32") * -scale)  # (half,)
+    emb = r[:, None] * freqs[None, :]  # (B, half)
+    emb = paddle.concat([emb.sin(), emb.cos()], axis=1)  # (B, 2 * half)
+    if c_r % 2 == 1:
+        emb = paddle.concat([emb, paddle.zeros_like(emb[:, :1])], axis=1)  # zero pad to c_r
+    return emb
+
+
+# ---------------------------------------------------------------------------------------------
+# The U-Net skeleton shared by Stage C and Stage B
+# ---------------------------------------------------------------------------------------------
+def _as_list(v, n):
+    return list(v) if isinstance(v, (list, tuple)) else [v] * n
+
+
+class CascadeUNet(nn.Layer):
+    """Levels of C/T/A/F blocks with repeat mappers, as in the reference StageC/StageB.
+
+    Subclasses create the conditioning layers and call `_build_levels` with a factory for the
+    down/up scalers (Stage C: 1x1 conv with optional bilinear resize; Stage B: strided conv).
+    """
+
+    def _build_levels(self, c_hidden, nhead, blocks, block_repeat, level_config, c_cond, c_r, kernel_size, dropout, self_attn, t_conds, make_down, make_up):
+        n = len(c_hidden)
+        for name, v in (("nhead", nhead), ("level_config", level_config)):
+            if len(v) != n:
+                raise ValueError(f"{name} has {len(v)} entries, c_hidden has {n}")
+        if len(blocks) != 2 or len(blocks[0]) != n or len(blocks[1]) != n:
+            raise ValueError(f"blocks must be [down[{n}], up[{n}]], got {blocks}")
+        if block_repeat is not None and (len(block_repeat) != 2 or len(block_repeat[0]) != n or len(block_repeat[1]) != n):
+            raise ValueError(f"block_repeat must be [down[{n}], up[{n}]] or None, got {block_repeat}")
+        for cfg in level_config:
+            bad = set(cfg) - set("CTAF")
+            if bad:
+                raise ValueError(f"level_config {cfg!r} has unknown block types {sorted(bad)} (use C, T, A, F)")
+        dropout = _as_list(dropout, n)
+        self_attn = _as_list(self_attn, n)
+        self._blocks_down_total = sum(blocks[0])
+
+        def get_block(kind, c, nh, c_skip=0, drop=0.0, sa=True):
+            if kind == "C":
+                return ResBlock(c, c_skip, kernel_size=kernel_size, dropout=drop)
+            if kind == "A":
+                return AttnBlock(c, c_cond, nh, self_attn=sa, dropout=drop)
+            if kind == "F":
+                return FeedForwardBlock(c, dropout=drop)
+            return TimestepBlock(c, c_r, conds=t_conds)
+
+        self.down_blocks, self.down_downscalers, self.down_repeat_mappers = nn.LayerList(), nn.LayerList(), nn.LayerList()
+        for i in range(n):
+            self.down_downscalers.append(make_down(i) if i > 0 else nn.Identity())
+            level = nn.LayerList()
+            for _ in range(blocks[0][i]):
+                for kind in level_config[i]:
+                    level.append(get_block(kind, c_hidden[i], nhead[i], drop=dropout[i], sa=self_attn[i]))
+            self.down_blocks.append(level)
+            if block_repeat is not None:
+                self.down_repeat_mappers.append(nn.LayerList([nn.Conv2D(c_hidden[i], c_hidden[i], 1) for _ in range(block_repeat[0][i] - 1)]))
+
+        self.up_blocks, self.up_upscalers, self.up_repeat_mappers = nn.LayerList(), nn.LayerList(), nn.LayerList()
+        for i in reversed(range(n)):
+            self.up_upscalers.append(make_up(i) if i > 0 else nn.Identity())
+            level = nn.LayerList()
+            for j in range(blocks[1][::-1][i]):
+                for k, kind in enumerate(level_config[i]):
+                    c_skip = c_hidden[i] if i < n - 1 and j == k == 0 else 0
+                    level.append(get_block(kind, c_hidden[i], nhead[i], c_skip=c_skip, drop=dropout[i], sa=self_attn[i]))
+            self.up_blocks.append(level)
+            if block_repeat is not None:
+                self.up_repeat_mappers.append(nn.LayerList([nn.Conv2D(c_hidden[i], c_hidden[i], 1) for _ in range(block_repeat[1][::-1][i] - 1)]))
+        if block_repeat is None:  # keep zip() in encode/decode working
+            self.down_repeat_mappers = nn.LayerList([nn.LayerList() for _ in range(n)])
+            self.up_repeat_mappers = nn.LayerList([nn.LayerList() for _ in range(n)])
+
+    # -- forward pieces ------------------------------------------------------------------------
+    def _r_embedding(self, r, t_conds: dict):
+        """(B,) noise ratio plus t_conds (default zeros) -> (B, c_r * (1 + len(self.t_conds)))."""
+        embs = [timestep_embedding(r, self.c_r)]
+        for name in self.t_conds:
+            t = t_conds.get(name)
+            embs.append(timestep_embedding(paddle.zeros_like(r) if t is None else t, self.c_r))
+        return paddle.concat(embs, axis=1)
+
+    @staticmethod
+    def _run_block(block, x, r_embed, clip, skip=None):
+        if isinstance(block, ResBlock):
+            return block(x, skip)
+        if isinstance(block, AttnBlock):
+            return block(x, clip)
+        if isinstance(block, TimestepBlock):
+            return block(x, r_embed)
+        return block(x)
+
+    def _down_encode(self, x, r_embed, clip):
+        level_outputs = []
+        for down_block, downscaler, repmap in zip(self.down_blocks, self.down_downscalers, self.down_repeat_mappers):
+            x = downscaler(x)
+            for i in range(len(repmap) + 1):
+                for block in down_block:
+                    x = self._run_block(block, x, r_embed, clip)
+                if i < len(repmap):
+                    x = repmap[i](x)
+            level_outputs.insert(0, x)
+        return level_outputs
+
+    def _up_decode(self, level_outputs, r_embed, clip):
+        x = level_outputs[0]
+        for i, (up_block, upscaler, repmap) in enumerate(zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers)):
+            for j in range(len(repmap) + 1):
+                for k, block in enumerate(up_block):
+                    skip = None
+                    if isinstance(block, ResBlock) and k == 0 and i > 0:
+                        skip = level_outputs[i]
+                        if x.shape[-2:] != skip.shape[-2:]:
+                            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
+                    x = self._run_block(block, x, r_embed, clip, skip)
+                if j < len(repmap):
+                    x = repmap[j](x)
+            x = upscaler(x)
+        return x
+
+    # -- initialisation (training from scratch; loading weights overwrites all of it) --------
+    def _init_common(self, zero_all_timestep_linears: bool):
+        """Reference init: xavier-uniform Linear/Conv weights, zero biases, torch-MHA q/k/v init,
+        down-weighted ResBlock/FF output layers, zeroed TimestepBlock mappers, zero output conv."""
+        xavier, zeros = nn.initializer.XavierUniform(), nn.initializer.Constant(0.0)
+        for layer in self.sublayers(include_self=True):
+            if isinstance(layer, (nn.Linear, nn.Conv2D, nn.Conv2DTranspose)):
+                xavier(layer.weight)
+                if layer.bias is not None:
+                    zeros(layer.bias)
+            if isinstance(layer, Attention):  # torch MHA: xavier over the stacked [3c, c] in_proj
+                c = layer.c
+                qkv = nn.initializer.XavierUniform(fan_in=c, fan_out=3 * c)
+                for p in (layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight):
+                    qkv(p)
+        scale = math.sqrt(1 / self._blocks_down_total)
+        for level in list(self.down_blocks) + list(self.up_blocks):
+            for block in level:
+                if isinstance(block, (ResBlock, FeedForwardBlock)):
+                    w = block.channelwise[4].weight
+                    w.set_value(w * scale)
+                elif isinstance(block, TimestepBlock):
+                    zeros(block.mapper.weight)
+                    if zero_all_timestep_linears:
+                        for name in block.conds:
+                            zeros(getattr(block, f"mapper_{name}").weight)
+        nn.initializer.XavierUniform(gain=0.02)(self.embedding[1].weight)
+        zeros(self.clf[1].weight)
+
+    def _is_lazy(self) -> bool:
+        return any(not p._is_initialized() for p in self.parameters())

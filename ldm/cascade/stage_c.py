@@ -1,0 +1,188 @@
+"""Stage C: the text-conditional prior of Stable Cascade (16 x 24 x 24 latents at 1024 px).
+
+Follows Stability-AI/StableCascade `modules/stage_c.py` (constructor arguments, forward signature,
+block layout, init) and matches diffusers `StableCascadeUNet` in its prior configuration.
+Parameter names and shapes equal PaddleMIX's Paddle port (the seed's `stage_c_lite.pdparams`).
+"""
+from __future__ import annotations
+
+import copy
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from .common import CascadeUNet, LayerNorm2d, layer_norm_channels_last
+from .loading import build_model, load_model
+
+__all__ = ["StageC", "UpDownBlock2d", "STAGE_C_PRESETS", "STAGE_C_MODELS", "StageC_3_6B", "StageC_1B", "StageC_tiny", "build_stage_c", "load_stage_c"]
+
+
+class UpDownBlock2d(nn.Layer):
+    """1x1 conv plus (if enabled) a bilinear x2 / x0.5 resize; the conv is `blocks.0` when going
+    down and `blocks.1` when going up (checkpoint names)."""
+
+    def __init__(self, c_in: int, c_out: int, mode: str, enabled: bool = True):
+        super().__init__()
+        if mode not in ("up", "down"):
+            raise ValueError(f"mode must be 'up' or 'down', got {mode!r}")
+        resize = _Resize(2.0 if mode == "up" else 0.5) if enabled else nn.Identity()
+        mapping = nn.Conv2D(c_in, c_out, kernel_size=1)
+        self.blocks = nn.LayerList([resize, mapping] if mode == "up" else [mapping, resize])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class _Resize(nn.Layer):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=True)
+
+
+class StageC(CascadeUNet):
+    """Stage C network.
+
+    forward(x, r, clip_text, clip_text_pooled, clip_img, **t_conds) -> noise prediction like x.
+      x: (B, c_in, H, W) noised latent; r: (B,) noise ratio in [0, 1];
+      clip_text: (B, L, c_clip_text); clip_text_pooled: (B, 1, c_clip_text_pooled) or (B, c);
+      clip_img: (B, 1, c_clip_img) or (B, c) (zeros when there is no image);
+      t_conds: per-sample (B,) values for the names in `t_conds` (default 'sca', 'crp'),
+      zeros when absent.
+    """
+
+    def __init__(self, c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=2048, c_hidden=(2048, 2048), nhead=(32, 32),
+                 blocks=((8, 24), (24, 8)), block_repeat=((1, 1), (1, 1)), level_config=("CTA", "CTA"),
+                 c_clip_text=1280, c_clip_text_pooled=1280, c_clip_img=768, c_clip_seq=4, kernel_size=3,
+                 dropout=(0.1, 0.1), self_attn=True, t_conds=("sca", "crp"), switch_level=(False,)):
+        super().__init__()
+        n = len(c_hidden)
+        if switch_level is None or len(switch_level) < n - 1:
+            raise ValueError(f"switch_level needs {n - 1} entries for {n} levels, got {switch_level}")
+        if patch_size < 1 or c_r < 4:
+            raise ValueError(f"bad patch_size={patch_size} or c_r={c_r}")
+        self.c_r, self.t_conds, self.c_clip_seq, self.patch_size = c_r, list(t_conds), c_clip_seq, patch_size
+
+        # conditioning
+        self.clip_txt_mapper = nn.Linear(c_clip_text, c_cond)
+        self.clip_txt_pooled_mapper = nn.Linear(c_clip_text_pooled, c_cond * c_clip_seq)
+        self.clip_img_mapper = nn.Linear(c_clip_img, c_cond * c_clip_seq)
+        self.embedding = nn.Sequential(
+            nn.PixelUnshuffle(patch_size),
+            nn.Conv2D(c_in * patch_size**2, c_hidden[0], kernel_size=1),
+            LayerNorm2d(c_hidden[0]),
+        )
+        self._build_levels(
+            c_hidden, nhead, blocks, block_repeat, level_config, c_cond, c_r, kernel_size, dropout, self_attn, t_conds,
+            make_down=lambda i: nn.Sequential(LayerNorm2d(c_hidden[i - 1]), UpDownBlock2d(c_hidden[i - 1], c_hidden[i], "down", enabled=switch_level[i - 1])),
+            make_up=lambda i: nn.Sequential(LayerNorm2d(c_hidden[i]), UpDownBlock2d(c_hidden[i], c_hidden[i - 1], "up", enabled=switch_level[i - 1])),
+        )
+        self.clf = nn.Sequential(
+            LayerNorm2d(c_hidden[0]),
+            nn.Conv2D(c_hidden[0], c_out * patch_size**2, kernel_size=1),
+            nn.PixelShuffle(patch_size),
+        )
+        if not self._is_lazy():
+            self.initialize_weights()
+
+    def initialize_weights(self):
+        """Reference init (modules/stage_c.py): see CascadeUNet._init_common; conditioning
+        mappers N(0, 0.02); every TimestepBlock linear weight zero."""
+        self._init_common(zero_all_timestep_linears=True)
+        normal = nn.initializer.Normal(0.0, 0.02)
+        for layer in (self.clip_txt_mapper, self.clip_txt_pooled_mapper, self.clip_img_mapper):
+            normal(layer.weight)
+
+    def gen_c_embeddings(self, clip_txt, clip_txt_pooled, clip_img):
+        """(B, L, c_txt), (B, 1, c_pool), (B, 1, c_img) -> (B, L + 2 * c_clip_seq, c_cond), normalised."""
+        if clip_txt_pooled.ndim == 2:
+            clip_txt_pooled = clip_txt_pooled.unsqueeze(1)
+        if clip_img.ndim == 2:
+            clip_img = clip_img.unsqueeze(1)
+        b = clip_txt.shape[0]
+        txt = self.clip_txt_mapper(clip_txt)  # (B, L, c_cond)
+        pool = self.clip_txt_pooled_mapper(clip_txt_pooled).reshape([b, clip_txt_pooled.shape[1] * self.c_clip_seq, -1])  # (B, 4, c_cond)
+        img = self.clip_img_mapper(clip_img).reshape([b, clip_img.shape[1] * self.c_clip_seq, -1])  # (B, 4, c_cond)
+        return layer_norm_channels_last(paddle.concat([txt, pool, img], axis=1))
+
+    def forward(self, x, r, clip_text, clip_text_pooled, clip_img, **t_conds):
+        unknown = set(t_conds) - set(self.t_conds)
+        if unknown:
+            raise ValueError(f"unknown t_conds {sorted(unknown)}; this model takes {self.t_conds}")
+        r_embed = self._r_embedding(r, t_conds).astype(x.dtype)  # (B, c_r * (1 + n_conds))
+        clip = self.gen_c_embeddings(clip_text, clip_text_pooled, clip_img)  # (B, L', c_cond)
+        h = self.embedding(x)  # (B, c_hidden[0], H / p, W / p)
+        level_outputs = self._down_encode(h, r_embed, clip)
+        h = self._up_decode(level_outputs, r_embed, clip)
+        return self.clf(h)  # (B, c_out, H, W)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets and factories
+# ---------------------------------------------------------------------------------------------
+STAGE_C_PRESETS = {
+    # stage_c.safetensors (modules/stage_c.py defaults)
+    "3.6B": dict(c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=2048, c_hidden=[2048, 2048], nhead=[32, 32],
+                 blocks=[[8, 24], [24, 8]], block_repeat=[[1, 1], [1, 1]], level_config=["CTA", "CTA"],
+                 c_clip_text=1280, c_clip_text_pooled=1280, c_clip_img=768, c_clip_seq=4, kernel_size=3,
+                 dropout=[0.1, 0.1], self_attn=True, t_conds=["sca", "crp"], switch_level=[False]),
+    # stage_c_lite.safetensors
+    "1B": dict(c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=1536, c_hidden=[1536, 1536], nhead=[24, 24],
+               blocks=[[4, 12], [12, 4]], block_repeat=[[1, 1], [1, 1]], level_config=["CTA", "CTA"],
+               c_clip_text=1280, c_clip_text_pooled=1280, c_clip_img=768, c_clip_seq=4, kernel_size=3,
+               dropout=[0.1, 0.1], self_attn=True, t_conds=["sca", "crp"], switch_level=[False]),
+    # tests and offline demos: two levels (CT and CTA), repeat mappers, self-attention, t_conds
+    "tiny": dict(c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=32, c_hidden=[32, 64], nhead=[2, 4],
+                 blocks=[[1, 2], [2, 1]], block_repeat=[[2, 1], [1, 2]], level_config=["CT", "CTA"],
+                 c_clip_text=32, c_clip_text_pooled=32, c_clip_img=32, c_clip_seq=4, kernel_size=3,
+                 dropout=[0.0, 0.0], self_attn=True, t_conds=["sca", "crp"], switch_level=[False]),
+}
+
+
+def stage_c_config(preset: str, **overrides) -> dict:
+    if preset not in STAGE_C_PRESETS:
+        raise ValueError(f"unknown Stage C preset {preset!r}; choose one of {sorted(STAGE_C_PRESETS)}")
+    cfg = copy.deepcopy(STAGE_C_PRESETS[preset])
+    unknown = set(overrides) - set(cfg)
+    if unknown:
+        raise ValueError(f"unknown StageC arguments {sorted(unknown)}")
+    cfg.update(overrides)
+    return cfg
+
+
+def StageC_3_6B(**kw):
+    return StageC(**stage_c_config("3.6B", **kw))
+
+
+def StageC_1B(**kw):
+    return StageC(**stage_c_config("1B", **kw))
+
+
+def StageC_tiny(**kw):
+    return StageC(**stage_c_config("tiny", **kw))
+
+
+STAGE_C_MODELS = {"3.6B": StageC_3_6B, "1B": StageC_1B, "tiny": StageC_tiny}
+
+
+def build_stage_c(preset="1B", dtype: str = "float32", weights=None, config: dict | None = None) -> StageC:
+    """Build Stage C from a preset name (or an explicit `config` dict) in `dtype`.
+
+    With `weights` (a path) the model is created under `paddle.LazyGuard` (no parameter memory)
+    and each parameter is materialised once, straight in `dtype`, from the streaming reader;
+    missing/unexpected/mis-shaped keys raise WeightsError before anything is assigned.
+    """
+    cfg = config if config is not None else stage_c_config(preset)
+    return build_model(StageC, cfg, dtype=dtype, weights=weights, stage="c")
+
+
+def load_stage_c(path=None, preset: str | None = "1B", dtype: str = "float32") -> StageC:
+    """Stage C from `path` (.safetensors in our layout, the original or diffusers layout, or a
+    seed `.pdparams` through the restricted unpickler) or randomly initialised when path is None.
+    `preset=None` takes the config stored in our safetensors metadata."""
+    return load_model(StageC, STAGE_C_PRESETS, "c", path, preset, dtype)

@@ -1,0 +1,228 @@
+"""Key maps for Stable Cascade Stage B / Stage C weights, as tables.
+
+Three layouts:
+  "paddle"    - this project (= PaddleMIX's Paddle modules, the seed's .pdparams): Linear weights
+                [in, out]; attention as `attention.attn.{q,k,v,out}_proj.{weight,bias}`.
+  "original"  - Stability-AI checkpoints (stage_c.safetensors, stage_b_lite.safetensors, ...):
+                torch Linear [out, in]; torch nn.MultiheadAttention
+                `attention.attn.in_proj_weight` [3c, c] / `in_proj_bias` [3c] / `out_proj.*`.
+  "diffusers" - StableCascadeUNet (prior/, decoder/ folders): torch Linear [out, in];
+                `attention.to_q/to_k/to_v/to_out.0`; Stage B `clip_mapper` is named
+                `clip_txt_pooled_mapper`.
+Sources: diffusers scripts/convert_stable_cascade.py (original -> diffusers renames), PaddleMIX
+examples/stable_cascade/scripts/convert_unet_weight.py (torch -> paddle transposes and splits).
+
+A conversion is a *plan*: {target name: Op(sources, kind, index, shape)}, built from the source's
+header (names and shapes only). `apply_op` materialises one target tensor at a time, so a
+converter holds about one tensor in memory.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+from .io import WeightsError
+
+__all__ = [
+    "LAYOUTS",
+    "LINEAR_WEIGHT_RE",
+    "Op",
+    "is_linear_weight",
+    "detect_layout",
+    "detect_stage",
+    "plan_to_paddle",
+    "plan_from_paddle",
+    "apply_op",
+    "PADDLEMIX_LEFTOVER_RE",
+]
+
+LAYOUTS = ("paddle", "original", "diffusers")
+
+# Linear weights (2-D) of Stage B / C in *our* names: transposed between torch and paddle.
+# Everything else (conv kernels, biases, GRN gamma/beta [1, 1, 1, C]) is copied as it is.
+LINEAR_WEIGHT_RE = re.compile(
+    r"^(clip_txt_mapper|clip_txt_pooled_mapper|clip_img_mapper|clip_mapper)\.weight$"
+    r"|\.channelwise\.[04]\.weight$"  # ResBlock / FeedForwardBlock MLP
+    r"|\.mapper(_[A-Za-z0-9]+)?\.weight$"  # TimestepBlock mapper, mapper_sca, mapper_crp
+    r"|\.kv_mapper\.1\.weight$"  # AttnBlock conditioning projection
+    r"|\.attention\.attn\.(q|k|v|out)_proj\.weight$"
+)
+
+# Keys PaddleMIX's torch->paddle converter left in the seed .pdparams next to q/k/v_proj (it
+# stores the unsplit torch in_proj as well); paddle's set_state_dict ignored them. We drop them.
+PADDLEMIX_LEFTOVER_RE = re.compile(r"\.attention\.attn\.in_proj_(weight|bias)$")
+
+_QKV = ("q", "k", "v")
+
+# Attention renames, per layout: (our suffix, layout suffix). For "original" q/k/v share one
+# stacked tensor (index 0/1/2 along axis 0).
+_ATTN_DIFFUSERS = [
+    (".attention.attn.q_proj.", ".attention.to_q."),
+    (".attention.attn.k_proj.", ".attention.to_k."),
+    (".attention.attn.v_proj.", ".attention.to_v."),
+    (".attention.attn.out_proj.", ".attention.to_out.0."),
+]
+# Whole-name renames per (layout, stage): our name -> layout name.
+_RENAMES = {
+    ("diffusers", "b"): {"clip_mapper.weight": "clip_txt_pooled_mapper.weight", "clip_mapper.bias": "clip_txt_pooled_mapper.bias"},
+}
+
+
+def is_linear_weight(our_name: str) -> bool:
+    return LINEAR_WEIGHT_RE.search(our_name) is not None
+
+
+@dataclass(frozen=True)
+class Op:
+    """How to make one target tensor: kind in
+    copy      - sources[0] as it is
+    T         - sources[0] transposed (2-D)
+    slice     - sources[0][index * n:(index + 1) * n] along axis 0, n = rows / 3
+    slice_T   - the same, then transposed
+    cat       - concatenate sources along axis 0
+    T_cat     - transpose each source, then concatenate along axis 0
+    """
+
+    sources: tuple
+    kind: str
+    shape: tuple
+    index: int = 0
+
+
+def detect_layout(names) -> str:
+    """Guess the layout from key names (needs at least one attention block)."""
+    names = list(names)
+    if any(n.endswith(".attention.to_q.weight") for n in names):
+        return "diffusers"
+    if any(n.endswith(".attention.attn.q_proj.weight") for n in names):
+        return "paddle"
+    if any(n.endswith(".attention.attn.in_proj_weight") for n in names):
+        return "original"
+    raise WeightsError("cannot tell the weight layout from the key names (no attention keys found); pass the layout explicitly")
+
+
+def detect_stage(names) -> str:
+    names = set(names)
+    if "clip_txt_mapper.weight" in names:
+        return "c"
+    if "effnet_mapper.0.weight" in names:
+        return "b"
+    raise WeightsError("cannot tell Stage B from Stage C: neither clip_txt_mapper.weight nor effnet_mapper.0.weight is present")
+
+
+def _attn_prefix(name: str, marker: str):
+    i = name.find(marker)
+    return (name[:i], name[i + len(marker):]) if i >= 0 else (None, None)
+
+
+def plan_to_paddle(src_shapes: Mapping[str, tuple], layout: str, stage: str) -> dict[str, Op]:
+    """Plan for converting a checkpoint in `layout` to our names/shapes (target order = source order)."""
+    if layout not in LAYOUTS:
+        raise WeightsError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    if stage not in ("b", "c"):
+        raise WeightsError(f"unknown stage {stage!r}; use 'b' or 'c'")
+    plan: dict[str, Op] = {}
+    unknown = []
+    inv_renames = {v: k for k, v in _RENAMES.get((layout, stage), {}).items()}
+
+    def add(ours, op):
+        if ours in plan:
+            raise WeightsError(f"two source tensors map to {ours!r}")
+        plan[ours] = op
+
+    for name, shape in src_shapes.items():
+        shape = tuple(int(s) for s in shape)
+        if layout == "paddle":
+            if PADDLEMIX_LEFTOVER_RE.search(name):
+                continue  # see PADDLEMIX_LEFTOVER_RE
+            add(name, Op((name,), "copy", shape))
+            continue
+        if layout == "original":
+            pre, field = _attn_prefix(name, ".attention.attn.in_proj_")
+            if pre is not None:
+                if field not in ("weight", "bias") or shape[0] % 3:
+                    unknown.append(f"{name} {shape}")
+                    continue
+                n = shape[0] // 3
+                for i, q in enumerate(_QKV):
+                    ours = f"{pre}.attention.attn.{q}_proj.{field}"
+                    if field == "weight":
+                        add(ours, Op((name,), "slice_T", (shape[1], n), i))
+                    else:
+                        add(ours, Op((name,), "slice", (n,), i))
+                continue
+            ours = name
+        else:  # diffusers
+            ours = inv_renames.get(name, name)
+            for our_sfx, their_sfx in _ATTN_DIFFUSERS:
+                if their_sfx in ours:
+                    ours = ours.replace(their_sfx, our_sfx)
+                    break
+        if is_linear_weight(ours):
+            if len(shape) != 2:
+                unknown.append(f"{name} {shape} (a Linear weight must be 2-D)")
+                continue
+            add(ours, Op((name,), "T", (shape[1], shape[0])))
+        else:
+            add(ours, Op((name,), "copy", shape))
+    if unknown:
+        raise WeightsError("source tensors that cannot be mapped:\n  " + "\n  ".join(unknown))
+    return plan
+
+
+def plan_from_paddle(our_shapes: Mapping[str, tuple], layout: str, stage: str) -> dict[str, Op]:
+    """Plan for exporting our weights to `layout` (torch names and shapes)."""
+    if layout not in LAYOUTS:
+        raise WeightsError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    renames = _RENAMES.get((layout, stage), {})
+    plan: dict[str, Op] = {}
+    for ours, shape in our_shapes.items():
+        shape = tuple(int(s) for s in shape)
+        if layout == "paddle":
+            plan[ours] = Op((ours,), "copy", shape)
+            continue
+        if layout == "original":
+            pre, field = _attn_prefix(ours, ".attention.attn.q_proj.")
+            if pre is not None:
+                srcs = tuple(f"{pre}.attention.attn.{q}_proj.{field}" for q in _QKV)
+                if field == "weight":
+                    plan[f"{pre}.attention.attn.in_proj_weight"] = Op(srcs, "T_cat", (3 * shape[1], shape[0]))
+                else:
+                    plan[f"{pre}.attention.attn.in_proj_bias"] = Op(srcs, "cat", (3 * shape[0],))
+                continue
+            if ".attention.attn.k_proj." in ours or ".attention.attn.v_proj." in ours:
+                continue  # folded into in_proj above
+            theirs = ours
+        else:
+            theirs = renames.get(ours, ours)
+            for our_sfx, their_sfx in _ATTN_DIFFUSERS:
+                if our_sfx in theirs:
+                    theirs = theirs.replace(our_sfx, their_sfx)
+                    break
+        if is_linear_weight(ours):
+            plan[theirs] = Op((ours,), "T", (shape[1], shape[0]))
+        else:
+            plan[theirs] = Op((ours,), "copy", shape)
+    return plan
+
+
+def apply_op(op: Op, get: Callable[[str], np.ndarray]) -> np.ndarray:
+    """Materialise one target tensor; `get(name)` reads one source tensor."""
+    if op.kind in ("cat", "T_cat"):
+        parts = [get(s) for s in op.sources]
+        if op.kind == "T_cat":
+            parts = [p.T for p in parts]
+        out = np.concatenate(parts, axis=0)
+    else:
+        src = get(op.sources[0])
+        if op.kind in ("slice", "slice_T"):
+            n = src.shape[0] // 3
+            src = src[op.index * n:(op.index + 1) * n]
+        out = src.T if op.kind in ("T", "slice_T") else src
+    out = np.ascontiguousarray(out)
+    if tuple(out.shape) != tuple(op.shape):
+        raise WeightsError(f"internal: {op} produced shape {tuple(out.shape)}")
+    return out
