@@ -18,7 +18,7 @@ from ldm.utils import get_logger
 logger = get_logger("ldm.sd.loading")
 
 __all__ = ["resolve_component", "is_torch_layout", "load_unet", "load_vae", "load_text_encoder", "load_tokenizer",
-           "load_scheduler_config", "set_offline", "ComponentPaths", "resolve_paths"]
+           "load_scheduler_config", "load_torch_weights", "set_offline", "ComponentPaths", "resolve_paths"]
 
 _TORCH_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin",
                 "diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
@@ -125,10 +125,41 @@ def load_vae(path: str):
 
 
 def load_text_encoder(path: str):
-    from ppdiffusers.transformers import CLIPTextModel
+    """CLIPTextModel; a transformers (PyTorch) folder is converted in memory.
+
+    (PaddleNLP's own `from_diffusers` conversion writes a `model_state.pdparams` into the source
+    folder, which then shadows the original; we never write into a model folder.)
+    """
+    from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel
 
     _check_folder(path, "text encoder")
-    return CLIPTextModel.from_pretrained(path, from_diffusers=is_torch_layout(path))
+    if not is_torch_layout(path):
+        return CLIPTextModel.from_pretrained(path)
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(
+            f"text encoder {path!r}: PyTorch weights must be model.safetensors (pickled .bin files are not loaded)"
+        )
+    model = CLIPTextModel(CLIPTextConfig.from_pretrained(path))
+    load_torch_weights(model, weights)
+    model.eval()
+    return model
+
+
+def load_torch_weights(layer, safetensors_path: str) -> None:
+    """Load a PyTorch-layout safetensors file into a paddle Layer with the same parameter names.
+
+    The only layout difference is nn.Linear weights: torch [out, in], paddle [in, out]; they are
+    transposed. `position_ids` buffers (not weights) are ignored. Every other key must match.
+    """
+    import paddle.nn as nn
+
+    from ldm.weights.io import assign_state_dict, iter_state_dict
+
+    linear = {f"{name}.weight" for name, sub in layer.named_sublayers() if isinstance(sub, nn.Linear)}
+    items = [(k, v.T if k in linear else v) for k, v in iter_state_dict(safetensors_path)
+             if not k.endswith("position_ids")]
+    assign_state_dict(layer, items, where=safetensors_path)
 
 
 def load_tokenizer(path: str, model_max_length: Optional[int] = None):

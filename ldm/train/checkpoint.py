@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from typing import Optional
 
@@ -20,7 +21,7 @@ from ldm.utils import get_logger
 logger = get_logger("ldm.train.checkpoint")
 
 __all__ = ["COMPLETE_MARKER", "mark_complete", "is_complete", "list_checkpoints", "find_resume_checkpoint",
-           "resolve_resume", "CheckpointMarkerCallback"]
+           "resolve_resume", "rotate_checkpoints", "CheckpointMarkerCallback"]
 
 COMPLETE_MARKER = "checkpoint_complete.json"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -87,8 +88,29 @@ def resolve_resume(output_dir: str, resume_from_checkpoint, overwrite_output_dir
     return path
 
 
+def rotate_checkpoints(output_dir: str, keep: int | None) -> list[str]:
+    """Delete checkpoints older than the newest `keep` COMPLETE ones; returns the deleted paths.
+
+    Runs only after a new checkpoint is marked complete, so a crash never leaves no loadable one.
+    """
+    if not keep or keep <= 0:
+        return []
+    complete = [(step, p) for step, p in list_checkpoints(output_dir) if is_complete(p)]
+    if len(complete) <= keep:
+        return []
+    oldest_kept = complete[-keep][0]
+    deleted = []
+    for step, path in list_checkpoints(output_dir):
+        if step < oldest_kept:
+            logger.info("deleting old checkpoint %s (save_total_limit=%d)", path, keep)
+            shutil.rmtree(path, ignore_errors=True)
+            deleted.append(path)
+    return deleted
+
+
 class CheckpointMarkerCallback(TrainerCallback):
-    """Writes the completeness marker. Add it LAST so it runs after the other on_save hooks."""
+    """Marks a checkpoint complete, then applies save_total_limit. Add it LAST (it must run after
+    the other on_save hooks); the Trainer's own rotation is disabled in DiffusionTrainer."""
 
     def on_save(self, args, state, control, **kwargs):
         if not args.should_save:
@@ -96,3 +118,4 @@ class CheckpointMarkerCallback(TrainerCallback):
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(ckpt):
             mark_complete(ckpt, state.global_step)
+            rotate_checkpoints(args.output_dir, args.save_total_limit)

@@ -6,6 +6,8 @@ Overrides (nothing else is changed):
   collator segfaults with worker processes) and per-worker/per-rank seeding. The dataset shards
   itself by rank (no IterableDatasetShard wrapper).
 - `log`: merges the scalars of callbacks that have `pop_logs()` (timing, grad norm).
+- `_rotate_checkpoints`: a no-op; `ldm.train.checkpoint.CheckpointMarkerCallback` applies
+  `save_total_limit` once the new checkpoint is complete.
 - `_save` / `_load_from_checkpoint`: delegate to `model.save_trained(dir, only_updated)` /
   `model.load_trained(dir)` when the model has them (so checkpoints hold loadable component
   folders such as `unet/`), else the Trainer's own state-dict files.
@@ -111,6 +113,10 @@ class DiffusionTrainer(Trainer):
             os.makedirs(output_dir, exist_ok=True)
             logger.info("saving trained components to %s", output_dir)
             model.save_trained(output_dir, only_updated=getattr(self.args, "only_save_updated_model", True))
+
+    def _rotate_checkpoints(self, use_mtime=False, output_dir=None) -> None:
+        """Disabled: the Trainer's version deletes before the new checkpoint is complete (and never
+        runs in single-process jobs, local_rank -1). `CheckpointMarkerCallback` rotates instead."""
 
     def _load_from_checkpoint(self, resume_from_checkpoint=None):
         model = self.model
