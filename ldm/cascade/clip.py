@@ -1,0 +1,244 @@
+"""CLIP text / image conditioning for Stable Cascade, through ppdiffusers' Paddle CLIP port.
+
+- Text: `CLIPTextModelWithProjection` (ViT-bigG-14 laion2B-39B-b160k, projection 1280).
+  Stage C uses the last hidden state [B, 77, 1280] and `text_embeds` [B, 1, 1280].
+- Image: `CLIPVisionModelWithProjection` (ViT-L/14), `image_embeds` [B, 1, 768], on images resized
+  (shorter side) to 224 with bicubic interpolation, centre-cropped to 224 and normalised with the
+  CLIP mean/std (StableCascade `train/train_c.py` clip_preprocess).
+- Tokenizer: the CLIP BPE tokenizer (vocab.json + merges.txt) from the text model's folder.
+
+Folders are local only. A folder holds config.json and either `model.safetensors` in Paddle layout
+(what scripts/convert_other_weight.py writes from a transformers folder; metadata format "np") or
+a ppdiffusers `model_state.pdparams` (read with the restricted unpickler). Loading is strict: a
+missing, unexpected or mis-shaped key raises WeightsError (ppdiffusers' own from_pretrained keeps
+random weights for missing keys silently).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import paddle
+import paddle.nn.functional as F
+
+from ldm.weights.io import WeightsError
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "CLIP_IMAGE_SIZE",
+    "clip_image_preprocess",
+    "load_clip_text",
+    "load_clip_vision",
+    "load_tokenizer",
+    "bytes_to_unicode",
+    "write_clip_bpe_tokenizer",
+    "write_tiny_clip_tokenizer",
+    "make_tiny_clip_text",
+    "make_tiny_clip_vision",
+]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_IMAGE_SIZE = 224
+CLIP_MAX_LENGTH = 77
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+_BPE_MERGES = 49152 - 256 - 2  # merges used by CLIP: vocab 49408 = 2*256 bytes + merges + 2 specials
+
+
+# ---------------------------------------------------------------------------------------------
+# Image preprocessing
+# ---------------------------------------------------------------------------------------------
+def clip_image_preprocess(images, size: int = CLIP_IMAGE_SIZE):
+    """(B, 3, H, W) float in [0, 1] -> (B, 3, size, size) CLIP input: bicubic resize of the shorter
+    side to `size`, centre crop, CLIP mean/std. (No antialiasing when downscaling, unlike
+    torchvision's tensor Resize(antialias=True); the difference is small for 1024 -> 224.)"""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"clip_image_preprocess expects (B, 3, H, W), got {list(images.shape)}")
+    h, w = images.shape[2], images.shape[3]
+    if h <= w:
+        nh, nw = size, max(size, int(size * w / h))
+    else:
+        nh, nw = max(size, int(size * h / w)), size
+    x = images.astype("float32")
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=[nh, nw], mode="bicubic", align_corners=False)
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    x = x[:, :, top:top + size, left:left + size]  # (B, 3, size, size)
+    mean = paddle.to_tensor(CLIP_MEAN, dtype="float32").reshape([1, 3, 1, 1])
+    std = paddle.to_tensor(CLIP_STD, dtype="float32").reshape([1, 3, 1, 1])
+    return ((x - mean) / std).astype(images.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+def _read_folder_weights(folder: str):
+    from ldm.weights.io import SafetensorsReader, load_pdparams
+    from ldm.weights.other_keys import map_key
+
+    st = os.path.join(folder, "model.safetensors")
+    pd = os.path.join(folder, "model_state.pdparams")
+    if os.path.exists(st):
+        with SafetensorsReader(st) as r:
+            fmt = r.metadata.get("format")
+            if fmt not in ("np", "pd"):
+                raise WeightsError(
+                    f"{st}: a transformers (torch layout, format={fmt!r}) file; convert the folder first with "
+                    "scripts/convert_other_weight.py --clip_text_dir/--clip_image_dir")
+            items = list(r.items())
+        where = st
+    elif os.path.exists(pd):
+        items, where = list(load_pdparams(pd).items()), pd
+    else:
+        raise WeightsError(f"{folder}: no model.safetensors (Paddle layout) or model_state.pdparams")
+    return [(k, v) for k, v in items if map_key(k, [])[0] is not None], where
+
+
+def _load_clip(folder, part: str, dtype: str):
+    from ppdiffusers.transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    from ldm.weights.other_keys import finish_loading
+
+    folder = os.fspath(folder)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise WeightsError(f"{folder}: not a CLIP model folder (no config.json)")
+    cfg_cls, model_cls = ((CLIPTextConfig, CLIPTextModelWithProjection) if part == "text"
+                          else (CLIPVisionConfig, CLIPVisionModelWithProjection))
+    config = cfg_cls.from_pretrained(folder)
+    items, where = _read_folder_weights(folder)
+    model = model_cls(config)
+    return finish_loading(model, items, where, dtype)
+
+
+def load_clip_text(folder, dtype: str = "float32"):
+    """ppdiffusers `CLIPTextModelWithProjection` from a local folder, strictly loaded, eval mode,
+    gradients off. Call as `model(input_ids=ids)`: `.last_hidden_state`, `.text_embeds`."""
+    return _load_clip(folder, "text", dtype)
+
+
+def load_clip_vision(folder, dtype: str = "float32"):
+    """ppdiffusers `CLIPVisionModelWithProjection` from a local folder, strictly loaded, eval mode.
+    Call as `model(pixel_values=clip_image_preprocess(x))`: `.image_embeds`."""
+    return _load_clip(folder, "vision", dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+def load_tokenizer(folder, max_length: int = CLIP_MAX_LENGTH):
+    """The CLIP BPE tokenizer (ppdiffusers/paddlenlp `CLIPTokenizer`) from vocab.json + merges.txt in
+    `folder`, with `model_max_length` = `max_length`. Use with truncation=True,
+    padding="max_length", max_length=tokenizer.model_max_length."""
+    from ppdiffusers.transformers import CLIPTokenizer
+
+    folder = os.fspath(folder)
+    for f in ("vocab.json", "merges.txt"):
+        if not os.path.isfile(os.path.join(folder, f)):
+            raise FileNotFoundError(f"{folder}: no {f} (a CLIP tokenizer folder needs vocab.json and merges.txt)")
+    tok = CLIPTokenizer.from_pretrained(folder, model_max_length=max_length)
+    tok.model_max_length = max_length
+    return tok
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode character table (printable Latin-1 bytes map to
+    themselves, the other 68 bytes to code points 256...)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _write_tokenizer_files(folder, vocab: dict, merges: list[str], max_length: int):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    cfg = {"model_max_length": max_length, "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS,
+           "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def write_clip_bpe_tokenizer(bpe_gz, folder, max_length: int = CLIP_MAX_LENGTH) -> int:
+    """Rebuild the 49,408-token CLIP vocab.json / merges.txt from OpenAI's `bpe_simple_vocab_16e6.txt.gz`
+    (shipped with open_clip_torch): byte characters, the same with `</w>`, one token per merge,
+    then `<|startoftext|>` and `<|endoftext|>`. Returns the vocabulary size."""
+    with gzip.open(bpe_gz, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = lines[1:1 + _BPE_MERGES]
+    if len(merges) != _BPE_MERGES:
+        raise ValueError(f"{bpe_gz}: expected at least {_BPE_MERGES} merges, found {len(merges)}")
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges] + [BOS, EOS]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ValueError(f"{bpe_gz}: duplicate tokens in the rebuilt vocabulary")
+    _write_tokenizer_files(folder, vocab, merges, max_length)
+    return len(vocab)
+
+
+def write_tiny_clip_tokenizer(folder, max_length: int = CLIP_MAX_LENGTH) -> int:
+    """A 514-token offline CLIP tokenizer for tests and tiny presets: the 256 byte characters, the
+    same with `</w>`, `<|startoftext|>`, `<|endoftext|>`, and no merges (every character is a
+    token). Returns the vocabulary size (use it as the tiny text model's vocab_size)."""
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + [BOS, EOS]
+    _write_tokenizer_files(folder, {t: i for i, t in enumerate(tokens)}, [], max_length)
+    return len(tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random CLIP folders (tests and the pipeline's tiny preset)
+# ---------------------------------------------------------------------------------------------
+def _save_folder(model, config, folder):
+    from ldm.weights.io import save_safetensors
+
+    os.makedirs(folder, exist_ok=True)
+    save_safetensors(model.state_dict(), os.path.join(folder, "model.safetensors"), metadata={"format": "np"})
+    config.save_pretrained(folder)
+
+
+def make_tiny_clip_text(folder, projection_dim: int = 32, hidden_size: int = 32, num_hidden_layers: int = 2,
+                        seed: int = 0) -> str:
+    """Write a random tiny CLIP text tower + tiny tokenizer into `folder` (loadable with
+    `load_clip_text` / `load_tokenizer`). last_hidden_state has `hidden_size` channels,
+    text_embeds `projection_dim`."""
+    from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    vocab = write_tiny_clip_tokenizer(folder)
+    paddle.seed(seed)
+    cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=4, projection_dim=projection_dim,
+                         max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="gelu", bos_token_id=vocab - 2,
+                         eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+    cfg.architectures = ["CLIPTextModelWithProjection"]
+    _save_folder(CLIPTextModelWithProjection(cfg), cfg, folder)
+    return os.fspath(folder)
+
+
+def make_tiny_clip_vision(folder, projection_dim: int = 32, hidden_size: int = 32, num_hidden_layers: int = 2,
+                          seed: int = 0) -> str:
+    """Write a random tiny CLIP vision tower (224 px input, patch 32) into `folder`."""
+    from ppdiffusers.transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    paddle.seed(seed)
+    cfg = CLIPVisionConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                           num_hidden_layers=num_hidden_layers, num_attention_heads=4, image_size=CLIP_IMAGE_SIZE,
+                           patch_size=32, projection_dim=projection_dim, hidden_act="gelu")
+    cfg.architectures = ["CLIPVisionModelWithProjection"]
+    _save_folder(CLIPVisionModelWithProjection(cfg), cfg, folder)
+    return os.fspath(folder)
