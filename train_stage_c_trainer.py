@@ -1,0 +1,42 @@
+"""Stable Cascade Stage C fine-tuning with the PaddleNLP Trainer (the seed's `sh train.sh`).
+
+    python -u train_stage_c_trainer.py --do_train --dataset_path ./assets/demo_dataset \
+        --output_dir ./train_output --model_version tiny --resolution 128 --max_steps 20
+
+Multi-GPU: `python -u -m paddle.distributed.launch --gpus 0,1,2,3 train_stage_c_trainer.py ...`
+(add `--sharding "stage2"` to shard optimiser state and gradients, `--recompute` for activations).
+Flags: ldm/cascade/train_c.py (plus every PaddleNLP TrainingArguments flag). FLAG_USE_EMA and
+FLAG_RECOMPUTE set the defaults of --use_ema and --recompute. Checkpoints are resumed
+automatically from --output_dir (the newest complete checkpoint-N) unless --overwrite_output_dir;
+`scripts/extract_unet_weights.py` turns one into a Stage C weight file for inference.py.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from ldm.cascade.train_c import parse_stage_c_args  # noqa: E402
+
+
+def main(argv=None):
+    model_args, data_args, training_args = parse_stage_c_args(argv)
+    from ldm.cascade.train_c import build_stage_c_trainer
+    from ldm.train.checkpoint import resolve_resume
+    from ldm.utils import set_seed
+
+    set_seed(training_args.seed)
+    resume = resolve_resume(training_args.output_dir, training_args.resume_from_checkpoint,
+                            training_args.overwrite_output_dir) if training_args.do_train else None
+    training_args.resume_from_checkpoint = resume
+    trainer, layer, ema = build_stage_c_trainer(model_args, data_args, training_args, resume)
+    if training_args.do_train:
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model()  # <output_dir>/stage_c.safetensors (+ train_c_config.json)
+        if ema is not None and training_args.should_save:
+            ema.save(layer, training_args.output_dir)  # <output_dir>/stage_c_ema.safetensors
+        trainer.save_state()
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
