@@ -180,3 +180,15 @@ def test_demo_dataset_loads():
     assert len(ds) == 8
     assert all(cap for _, cap in ds.samples)
     assert ds[0]["pixel_values"].shape == (3, 64, 64)
+
+
+def test_dataloader_workers_match_main_process():
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo_dataset")
+    ds = FolderDataset(root, resolution=32, random_flip=True, seed=3)
+    loader = paddle.io.DataLoader(ds, batch_size=4, num_workers=2, shuffle=False, collate_fn=collate_samples)
+    batches = list(loader)
+    assert len(batches) == 2
+    for b, batch in enumerate(batches):
+        ref = collate_samples([ds[i] for i in range(4 * b, 4 * b + 4)])
+        np.testing.assert_array_equal(np.asarray(batch["pixel_values"]), ref["pixel_values"])
+        assert batch["caption"] == ref["caption"]
