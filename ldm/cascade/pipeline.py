@@ -69,7 +69,7 @@ def resolve_weights(cfg: CascadeConfig, components: Sequence[str]) -> Dict[str, 
             if name and os.path.isfile(os.path.join(path, "config.json")):
                 found[comp] = path
             elif f"{path}/" not in [m[1] for m in missing]:
-                missing.append((comp, f"{path}/", "a folder with config.json, the weights and the tokenizer files"))
+                missing.append((_file_field(comp), f"{path}/", "a folder with config.json, the weights and the tokenizer files"))
         else:
             path = resolve_weight_file(cfg.weights_path, name)
             if path:

@@ -4,7 +4,8 @@ Nothing is read from disk or the network: a byte-level CLIP tokenizer (the 256 b
 the same with ``</w>``, ``<|startoftext|>`` and ``<|endoftext|>``, no merges), a 2-layer CLIP
 text and vision model with projection 32, and the ``tiny`` presets of Stage C / Stage B /
 Stage A / Previewer (the EfficientNet encoder keeps its real architecture, built only for
-img2img). Each network is initialised from its own fixed seed, so the preset is identical in
+img2img). Parameters the reference initialises to zero get small random values, so the tiny
+networks do respond to their conditioning. Each network is initialised from its own fixed seed, so the preset is identical in
 every process; the caller's global Paddle RNG state is restored afterwards.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import tempfile
 from typing import Callable
 
+import numpy as np
 import paddle
 
 from ldm.cascade.pipeline import Components
@@ -37,6 +39,17 @@ def _seeded(offset: int, build: Callable[[], object]) -> Callable[[], object]:
             paddle.set_rng_state(state)
         return net
     return run
+
+
+def _fill_zero_init(net, offset: int, std: float = 0.05):
+    """Replace the parameters the reference initialises to zero (output convs, mappers, GRN
+    gamma/beta) with small seeded normals: otherwise a random network ignores its conditioning."""
+    rng = np.random.default_rng(TINY_SEED + offset)
+    for name, p in net.named_parameters():
+        if name.endswith(("_mean", "_variance")) or float(p.abs().max()) != 0.0:
+            continue
+        p.set_value(rng.normal(0.0, std, p.shape).astype(np.float32))
+    return net
 
 
 def write_tiny_tokenizer_files(folder: str) -> None:
@@ -86,10 +99,10 @@ def tiny_components(dtype: str = "float32") -> Components:
         "tokenizer": tiny_tokenizer,
         "text_encoder": _seeded(1, tiny_text_encoder),
         "image_encoder": _seeded(2, tiny_image_encoder),
-        "stage_c": _seeded(3, lambda: stage_c.load_stage_c(None, "tiny")),
-        "stage_b": _seeded(4, lambda: stage_b.load_stage_b(None, "tiny")),
-        "stage_a": _seeded(5, stage_a.StageA_tiny),
+        "stage_c": _seeded(3, lambda: _fill_zero_init(stage_c.load_stage_c(None, "tiny"), 3)),
+        "stage_b": _seeded(4, lambda: _fill_zero_init(stage_b.load_stage_b(None, "tiny"), 4)),
+        "stage_a": _seeded(5, lambda: _fill_zero_init(stage_a.StageA_tiny(), 5)),
         "effnet": _seeded(6, effnet.EfficientNetEncoder),
-        "previewer": _seeded(7, previewer.Previewer_tiny),
+        "previewer": _seeded(7, lambda: _fill_zero_init(previewer.Previewer_tiny(), 7)),
     }
     return Components(builders, dtype, meta={"c_clip_img": TINY_WIDTH})
