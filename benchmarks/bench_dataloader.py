@@ -324,9 +324,10 @@ def main(argv=None) -> dict:
     if args.num_workers >= 1:
         if _laion is None:  # pragma: no cover
             p.error("--num_workers >= 1 needs ldm/data/laion.py")
-        result["samples_per_s"] = round(
-            measure_dataloader(file_list, args.resolution, args.num_workers, args.samples, args.batch_size, args.seed), 2
+        rate = measure_dataloader(
+            file_list, args.resolution, args.num_workers, args.samples, args.batch_size, args.seed
         )
+        result["samples_per_s"] = round(rate, 2)
         result["samples_per_s_basis"] = "wall_clock_dataloader"
     print(json.dumps(result), flush=True)
     return result

@@ -7,7 +7,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_dataloader_smoke(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_dataloader", os.path.join(ROOT, "benchmarks", "bench_dataloader.py"))
+    path = os.path.join(ROOT, "benchmarks", "bench_dataloader.py")
+    spec = importlib.util.spec_from_file_location("bench_dataloader", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     result = bench.main(

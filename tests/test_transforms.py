@@ -254,7 +254,8 @@ def test_small_images_are_upscaled():
     small = Image.new("RGB", (20, 12), (40, 80, 120))
     out = ImageTransform(64)(small, np.random.default_rng(0))
     assert out.shape == (3, 64, 64)
-    np.testing.assert_allclose((out + 1) * 127.5, np.array([40, 80, 120])[:, None, None] * np.ones((1, 64, 64)), atol=1e-3)
+    expected = np.array([40, 80, 120], np.float64)[:, None, None] * np.ones((1, 64, 64))
+    np.testing.assert_allclose((out + 1) * 127.5, expected, atol=1e-3)
 
 
 def test_non_square_resolution():

@@ -132,7 +132,9 @@ class FolderDataset(paddle.io.Dataset):
     ):
         super().__init__()
         self.root = os.fspath(root)
-        self.transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, normalize=normalize)
+        self.transform = ImageTransform(
+            resolution, center_crop=center_crop, random_flip=random_flip, normalize=normalize
+        )
         self.seed = int(seed)
         self.max_pixels = max_pixels
         self.epoch = 0

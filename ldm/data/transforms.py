@@ -43,7 +43,7 @@ from struct import error as struct_error
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
 try:  # Pillow >= 9.1
     _RESAMPLE = Image.Resampling
@@ -291,7 +291,9 @@ class ImageTransform:
             f"random_flip={self.random_flip}, normalize={self.normalize!r})"
         )
 
-    def crop_box(self, size: tuple[int, int], rng: np.random.Generator | None) -> tuple[tuple[int, int], tuple[int, int]]:
+    def crop_box(
+        self, size: tuple[int, int], rng: np.random.Generator | None
+    ) -> tuple[tuple[int, int], tuple[int, int]]:
         """Resized size (W', H') covering the target, and the crop's (left, top) in it."""
         w, h = size
         scale = max(self.width / w, self.height / h)
