@@ -54,11 +54,6 @@ MAX_SIZE: int = 4096
 # EfficientNet stride: an --init_image is resized to 32 x (Stage C latent size) before encoding.
 EFFNET_STRIDE: int = 32
 
-# CLIP ViT-L/14 image preprocessing (bicubic resize of the short side + centre crop).
-CLIP_IMAGE_SIZE: int = 224
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 @dataclass(frozen=True)
 class SamplingConfig:

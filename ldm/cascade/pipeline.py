@@ -214,40 +214,29 @@ def encode_text(tokenizer, text_encoder, captions: List[str]) -> Tuple[paddle.Te
     return out.hidden_states[-1].astype("float32"), out.text_embeds.astype("float32").unsqueeze(1)
 
 
-def clip_image_batch(images) -> paddle.Tensor:
-    """PIL images -> [B, 3, 224, 224]: bicubic short-side resize, centre crop, CLIP mean/std."""
+def encode_image(image_encoder, images) -> paddle.Tensor:
+    """CLIP ViT-L/14 ``image_embeds`` [B, 1, 768] of PIL images (``clip.clip_image_preprocess``:
+    bicubic short-side resize to 224, centre crop, CLIP mean/std)."""
+    from ldm.cascade.clip import clip_image_preprocess
+
+    dtype = next(iter(image_encoder.parameters())).dtype
+    pix = paddle.concat([clip_image_preprocess(_pil_to_tensor(im)) for im in images], axis=0)
+    return image_encoder(pixel_values=pix.astype(dtype), return_dict=True).image_embeds.astype("float32").unsqueeze(1)
+
+
+def _pil_to_tensor(image, size: Optional[Tuple[int, int]] = None) -> paddle.Tensor:
+    """PIL image -> [1, 3, H, W] float32 in [0, 1], optionally resized (bilinear) to (H, W)."""
     from PIL import Image
 
-    size = cfg_mod.CLIP_IMAGE_SIZE
-    arrs = []
-    for im in images:
-        im = im.convert("RGB")
-        s = size / min(im.size)
-        im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.BICUBIC)
-        left, top = (im.width - size) // 2, (im.height - size) // 2
-        arrs.append(np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0)
-    x = (np.stack(arrs) - np.array(cfg_mod.CLIP_MEAN, np.float32)) / np.array(cfg_mod.CLIP_STD, np.float32)
-    return paddle.to_tensor(x.transpose(0, 3, 1, 2).copy())
-
-
-def encode_image(image_encoder, images) -> paddle.Tensor:
-    """CLIP ViT-L/14 ``image_embeds`` [B, 1, 768]."""
-    out = image_encoder(pixel_values=clip_image_batch(images).astype(image_encoder_dtype(image_encoder)),
-                        return_dict=True)
-    return out.image_embeds.astype("float32").unsqueeze(1)
-
-
-def image_encoder_dtype(net) -> str:
-    p = next(iter(net.parameters()), None)
-    return str(p.dtype).replace("paddle.", "") if p is not None else "float32"
+    image = image.convert("RGB")
+    if size is not None:
+        image = image.resize((size[1], size[0]), Image.BILINEAR)
+    return paddle.to_tensor(np.asarray(image, np.float32).transpose(2, 0, 1)[None] / 255.0)
 
 
 def effnet_batch(images, height: int, width: int) -> paddle.Tensor:
     """PIL images -> [B, 3, H, W] in [0, 1] (bilinear resize)."""
-    from PIL import Image
-
-    arrs = [np.asarray(im.convert("RGB").resize((width, height), Image.BILINEAR), np.float32) / 255.0 for im in images]
-    return paddle.to_tensor(np.stack(arrs).transpose(0, 3, 1, 2).copy())
+    return paddle.concat([_pil_to_tensor(im, (height, width)) for im in images], axis=0)
 
 
 def to_uint8(images: paddle.Tensor) -> np.ndarray:

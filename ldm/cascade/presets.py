@@ -10,7 +10,6 @@ every process; the caller's global Paddle RNG state is restored afterwards.
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from typing import Callable
@@ -52,27 +51,14 @@ def _fill_zero_init(net, offset: int, std: float = 0.05):
     return net
 
 
-def write_tiny_tokenizer_files(folder: str) -> None:
-    """vocab.json (514 byte-level tokens) + merges.txt (no merges) in ``folder``."""
-    from paddlenlp.transformers.clip.tokenizer import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = 2 * len(chars), 2 * len(chars) + 1
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n")
-
-
 def tiny_tokenizer():
-    from ppdiffusers.transformers import CLIPTokenizer
+    """The 514-token byte-level CLIP tokenizer (``clip.write_tiny_clip_tokenizer``), via a
+    temporary folder that is removed once the tokenizer has read it."""
+    from ldm.cascade.clip import load_tokenizer, write_tiny_clip_tokenizer
 
     with tempfile.TemporaryDirectory() as d:
-        write_tiny_tokenizer_files(d)
-        return CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"),
-                             model_max_length=TINY_MAX_LENGTH, pad_token="<|endoftext|>")
+        write_tiny_clip_tokenizer(d, max_length=TINY_MAX_LENGTH)
+        return load_tokenizer(d, max_length=TINY_MAX_LENGTH)
 
 
 def tiny_text_encoder():
