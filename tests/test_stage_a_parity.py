@@ -149,3 +149,24 @@ def test_tiny_preset_roundtrip_shapes():
         m.encode(paddle.rand([1, 3, 10, 16]))
     with pytest.raises(ValueError):
         StageA(scale_factor=0)
+
+
+def test_full_size_layout_matches_paella():
+    """The full StageA has exactly PaellaVQModel()'s tensors (after the key table), ~18M parameters."""
+    from ldm.cascade.stage_a import StageA_full
+    from ldm.weights.other_keys import STAGE_A_DIFFUSERS_RULES, map_key
+
+    ref = paella.PaellaVQModel()
+    want = {}
+    for k, v in ref.state_dict().items():
+        tgt, tf = map_key(k, STAGE_A_DIFFUSERS_RULES)
+        if tgt is not None:
+            want[tgt] = tuple(v.shape)[::-1] if tf == "transpose" else tuple(v.shape)
+    model = StageA_full()
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == want
+    # in conv, 15 ResBlocks x 7, down 4x4 conv, latent conv + BN(4), codebook, up 1x1 conv, convT, out conv
+    assert len(got) == 2 + 15 * 7 + 2 + 1 + 4 + 1 + 2 + 2 + 2 == 121
+    n = sum(int(np.prod(s)) for k, s in got.items() if not k.endswith(("_mean", "_variance")))
+    assert 18_000_000 < n < 19_000_000
+    assert model.scale_factor == SCALE_FACTOR_ORIGINAL and ref.config.scale_factor == SCALE_FACTOR_DIFFUSERS
