@@ -117,6 +117,17 @@ def test_original_layout_uses_043(converted, tmp_path):
     with paddle.no_grad():
         np.testing.assert_array_equal(m2.decode(m2.encode(paddle.to_tensor(x))[0]).numpy(), img.numpy())
 
+    # PaddleMIX's StageA keeps its quantiser in torch, so its .pdparams may lack the codebook:
+    # decoding still works, quantising is refused
+    state.pop("vquantizer.codebook.weight")
+    paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, str(tmp_path / "no_codebook.pdparams"))
+    m3 = load_stage_a(tmp_path / "no_codebook.pdparams")
+    assert not m3.codebook_loaded and m3.config["codebook_size"] == 8192
+    with paddle.no_grad():
+        np.testing.assert_array_equal(m3.decode(m3.encode(paddle.to_tensor(x))[0]).numpy(), img.numpy())
+    with pytest.raises(RuntimeError, match="codebook"):
+        m3.encode(paddle.to_tensor(x), quantize=True)
+
 
 def test_conversion_lists_bad_keys(converted, tmp_path):
     ref, _ = converted

@@ -29,6 +29,8 @@ import json
 import paddle
 import paddle.nn as nn
 
+from ldm.utils import get_logger
+
 __all__ = [
     "SCALE_FACTOR_ORIGINAL",
     "SCALE_FACTOR_DIFFUSERS",
@@ -46,6 +48,7 @@ __all__ = [
 SCALE_FACTOR_ORIGINAL = 0.43  # original stage_a.safetensors and the PaddleMIX stage_a.pdparams
 SCALE_FACTOR_DIFFUSERS = 0.3764  # PaellaVQModel default (diffusers vqgan/ folder)
 LN_EPS = 1e-6
+CODEBOOK_KEY = "vquantizer.codebook.weight"
 
 
 def StageAConfig(levels=2, bottleneck_blocks=12, c_hidden=384, c_latent=4, codebook_size=8192,
@@ -128,6 +131,7 @@ class StageA(nn.Layer):
         self.config = StageAConfig(levels, bottleneck_blocks, c_hidden, c_latent, codebook_size, float(scale_factor))
         self.c_latent = c_latent
         self.codebook_size = codebook_size
+        self.codebook_loaded = True
         self.scale_factor = float(scale_factor)
         c_levels = [c_hidden // (2 ** i) for i in reversed(range(levels))]
 
@@ -171,6 +175,8 @@ class StageA(nn.Layer):
         h = self.in_block(x)  # (B, c0, H/2, W/2)
         h = self.down_blocks(h)  # (B, c_latent, H/4, W/4)
         if quantize:
+            if not self.codebook_loaded:
+                raise RuntimeError("this Stage A was loaded without a codebook: encode(quantize=True) is unavailable")
             q, idx, vq_loss, commit_loss = self.vquantizer(h, axis=1)
             return q / self.scale_factor, h / self.scale_factor, idx, vq_loss + commit_loss * 0.25
         return h / self.scale_factor, None, None, None
@@ -203,7 +209,10 @@ def stage_a_config_from_shapes(shapes: dict) -> dict:
     import re
 
     try:
-        k, c_latent = shapes["vquantizer.codebook.weight"]
+        if "vquantizer.codebook.weight" in shapes:
+            k, c_latent = shapes["vquantizer.codebook.weight"]
+        else:  # a decode-only file (see load_stage_a)
+            k, c_latent = 8192, shapes["up_blocks.0.0.weight"][1]
         down_res = sorted(int(m.group(1)) for n in shapes if (m := re.match(r"down_blocks\.(\d+)\.gammas$", n)))
         up_res = [n for n in shapes if re.match(r"up_blocks\.\d+\.gammas$", n)]
         levels = len(down_res)
@@ -217,7 +226,9 @@ def stage_a_config_from_shapes(shapes: dict) -> dict:
 def load_stage_a(path, dtype: str = "float32", scale_factor: float | None = None) -> StageA:
     """Build a `StageA` from our converted `.safetensors` (sizes and scale from its metadata) or a
     `.pdparams` in PaddleMIX names (sizes from the shapes, scale 0.43 unless given). Strict: any
-    missing / unexpected / mis-shaped key raises WeightsError. Returns the model in eval mode."""
+    missing / unexpected / mis-shaped key raises WeightsError; the one exception is a `.pdparams`
+    without the codebook (decode-only, `codebook_loaded=False`, logged). Returns the model in eval
+    mode with gradients off, cast to `dtype`."""
     from ldm.weights.other_keys import finish_loading, read_paddle_weights
 
     items, meta = read_paddle_weights(path, "stage_a")
@@ -225,4 +236,12 @@ def load_stage_a(path, dtype: str = "float32", scale_factor: float | None = None
     if scale_factor is not None:
         cfg["scale_factor"] = scale_factor
     cfg.setdefault("scale_factor", SCALE_FACTOR_ORIGINAL)
-    return finish_loading(StageA(**cfg), items, path, dtype)
+    model = StageA(**cfg)
+    if str(path).endswith(".pdparams") and not any(k == CODEBOOK_KEY for k, _ in items):
+        # PaddleMIX's StageA holds torchtools' (torch) VectorQuantize, which is not a Paddle sublayer,
+        # so a state dict saved from it has no codebook. Decoding never needs it; quantising does.
+        get_logger(__name__).warning("%s has no %s: Stage A can decode, but encode(quantize=True) is disabled",
+                                     path, CODEBOOK_KEY)
+        items = list(items) + [(CODEBOOK_KEY, model.vquantizer.codebook.weight.numpy())]
+        model.codebook_loaded = False
+    return finish_loading(model, items, path, dtype)
