@@ -18,7 +18,7 @@ from ldm.utils import get_logger
 logger = get_logger("ldm.sd.loading")
 
 __all__ = ["resolve_component", "is_torch_layout", "load_unet", "load_vae", "load_text_encoder", "load_tokenizer",
-           "load_scheduler_config", "load_torch_weights", "set_offline", "ComponentPaths", "resolve_paths"]
+           "load_scheduler_config", "load_for_inference", "load_torch_weights", "set_offline", "ComponentPaths", "resolve_paths"]
 
 _TORCH_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin",
                 "diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
@@ -182,3 +182,31 @@ def load_scheduler_config(folder: Optional[str]) -> dict:
         return {}
     with open(f, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def load_for_inference(pretrained: Optional[str], unet_path: Optional[str] = None):
+    """(unet, vae, text_encoder, tokenizer, scheduler_config) for sampling, all in eval mode.
+
+    The UNet comes from `unet_path` (a trained `unet/` or `unet_ema/` folder) or <pretrained>/unet.
+    The scheduler config is the one saved next to the trained UNet (it carries the training
+    prediction_type) if present, else <pretrained>/scheduler, else SD v1 defaults.
+    """
+    if not pretrained:
+        raise ValueError("--pretrained_model_name_or_path (a local pipeline folder) is required")
+    _check_folder(pretrained, "pipeline")
+    unet_dir = unet_path or os.path.join(pretrained, "unet")
+    if unet_dir.endswith(".json"):
+        raise ValueError(f"{unet_dir} is a config, not trained weights: sampling needs a UNet folder")
+    unet = load_unet(unet_dir)
+    vae = load_vae(os.path.join(pretrained, "vae"))
+    te = load_text_encoder(os.path.join(pretrained, "text_encoder"))
+    tok = load_tokenizer(os.path.join(pretrained, "tokenizer"))
+    sched = {}
+    for cand in (os.path.join(os.path.dirname(os.path.normpath(unet_dir)), "scheduler"), os.path.join(pretrained, "scheduler")):
+        sched = load_scheduler_config(cand)
+        if sched:
+            logger.info("scheduler config from %s", cand)
+            break
+    for m in (unet, vae, te):
+        m.eval()
+    return unet, vae, te, tok, sched

@@ -1,0 +1,74 @@
+"""Generate images with a (trained) Stable Diffusion v1 UNet: the seed README section 5 as a CLI.
+
+    python scripts/generate_sd.py --pretrained_model_name_or_path <sd-v1-4 folder> \
+        --unet_path ./laion400m_pretrain_output_trainer/checkpoint-5000/unet \
+        --prompt "a photo of an astronaut riding a horse on mars" --height 256 --width 256 \
+        --guidance_scale 7.5 --num_inference_steps 50 --scheduler ddim --seed 42 --output_dir ./samples
+
+Writes <output_dir>/<prompt#>_<image#>_seed<seed>.png with the prompt, seed and settings as PNG
+text metadata, and prints a JSON summary. Local folders only (no downloads).
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ldm.sd.loading import set_offline  # noqa: E402
+from ldm.sd.sampling import SCHEDULERS  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained_model_name_or_path", required=True, help="local pipeline folder (vae/, text_encoder/, tokenizer/)")
+    p.add_argument("--unet_path", default=None, help="trained unet/ or unet_ema/ folder (default: <pretrained>/unet)")
+    p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
+    p.add_argument("--prompt_file", default=None, help="text file, one prompt per line")
+    p.add_argument("--negative_prompt", default="")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--num_inference_steps", type=int, default=50)
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--num_images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--output_dir", default="./samples")
+    args = p.parse_args(argv)
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        p.error("give --prompt or --prompt_file")
+    if args.num_images < 1 or args.num_inference_steps < 1:
+        p.error("--num_images and --num_inference_steps must be >= 1")
+    args.prompts = prompts
+    return args
+
+
+def main(argv=None):
+    set_offline()
+    args = parse_args(argv)
+    from ldm.sd.loading import load_for_inference
+    from ldm.sd.sampling import generate, make_scheduler, save_png
+
+    unet, vae, te, tok, sched_cfg = load_for_inference(args.pretrained_model_name_or_path, args.unet_path)
+    written = []
+    for pi, prompt in enumerate(args.prompts):
+        images = generate(unet, vae, te, tok, make_scheduler(args.scheduler, sched_cfg), [prompt] * args.num_images,
+                          args.height, args.width, guidance_scale=args.guidance_scale,
+                          num_inference_steps=args.num_inference_steps, seed=args.seed,
+                          negative_prompt=args.negative_prompt)
+        for i, img in enumerate(images):
+            seed = args.seed + i
+            path = os.path.join(args.output_dir, f"{pi:04d}_{i:02d}_seed{seed}.png")
+            save_png(img, path, {"prompt": prompt, "seed": seed, "guidance_scale": args.guidance_scale,
+                                 "num_inference_steps": args.num_inference_steps, "scheduler": args.scheduler})
+            written.append(path)
+    print(json.dumps({"images": written}))
+    return written
+
+
+if __name__ == "__main__":
+    main()
