@@ -88,12 +88,22 @@ def test_text_tower_matches_transformers(towers):
 def test_vision_tower_matches_transformers(towers):
     _, vision, d = towers
     _compare_vision(d / "out" / "clip_image", vision)
-    # preprocessing: bicubic shorter-side resize, centre crop, CLIP mean/std
-    img = paddle.ones([1, 3, 40, 60]) * 0.5
-    px = clip_image_preprocess(img, size=32)
-    assert px.shape == [1, 3, 32, 32]
-    np.testing.assert_allclose(px.numpy()[0, :, 5, 5], (0.5 - np.array([0.48145466, 0.4578275, 0.40821073]))
-                               / np.array([0.26862954, 0.26130258, 0.27577711]), atol=1e-5)
+
+
+def test_image_preprocess_matches_torchvision():
+    """Resize(224, BICUBIC, antialias=True) + CenterCrop(224) + Normalize(CLIP mean/std)."""
+    T = pytest.importorskip("torchvision.transforms")
+    ref = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(224),
+                     T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+    rng = np.random.default_rng(3)
+    for shape in [(2, 3, 512, 384), (1, 3, 160, 200), (1, 3, 224, 300)]:  # down, up, crop only
+        x = rng.random(shape, dtype=np.float32)
+        got = clip_image_preprocess(paddle.to_tensor(x)).numpy()
+        want = ref(torch.from_numpy(x)).numpy()
+        assert got.shape == (shape[0], 3, 224, 224)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError):
+        clip_image_preprocess(paddle.rand([1, 4, 8, 8]))
 
 
 def test_prefixless_layout_transformers5(towers, tmp_path):

@@ -3,8 +3,8 @@
 - Text: `CLIPTextModelWithProjection` (ViT-bigG-14 laion2B-39B-b160k, projection 1280).
   Stage C uses the last hidden state [B, 77, 1280] and `text_embeds` [B, 1, 1280].
 - Image: `CLIPVisionModelWithProjection` (ViT-L/14), `image_embeds` [B, 1, 768], on images resized
-  (shorter side) to 224 with bicubic interpolation, centre-cropped to 224 and normalised with the
-  CLIP mean/std (StableCascade `train/train_c.py` clip_preprocess).
+  (shorter side) to 224 with antialiased bicubic interpolation, centre-cropped to 224 and normalised
+  with the CLIP mean/std (StableCascade `train/train_c.py` clip_preprocess).
 - Tokenizer: the CLIP BPE tokenizer (vocab.json + merges.txt) from the text model's folder.
 
 Folders are local only. A folder holds config.json and either `model.safetensors` in Paddle layout
@@ -19,8 +19,8 @@ import gzip
 import json
 import os
 
+import numpy as np
 import paddle
-import paddle.nn.functional as F
 
 from ldm.weights.io import WeightsError
 
@@ -50,10 +50,31 @@ _BPE_MERGES = 49152 - 256 - 2  # merges used by CLIP: vocab 49408 = 2*256 bytes 
 # ---------------------------------------------------------------------------------------------
 # Image preprocessing
 # ---------------------------------------------------------------------------------------------
+def _aa_bicubic_weights(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] resampling matrix of antialiased bicubic interpolation (PIL's filter, cubic
+    coefficient a = -0.5, support widened by the downscale factor; what torch's
+    `interpolate(..., mode="bicubic", antialias=True)` and torchvision's Resize(antialias=True) use)."""
+    def cubic(x, a=-0.5):
+        x = np.abs(x)
+        return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                        np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+
+    scale = n_in / n_out
+    support = 2.0 * max(scale, 1.0)
+    inv = 1.0 / max(scale, 1.0)
+    w = np.zeros((n_out, n_in), dtype=np.float64)
+    for i in range(n_out):
+        center = (i + 0.5) * scale
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), n_in)
+        taps = cubic((np.arange(lo, hi) - center + 0.5) * inv)
+        w[i, lo:hi] = taps / taps.sum()
+    return w.astype(np.float32)
+
+
 def clip_image_preprocess(images, size: int = CLIP_IMAGE_SIZE):
-    """(B, 3, H, W) float in [0, 1] -> (B, 3, size, size) CLIP input: bicubic resize of the shorter
-    side to `size`, centre crop, CLIP mean/std. (No antialiasing when downscaling, unlike
-    torchvision's tensor Resize(antialias=True); the difference is small for 1024 -> 224.)"""
+    """(B, 3, H, W) float in [0, 1] -> (B, 3, size, size) CLIP input: antialiased bicubic resize of
+    the shorter side to `size`, centre crop, CLIP mean/std (torchvision Resize(size, BICUBIC,
+    antialias=True) + CenterCrop + Normalize, as the StableCascade training code)."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"clip_image_preprocess expects (B, 3, H, W), got {list(images.shape)}")
     h, w = images.shape[2], images.shape[3]
@@ -63,7 +84,9 @@ def clip_image_preprocess(images, size: int = CLIP_IMAGE_SIZE):
         nh, nw = max(size, int(size * h / w)), size
     x = images.astype("float32")
     if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=[nh, nw], mode="bicubic", align_corners=False)
+        wh = paddle.to_tensor(_aa_bicubic_weights(h, nh))  # (nh, H)
+        ww = paddle.to_tensor(_aa_bicubic_weights(w, nw))  # (nw, W)
+        x = paddle.matmul(paddle.matmul(wh, x), ww, transpose_y=True)  # (B, 3, nh, nw)
     top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
     x = x[:, :, top:top + size, left:left + size]  # (B, 3, size, size)
     mean = paddle.to_tensor(CLIP_MEAN, dtype="float32").reshape([1, 3, 1, 1])
