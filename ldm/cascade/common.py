@@ -72,7 +72,11 @@ class GlobalResponseNorm(nn.Layer):
         self.beta = self.create_parameter([1, 1, 1, dim], default_initializer=zeros)
 
     def forward(self, x):  # (B, H, W, C)
-        gx = (x * x).sum(axis=[1, 2], keepdim=True).sqrt()  # (B, 1, 1, C)
+        ss = (x * x).sum(axis=[1, 2], keepdim=True)  # (B, 1, 1, C)
+        # sqrt's gradient is inf at 0 (a channel that is all zeros, e.g. GELU underflow after
+        # fine-tuning) -> NaN everywhere; torch.norm's backward gives 0 there, so mask it the same way
+        live = ss > 0
+        gx = paddle.where(live, ss, paddle.ones_like(ss)).sqrt() * live.astype(ss.dtype)  # (B, 1, 1, C)
         nx = gx / (gx.mean(axis=-1, keepdim=True) + GRN_EPS)  # (B, 1, 1, C)
         return self.gamma * (x * nx) + self.beta + x
 

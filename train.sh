@@ -1,0 +1,66 @@
+#!/bin/sh
+# Stage C fine-tuning (README "模型微调训练"). Every variable below can be set from the environment:
+#   sh train.sh                                   # 1B (lite) Stage C, weights from config.py's WEIGHTS_PATH
+#   DATASET_PATH=./my_data OUTPUT_DIR=./out MAX_STEPS=2000 sh train.sh
+#   USE_AMP=True fp16_opt_level=O2 sh train.sh     # fp16 (GPU only); USE_BF16=True is the safer choice
+#   MODEL_VERSION=tiny sh train.sh                # offline CPU demo on assets/demo_dataset (~2 minutes)
+#   GPUS=0,1,2,3 sh train.sh                      # multi-GPU: python -m paddle.distributed.launch --gpus
+#   MODEL_VERSION=3.6B GPUS=0,1,2,3,4,5,6,7 SHARDING=stage2 RECOMPUTE=True USE_BF16=True sh train.sh
+# Extra flags are passed through: sh train.sh --use_ema True --adaptive_loss_weight True
+MODEL_VERSION=${MODEL_VERSION:-1B}
+if [ "${MODEL_VERSION}" = "tiny" ]; then
+    DATASET_PATH=${DATASET_PATH:-./assets/demo_dataset}
+    RESOLUTION=${RESOLUTION:-128}
+    MAX_STEPS=${MAX_STEPS:-100}
+    SAVE_STEPS=${SAVE_STEPS:-50}
+    IMAGE_LOGGING_STEPS=${IMAGE_LOGGING_STEPS:-50}
+    NUM_INFERENCE_STEPS=${NUM_INFERENCE_STEPS:-10}
+    LEARNING_RATE=${LEARNING_RATE:-1.0e-3}
+fi
+DATASET_PATH=${DATASET_PATH:-./dataset}
+OUTPUT_DIR=${OUTPUT_DIR:-./train_output}
+RESOLUTION=${RESOLUTION:-768}
+MAX_STEPS=${MAX_STEPS:-1000}
+SAVE_STEPS=${SAVE_STEPS:-5000}
+IMAGE_LOGGING_STEPS=${IMAGE_LOGGING_STEPS:-1000000}
+NUM_INFERENCE_STEPS=${NUM_INFERENCE_STEPS:-200}
+LEARNING_RATE=${LEARNING_RATE:-1.0e-4}
+BATCH_SIZE=${BATCH_SIZE:-1}
+USE_AMP=${USE_AMP:-False}
+fp16_opt_level=${fp16_opt_level:-O1}
+USE_BF16=${USE_BF16:-False}
+RECOMPUTE=${RECOMPUTE:-False}
+SHARDING=${SHARDING:-}
+
+TRAINING_PYTHON=${TRAINING_PYTHON:-"python -u"}
+if [ -n "${GPUS}" ]; then
+    TRAINING_PYTHON="python -u -m paddle.distributed.launch --gpus ${GPUS}"
+fi
+${TRAINING_PYTHON} train_stage_c_trainer.py \
+    --do_train \
+    --dataset_path ${DATASET_PATH} \
+    --output_dir ${OUTPUT_DIR} \
+    --per_device_train_batch_size ${BATCH_SIZE} \
+    --gradient_accumulation_steps 1 \
+    --learning_rate ${LEARNING_RATE} \
+    --weight_decay 0.01 \
+    --max_grad_norm 1.0 \
+    --max_steps ${MAX_STEPS} \
+    --lr_scheduler_type "constant" \
+    --warmup_steps 0 \
+    --image_logging_steps ${IMAGE_LOGGING_STEPS} \
+    --logging_steps 1 \
+    --save_steps ${SAVE_STEPS} \
+    --save_total_limit 50 \
+    --seed 1 \
+    --dataloader_num_workers 0 \
+    --num_inference_steps ${NUM_INFERENCE_STEPS} \
+    --model_max_length 77 \
+    --fp16 ${USE_AMP} \
+    --fp16_opt_level=${fp16_opt_level} \
+    --bf16 ${USE_BF16} \
+    --recompute ${RECOMPUTE} \
+    --model_version ${MODEL_VERSION} \
+    --resolution ${RESOLUTION} \
+    ${SHARDING:+--sharding ${SHARDING}} \
+    "$@"
