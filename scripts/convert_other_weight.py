@@ -72,9 +72,11 @@ def main(argv=None) -> dict:
     if args.effnet:
         done["effnet"] = [args.effnet_out, ok.convert_effnet(args.effnet, args.effnet_out, args.dtype)]
     if args.stage_a:
-        done["stage_a"] = [args.stage_a_out, ok.convert_stage_a(args.stage_a, args.stage_a_out, args.dtype, args.stage_a_scale)]
+        cfg = ok.convert_stage_a(args.stage_a, args.stage_a_out, args.dtype, args.stage_a_scale)
+        done["stage_a"] = [args.stage_a_out, cfg]
     if args.vqgan_dir:
-        done["stage_a"] = [args.stage_a_out, ok.convert_vqgan_dir(args.vqgan_dir, args.stage_a_out, args.dtype, args.stage_a_scale)]
+        cfg = ok.convert_vqgan_dir(args.vqgan_dir, args.stage_a_out, args.dtype, args.stage_a_scale)
+        done["stage_a"] = [args.stage_a_out, cfg]
     if args.previewer:
         done["previewer"] = [args.previewer_out, ok.convert_previewer(args.previewer, args.previewer_out, args.dtype)]
     if args.clip_text_dir:

@@ -10,7 +10,7 @@ tvm = pytest.importorskip("torchvision.models")
 import paddle  # noqa: E402
 
 from ldm.cascade.effnet import EfficientNetEncoder, imagenet_normalize, load_effnet  # noqa: E402
-from ldm.weights.io import SafetensorsReader, WeightsError, save_safetensors  # noqa: E402
+from ldm.weights.io import SafetensorsReader, save_safetensors  # noqa: E402
 from scripts.convert_other_weight import main as convert_main  # noqa: E402
 
 
@@ -20,7 +20,8 @@ class _Reference(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.backbone = tvm.efficientnet_v2_s().features
-        self.mapper = torch.nn.Sequential(torch.nn.Conv2d(1280, 16, 1, bias=False), torch.nn.BatchNorm2d(16, affine=False))
+        self.mapper = torch.nn.Sequential(torch.nn.Conv2d(1280, 16, 1, bias=False),
+                                          torch.nn.BatchNorm2d(16, affine=False))
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,8 @@ def _reference(seed=0):
             elif "vquantizer" in name:
                 p.copy_(torch.randn_like(p))  # codebook on the same scale as the BN-normalised latents
             else:
-                p.copy_(torch.randn_like(p) * (0.5 / max(1, p[0].numel()) ** 0.5) if p.ndim > 1 else torch.randn_like(p) * 0.1)
+                scale = 0.5 / max(1, p[0].numel()) ** 0.5 if p.ndim > 1 else 0.1
+                p.copy_(torch.randn_like(p) * scale)
         # running stats from data, so the latents are ~N(0, 1) like the real model's
         bn = ref.down_blocks[-1][1]
         h = ref.down_blocks[:-1](ref.in_block(torch.rand(4, 3, 32, 32)))

@@ -174,7 +174,7 @@ def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte -> printable unicode character table, in vocabulary order: the 188 printable
     Latin-1 bytes map to themselves (listed first), the other 68 bytes to code points 256...
     (listed after them)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table = {b: chr(b) for b in keep}
     rest = [b for b in range(256) if b not in table]
     table.update({b: chr(256 + i) for i, b in enumerate(rest)})

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import paddle.nn as nn
 
-__all__ = ["Previewer", "Previewer_full", "Previewer_tiny", "Previewer_models", "previewer_config_from_shapes", "load_previewer"]
+__all__ = ["Previewer", "Previewer_full", "Previewer_tiny", "Previewer_models", "previewer_config_from_shapes",
+           "load_previewer"]
 
 
 class Previewer(nn.Layer):

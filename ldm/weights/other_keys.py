@@ -294,7 +294,7 @@ def _clip_sources(src_dir: str) -> list[str]:
                        "(save the transformers model with safe_serialization=True; pickles are not read)")
 
 
-def _clip_target_name(name: str, part: str, all_names) -> str | None:
+def _clip_target_name(name: str, part: str) -> str | None:
     """transformers name -> ppdiffusers name; None for tensors of the other tower / CLIPModel extras.
     Handles both layouts: with the `text_model.`/`vision_model.` prefix (transformers 4.x) and
     without it (transformers 5.x)."""
@@ -318,14 +318,12 @@ def convert_clip_dir(src_dir, dst_dir, part: str, dtype: str | None = None) -> d
     expected = clip_expected_shapes(cfg, part)
     readers = [SafetensorsReader(p) for p in _clip_sources(src_dir)]
     try:
-        all_names = [n for r in readers for n in r.keys()]
         plan = {}
         for r in readers:
             for name in r.keys():
-                tgt, tf = map_key(name, [])
-                if tgt is None:
+                if map_key(name, [])[0] is None:  # position_ids buffers
                     continue
-                tgt = _clip_target_name(name, part, all_names)
+                tgt = _clip_target_name(name, part)
                 if tgt is None:
                     continue
                 _, tf = map_key(tgt, CLIP_RULES)
