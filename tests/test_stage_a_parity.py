@@ -150,13 +150,19 @@ def test_conversion_lists_bad_keys(converted, tmp_path):
         load_stage_a(tmp_path / "bad.safetensors")
 
 
-def test_tiny_preset_roundtrip_shapes():
+def test_tiny_preset_roundtrip_shapes(tmp_path):
     from ldm.cascade.stage_a import StageA_tiny
+    from ldm.weights.other_keys import save_paddle_weights
 
-    m = StageA_tiny()
+    m = StageA_tiny(scale_factor=0.5)
+    m.eval()
     x = paddle.rand([1, 3, 16, 16])
     lat = m.encode(x)[0]
     assert lat.shape == [1, 4, 4, 4] and m.decode(lat).shape == [1, 3, 16, 16]
+    save_paddle_weights(m, tmp_path / "tiny.safetensors", "stage_a")
+    m2 = load_stage_a(tmp_path / "tiny.safetensors")
+    assert m2.config == m.config and m2.scale_factor == 0.5
+    np.testing.assert_array_equal(m2.encode(x)[0].numpy(), lat.numpy())
     with pytest.raises(ValueError):
         m.encode(paddle.rand([1, 3, 10, 16]))
     with pytest.raises(ValueError):

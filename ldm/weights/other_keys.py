@@ -48,6 +48,7 @@ __all__ = [
     "convert_clip_dir",
     "clip_expected_shapes",
     "read_paddle_weights",
+    "save_paddle_weights",
     "finish_loading",
 ]
 
@@ -386,6 +387,17 @@ def read_paddle_weights(path, kind: str) -> tuple[list[tuple[str, np.ndarray]], 
         if meta.get("model", kind) != kind:
             raise WeightsError(f"{path}: holds a {meta['model']!r} model, expected {kind!r}")
         return list(r.items()), meta
+
+
+def save_paddle_weights(model, path, kind: str, dtype: str | None = None) -> None:
+    """Save a StageA / EfficientNetEncoder / Previewer (e.g. a tiny preset with random weights) in
+    the converter's format, so `load_stage_a` / `load_effnet` / `load_previewer` rebuild it."""
+    from ldm.weights.io import save_safetensors
+
+    if kind not in _KIND_RULES:
+        raise ValueError(f"kind must be one of {sorted(_KIND_RULES)}, got {kind!r}")
+    meta = {"format": "np", "model": kind, "config": json.dumps(model.config)}
+    save_safetensors(model.state_dict(), path, dtype=dtype, metadata=meta)
 
 
 def finish_loading(model, items, where, dtype: str = "float32"):
