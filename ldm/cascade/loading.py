@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import mmap
 import os
 
 import numpy as np
@@ -111,7 +112,10 @@ class WeightSource:
             if arr.dtype == np.uint16:  # paddle.save keeps bf16 as uint16 bit patterns
                 arr = bf16_to_fp32(arr)
             return arr
-        return self._where[name].get(name)
+        reader = self._where[name]
+        arr = reader.get(name)  # a copy out of the memory map
+        _drop_mapped_pages(reader)
+        return arr
 
     def release(self, name: str) -> None:
         """Forget an in-memory (.pdparams) tensor once it has been assigned."""
@@ -128,6 +132,14 @@ class WeightSource:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _drop_mapped_pages(reader) -> None:
+    """Unmap the file pages a read touched, so a pass over a multi-GB file does not keep the
+    whole file resident (mapped pages count towards RSS; they stay in the page cache)."""
+    mm = getattr(reader, "_mm", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
 
 
 def resolve_layout(source: WeightSource, layout: str = "auto") -> str:
