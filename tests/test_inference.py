@@ -112,8 +112,8 @@ def test_models_shapes_low_memory_img2img_variation():
     img, lat_b = model_b.log_image(lat_c, "a cat", seed=3, steps=2)
     assert img.dtype == np.uint8 and img.shape == (1, 128, 192, 3) and lat_b.shape == [1, 4, 32, 48]
 
-    low = ModelC(preset="tiny", low_memory=True, progress=False, components=pl.Components(
-        model.components.builders, meta=model.components.meta))
+    low = ModelC(preset="tiny", low_memory=True, progress=False,
+                 components=pl.Components(model.components.builders))
     prev2, lat_c2 = low.log_image("a cat", height=128, width=192, batch_size=1, seed=3, steps=3)
     assert np.array_equal(lat_c2.numpy(), lat_c.numpy()) and np.array_equal(prev2, prev)
     assert low.components._cache == {}  # every network freed after its stage

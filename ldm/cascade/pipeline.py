@@ -94,11 +94,9 @@ class Components:
     """Lazily built, cached networks. ``builders[name]()`` returns the network (eval mode);
     ``release(name)`` drops it (low-memory mode frees each stage before the next)."""
 
-    def __init__(self, builders: Dict[str, Callable[[], object]], dtype: str = "float32",
-                 meta: Optional[dict] = None):
+    def __init__(self, builders: Dict[str, Callable[[], object]], dtype: str = "float32"):
         self.builders = dict(builders)
         self.dtype = dtype
-        self.meta = {"c_clip_img": 768, **(meta or {})}  # facts needed before a network is built
         self._cache: Dict[str, object] = {}
 
     def has(self, name: str) -> bool:
@@ -307,8 +305,7 @@ def sample_stage_c(comps: Components, gdf, captions: List[str], negative: List[s
         tok, te = comps.get("tokenizer"), comps.get("text_encoder")
         clip_text, clip_pooled = encode_text(tok, te, captions)
         u_text, u_pooled = encode_text(tok, te, negative)
-        clip_img = paddle.zeros([bsz, 1, image_embed_dim(comps)], dtype="float32")
-        u_img = paddle.zeros_like(clip_img)
+        clip_img = None
         if low_memory:
             comps.release("tokenizer", "text_encoder")
         if images is not None:
@@ -331,6 +328,8 @@ def sample_stage_c(comps: Components, gdf, captions: List[str], negative: List[s
                                  shift=sampling.shift).noised
             t_start = strength
     model = comps.get("stage_c")
+    u_img = paddle.zeros([bsz, 1, model.clip_img_mapper.weight.shape[0]], dtype="float32")  # Linear [in, out]
+    clip_img = u_img if clip_img is None else clip_img
     cond = {"clip_text": clip_text, "clip_text_pooled": clip_pooled, "clip_img": clip_img}
     uncond = {"clip_text": u_text, "clip_text_pooled": u_pooled, "clip_img": u_img}
     noise = image_noise_fn(seed, bsz, NOISE_TAG_C) if noise is None else noise
@@ -340,11 +339,6 @@ def sample_stage_c(comps: Components, gdf, captions: List[str], negative: List[s
     if low_memory:
         comps.release("stage_c")
     return out
-
-
-def image_embed_dim(comps: Components) -> int:
-    """c_clip_img of the Stage C network (768, CLIP ViT-L/14, for the released models)."""
-    return int(comps.meta["c_clip_img"])
 
 
 def _broadcast_images(images, bsz: int):

@@ -91,4 +91,4 @@ def tiny_components(dtype: str = "float32") -> Components:
         "effnet": _seeded(6, effnet.EfficientNetEncoder),
         "previewer": _seeded(7, lambda: _fill_zero_init(previewer.Previewer_tiny(), 7)),
     }
-    return Components(builders, dtype, meta={"c_clip_img": TINY_WIDTH})
+    return Components(builders, dtype)

@@ -1,0 +1,219 @@
+"""End to end against diffusers: StableCascadePriorPipeline + StableCascadeDecoderPipeline with
+tiny random components vs ModelC + ModelB reading the same weights converted by this project's
+scripts (scripts/convert_unet_weight.py, scripts/convert_other_weight.py), CPU, fp32.
+
+The sampler settings that define the same updates in both:
+- diffusers' DDPMWuerstchenScheduler step is the DDPM posterior step, which equals GDF's DDIM step
+  with eta = 1 on the same cosine schedule (clamp [1e-4, 0.9999]) at shift 1; diffusers has no
+  cfg_rho, so cfg_rho = 0 (plain lerp guidance);
+- diffusers feeds the network r = t while GDF feeds CosineTNoiseCond(logSNR(t)), which is t
+  except where the schedule clamps (t > 0.9936) and up to float32 rounding: the grids start below
+  1 (0.85 for Stage C, 0.78 for Stage B) where the round trip is exact, in both implementations;
+- same initial noise (``latents`` / ``x_init``) and the same per-step noise (diffusers'
+  ``randn_tensor`` is replaced by a queue); diffusers adds no noise on its last step (the queue
+  gives GDF zeros there) and returns the sample after the last update (``final="x"``).
+Compared: Stage C latents, Stage B latents (<= 1e-4) and final pixels (<= 1/255).
+"""
+import os
+import sys
+
+import numpy as np
+import paddle
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+from diffusers import DDPMWuerstchenScheduler, StableCascadeDecoderPipeline, StableCascadePriorPipeline  # noqa: E402
+from diffusers.models import StableCascadeUNet  # noqa: E402
+from diffusers.pipelines.wuerstchen.modeling_paella_vq_model import PaellaVQModel  # noqa: E402
+from diffusers.schedulers import scheduling_ddpm_wuerstchen  # noqa: E402
+
+import config as C  # noqa: E402
+from ldm.cascade.clip import write_tiny_clip_tokenizer  # noqa: E402
+from ldm.cascade.previewer import Previewer_tiny  # noqa: E402
+from ldm.model_b import ModelB  # noqa: E402
+from ldm.model_c import ModelC  # noqa: E402
+from ldm.weights.io import save_safetensors  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import convert_other_weight  # noqa: E402
+import convert_unet_weight  # noqa: E402
+
+# Time grids linspace(start, 0, steps + 1) on which GDF's float32 t -> logSNR -> r round trip gives
+# r == t bit for bit (checked below): one float32 ulp in r moves these random networks' output by
+# ~5e-4, because r enters as sin(10000 r f).
+START_C, STEPS_C, START_B, STEPS_B = 0.85, 4, 0.78, 3
+CFG_C, CFG_B = 4.0, 1.1
+H = W = 128  # Stage C latent 3 x 3, Stage B latent 32 x 32
+CAPTIONS = ["a red cube on a table", "two cats"]
+RES, TS, AT = "SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"
+# diffusers configs equal to this project's "tiny" presets of Stage C / Stage B
+PRIOR = dict(in_channels=16, out_channels=16, timestep_ratio_embedding_dim=64, patch_size=1, conditioning_dim=32,
+             block_out_channels=[32, 64], num_attention_heads=[2, 4], down_num_layers_per_block=[1, 2],
+             up_num_layers_per_block=[2, 1], down_blocks_repeat_mappers=[2, 1], up_blocks_repeat_mappers=[1, 2],
+             block_types_per_layer=[[RES, TS], [RES, TS, AT]], clip_text_in_channels=32,
+             clip_text_pooled_in_channels=32, clip_image_in_channels=32, clip_seq=4, kernel_size=3,
+             dropout=[0.0, 0.0], self_attn=True, timestep_conditioning_type=["sca", "crp"], switch_level=[False])
+DECODER = dict(in_channels=4, out_channels=4, timestep_ratio_embedding_dim=64, patch_size=2, conditioning_dim=32,
+               block_out_channels=[16, 32], num_attention_heads=[0, 2], down_num_layers_per_block=[1, 2],
+               up_num_layers_per_block=[2, 1], down_blocks_repeat_mappers=[2, 1], up_blocks_repeat_mappers=[1, 2],
+               block_types_per_layer=[[RES, TS], [RES, TS, AT]], clip_text_pooled_in_channels=32, clip_seq=4,
+               effnet_in_channels=16, pixel_mapper_in_channels=3, kernel_size=3, dropout=[0.0, 0.0],
+               self_attn=True, timestep_conditioning_type=["sca"], switch_level=None)
+VQGAN = dict(levels=2, bottleneck_blocks=2, embed_dim=32, latent_channels=4, num_vq_embeddings=64)
+
+
+def grid_scheduler(start):
+    class GridScheduler(DDPMWuerstchenScheduler):
+        """DDPMWuerstchenScheduler on linspace(start, 0, n + 1) instead of linspace(1, 0, n + 1)."""
+
+        def set_timesteps(self, num_inference_steps=None, timesteps=None, device=None):
+            super().set_timesteps(timesteps=torch.linspace(start, 0.0, num_inference_steps + 1), device=device)
+
+    return GridScheduler()
+
+
+def _randomise(model, seed):
+    """Every parameter non-zero (diffusers zero-initialises output layers and GRN), moderate scale."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gamma", "beta")):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            elif p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.7 / float(np.sqrt(np.prod(p.shape[1:]))))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cascade")
+    src, weights = d / "src", d / "weights"
+    torch.manual_seed(0)
+    prior = _randomise(StableCascadeUNet(**PRIOR), 1)
+    decoder = _randomise(StableCascadeUNet(**DECODER), 2)
+    vqgan = PaellaVQModel(**VQGAN).eval()
+    # transformers CLIP text tower + the tiny byte-level tokenizer, saved as transformers does
+    clip_dir = src / "clip_text"
+    vocab = write_tiny_clip_tokenizer(str(clip_dir))
+    text_cfg = transformers.CLIPTextConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, projection_dim=32, hidden_act="gelu", bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+    text_encoder = transformers.CLIPTextModelWithProjection(text_cfg).eval()
+    text_encoder.save_pretrained(str(clip_dir), safe_serialization=True)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(clip_dir))
+    prior.save_pretrained(str(src / "prior"), safe_serialization=True)
+    decoder.save_pretrained(str(src / "decoder"), safe_serialization=True)
+    vqgan.save_pretrained(str(src / "vqgan"), safe_serialization=True)
+
+    # this project's converters, in process
+    convert_unet_weight.main(["--input", str(src / "prior"), "--output", str(weights / "stage_c_lite.safetensors"),
+                              "--stage", "c", "--preset", "tiny"])
+    convert_unet_weight.main(["--input", str(src / "decoder"), "--output", str(weights / "stage_b_lite.safetensors"),
+                              "--stage", "b", "--preset", "tiny"])
+    convert_other_weight.main(["--clip_text_dir", str(clip_dir), "--vqgan_dir", str(src / "vqgan"),
+                               "--output_dir", str(weights)])
+    paddle.seed(0)  # the previewer has no diffusers counterpart: any tiny weights
+    save_safetensors(Previewer_tiny().state_dict(), str(weights / "previewer.safetensors"), metadata={"format": "np"})
+
+    pipes = (StableCascadePriorPipeline(tokenizer=tokenizer, text_encoder=text_encoder, prior=prior,
+                                        scheduler=grid_scheduler(START_C)),
+             StableCascadeDecoderPipeline(decoder=decoder, tokenizer=tokenizer, text_encoder=text_encoder,
+                                          scheduler=grid_scheduler(START_B), vqgan=vqgan))
+    for p in pipes:
+        p.set_progress_bar_config(disable=True)
+    cfg = C.CascadeConfig(weights_path=str(weights), model_c_version="tiny", model_b_version="tiny")
+    return pipes, cfg
+
+
+def _noise(seed, shape, steps):
+    """Initial noise and per-step noise (numpy), the same for both implementations."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(shape, dtype=np.float32), [rng.standard_normal(shape, dtype=np.float32)
+                                                          for _ in range(steps)]
+
+
+def _torch_queue(monkeypatch, zs):
+    queue = [torch.from_numpy(z.copy()) for z in zs]
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        z = queue.pop(0)
+        assert tuple(z.shape) == tuple(shape)
+        return z.to(dtype)
+
+    monkeypatch.setattr(scheduling_ddpm_wuerstchen, "randn_tensor", randn_tensor)
+    return queue
+
+
+def _paddle_noise(zs):
+    """GDF draws one z per step; its last step gets zeros (diffusers drops that noise)."""
+    queue = [paddle.to_tensor(z) for z in zs[:-1]] + [paddle.zeros(zs[-1].shape, "float32")]
+
+    def draw(shape):
+        z = queue.pop(0)
+        assert list(z.shape) == list(shape)
+        return z
+
+    return draw, queue
+
+
+@pytest.mark.parametrize("start, steps", [(START_C, STEPS_C), (START_B, STEPS_B)])
+def test_time_grid_round_trips_exactly(start, steps):
+    """The grids used below: same t values in torch and paddle, and r(t) == t in GDF."""
+    from ldm.cascade.gdf import stable_cascade_gdf
+
+    gdf = stable_cascade_gdf()
+    t = paddle.linspace(start, 0.0, steps + 1, dtype="float32")
+    assert np.array_equal(t.numpy(), torch.linspace(start, 0.0, steps + 1).numpy())
+    r = gdf.noise_cond(gdf.schedule(t, shift=1.0)).numpy()
+    assert np.array_equal(r[:-1], t.numpy()[:-1])
+
+
+def test_prior_and_decoder_match_diffusers_end_to_end(setup, monkeypatch):
+    (prior_pipe, decoder_pipe), cfg = setup
+    bsz = len(CAPTIONS)
+    x_c, z_c = _noise(10, (bsz, 16, 3, 3), STEPS_C)
+    x_b, z_b = _noise(11, (bsz, 4, 32, 32), STEPS_B)
+
+    # diffusers
+    q = _torch_queue(monkeypatch, z_c + z_b)
+    with torch.no_grad():
+        ref_c = prior_pipe(prompt=CAPTIONS, height=H, width=W, num_inference_steps=STEPS_C, guidance_scale=CFG_C,
+                           latents=torch.from_numpy(x_c), output_type="pt").image_embeddings
+        seen = {}
+
+        def grab(pipe, i, t, kw):
+            seen["latents"] = kw["latents"].clone()
+            return kw
+
+        ref_px = decoder_pipe(image_embeddings=ref_c, prompt=CAPTIONS, num_inference_steps=STEPS_B,
+                              guidance_scale=CFG_B, latents=torch.from_numpy(x_b), output_type="np",
+                              callback_on_step_end=grab).images
+    assert q == []  # every step drew its noise
+    ref_c, ref_b = ref_c.numpy(), seen["latents"].numpy()
+    assert ref_c.shape == (bsz, 16, 3, 3) and ref_b.shape == (bsz, 4, 32, 32) and ref_px.shape == (bsz, H, W, 3)
+
+    # this project, from the converted files
+    model, model_b = ModelC(cfg, progress=False).eval(), ModelB(cfg, progress=False).eval()
+    noise_c, qc = _paddle_noise(z_c)
+    _, lat_c = model.log_image(CAPTIONS, height=H, width=W, cfg=CFG_C, batch_size=bsz, steps=STEPS_C, shift=1.0,
+                               cfg_rho=0.0, t_start=START_C, x_init=paddle.to_tensor(x_c), noise=noise_c, final="x")
+    noise_b, qb = _paddle_noise(z_b)
+    px, lat_b = model_b.log_image(lat_c, CAPTIONS, batch_size=bsz, steps=STEPS_B, cfg=CFG_B, shift=1.0, cfg_rho=0.0,
+                                  t_start=START_B, x_init=paddle.to_tensor(x_b), noise=noise_b, final="x",
+                                  height=H, width=W, return_float=True)
+    assert qc == [] and qb == []
+    d_c = np.abs(lat_c.numpy() - ref_c).max()
+    d_b = np.abs(lat_b.numpy() - ref_b).max()
+    d_px = np.abs(px.numpy().transpose(0, 2, 3, 1) - ref_px).max()
+    print(f"max abs diff: stage C {d_c:.2e} (|x| {np.abs(ref_c).max():.2f}), stage B {d_b:.2e} "
+          f"(|x| {np.abs(ref_b).max():.2f}), pixels {d_px:.2e}")
+    assert d_c <= 1e-4 and d_b <= 1e-4 and d_px <= 1.0 / 255
+    # not a vacuous comparison: guidance, text and the Stage C latent all move the result
+    assert np.abs(ref_c[0] - ref_c[1]).max() > 1e-2 and np.abs(ref_b[0] - ref_b[1]).max() > 1e-2
+    assert 0.05 < ref_px.std() and np.abs(ref_px[0] - ref_px[1]).max() > 0.05
