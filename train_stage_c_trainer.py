@@ -28,7 +28,7 @@ def main(argv=None):
     resume = resolve_resume(training_args.output_dir, training_args.resume_from_checkpoint,
                             training_args.overwrite_output_dir) if training_args.do_train else None
     training_args.resume_from_checkpoint = resume
-    trainer, layer, ema = build_stage_c_trainer(model_args, data_args, training_args, resume)
+    trainer, layer, ema = build_stage_c_trainer(model_args, data_args, training_args)
     if training_args.do_train:
         trainer.train(resume_from_checkpoint=resume)
         trainer.save_model()  # <output_dir>/stage_c.safetensors (+ train_c_config.json)

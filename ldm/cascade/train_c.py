@@ -185,8 +185,9 @@ def build_components(model_args: StageCModelArguments):
                                      f"(MODEL_VERSION=tiny sh train.sh).") from None
 
 
-def stage_c_config_of(model_version: str, path: Optional[str] = None) -> dict:
-    """The StageC constructor arguments of the fine-tuned network (stored in the checkpoint files)."""
+def stage_c_config_of(model_version: str) -> dict:
+    """The StageC constructor arguments of a preset (stored in the checkpoint files). Stage C is
+    always loaded with its preset, so a file of another size fails with the mismatched keys."""
     from ldm.cascade.stage_c import stage_c_config
 
     return stage_c_config(model_version)
@@ -481,17 +482,23 @@ class TrainStateCallback(TrainerCallback):
         os.replace(tmp, path)
 
 
-def build_stage_c_trainer(model_args, data_args, training_args, resume: Optional[str] = None):
-    """(DiffusionTrainer, layer, ema_callback) ready for `trainer.train(resume_from_checkpoint=resume)`."""
+def build_stage_c_trainer(model_args, data_args, training_args, components=None, config: Optional[dict] = None):
+    """(DiffusionTrainer, layer, ema_callback) ready for `trainer.train(resume_from_checkpoint=...)`.
+
+    components / config: custom networks and their Stage C config (benchmarks, tests); default:
+    `build_components(model_args)` and the preset of `--model_version`."""
     from ldm.data.folder import FolderDataset
     from ldm.train.callbacks import EMACallback, ImageLoggingCallback, TimingCallback
     from ldm.train.checkpoint import CheckpointMarkerCallback
     from ldm.train.optim import build_param_groups
     from ldm.train.trainer import DiffusionTrainer
 
-    comps, use_image = build_components(model_args)
+    if components is None:
+        comps, use_image = build_components(model_args)
+    else:
+        comps, use_image = components, str(model_args.clip_image).lower() not in NO_IMAGE_ENCODER
     rank = max(training_args.process_index, 0)
-    layer = StageCTrainer(comps, stage_c_config_of(model_args.model_version), model_args.adaptive_loss_weight,
+    layer = StageCTrainer(comps, config or stage_c_config_of(model_args.model_version), model_args.adaptive_loss_weight,
                           use_image, model_args.model_max_length, model_args.caption_dropout,
                           model_args.image_embed_prob, seed=training_args.seed, rank=rank)
     if training_args.recompute:

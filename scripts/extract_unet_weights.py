@@ -1,0 +1,65 @@
+"""Extract the fine-tuned Stage C weights from a `train_stage_c_trainer.py` output.
+
+    python scripts/extract_unet_weights.py --checkpoint ./train_output/checkpoint-1000 --output stage_c_ft.safetensors
+    python scripts/extract_unet_weights.py --checkpoint ./train_output --ema --output stage_c_ema.safetensors
+
+--checkpoint is a checkpoint-N folder, or an output folder (its final weights, else its newest
+complete checkpoint). The output is this project's Stage C safetensors (network config in the
+metadata): `ldm.cascade.stage_c.load_stage_c(path, preset=None)` loads it, and inference.py uses it
+when it is placed in the weights folder under the Stage C name of config.py (stage_c_lite.safetensors
+for the 1B model; .safetensors is preferred over the seed's .pdparams).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ldm.cascade.loading import DTYPES, convert_unet_weights  # noqa: E402
+from ldm.cascade.train_c import STAGE_C_EMA_FILE, STAGE_C_FILE  # noqa: E402
+from ldm.train.checkpoint import COMPLETE_MARKER, find_resume_checkpoint, is_complete, list_checkpoints  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoint-N folder or the training --output_dir")
+    p.add_argument("--output", required=True, help="output .safetensors (written atomically)")
+    p.add_argument("--ema", action="store_true", help="extract the EMA weights (training with --use_ema)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="storage dtype of the output")
+    p.add_argument("--allow_incomplete", action="store_true",
+                   help=f"accept a checkpoint without {COMPLETE_MARKER} (a save that was interrupted)")
+    return p.parse_args(argv)
+
+
+def find_weights(folder: str, ema: bool, allow_incomplete: bool = False) -> str:
+    """The Stage C (or EMA) file of a checkpoint or output folder; errors name what is missing."""
+    name = STAGE_C_EMA_FILE if ema else STAGE_C_FILE
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--checkpoint {folder} is not a folder")
+    if os.path.isfile(os.path.join(folder, name)):
+        if list_checkpoints(os.path.dirname(os.path.abspath(folder))) and os.path.basename(
+                os.path.normpath(folder)).startswith("checkpoint-") and not is_complete(folder) and not allow_incomplete:
+            raise ValueError(f"{folder} is incomplete (no {COMPLETE_MARKER}: its save was interrupted); use an "
+                             f"earlier checkpoint or --allow_incomplete")
+        return os.path.join(folder, name)
+    newest = find_resume_checkpoint(folder)
+    if newest and os.path.isfile(os.path.join(newest, name)):
+        return os.path.join(newest, name)
+    hint = " (was the run trained with --use_ema?)" if ema else ""
+    raise FileNotFoundError(f"no {name} in {folder} or in a complete checkpoint-N inside it{hint}")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    src = find_weights(args.checkpoint, args.ema, args.allow_incomplete)
+    summary = convert_unet_weights(src, args.output, stage="c", preset=None, dtype=args.dtype, source_format="paddle")
+    summary["input"] = src
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

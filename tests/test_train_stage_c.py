@@ -1,0 +1,291 @@
+"""Stage C fine-tuning (train_stage_c_trainer.py) on the offline tiny preset, CPU, fp32.
+
+- every flag of the seed's train.sh parses and reaches TrainingArguments; fp16 on CPU is refused;
+- the training step follows the recipe (loss recomputed by hand from the same draws, P2 weight,
+  5% empty captions, 10% image embeddings, frozen parts without gradients and in eval mode);
+- gradient accumulation: the Trainer divides the loss once (same gradient norm for 2x1 and 1x2);
+- resume: 3 steps + stop + resume to 6 == 6 straight steps (weights, EMA, adaptive buckets), and an
+  interrupted newer checkpoint folder is skipped; checkpoints, VisualDL scalars and images exist;
+- extracted weights load in ModelC and predict exactly like the trained network;
+- the dataset pairs by name through the script; a missing caption names the image;
+- recompute gives the same loss and gradients.
+"""
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import paddle
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "assets", "demo_dataset")
+sys.path.insert(0, ROOT)
+
+import train_stage_c_trainer as script  # noqa: E402
+from ldm.cascade import train_c  # noqa: E402
+
+SEED_FLAGS = [  # the seed README's train.sh, values as written (USE_AMP=False, fp16_opt_level=O1)
+    "--do_train", "--dataset_path", DEMO, "--per_device_train_batch_size", "1",
+    "--gradient_accumulation_steps", "1", "--learning_rate", "1.0e-4", "--weight_decay", "0.01",
+    "--max_grad_norm", "1.0", "--max_steps", "1000", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+    "--image_logging_steps", "1000000", "--logging_steps", "1", "--save_steps", "5000", "--save_total_limit", "50",
+    "--seed", "1", "--dataloader_num_workers", "0", "--num_inference_steps", "200", "--model_max_length", "77",
+    "--fp16", "False", "--fp16_opt_level=O1",
+]
+
+
+def tiny_argv(out, *extra):
+    return ["--do_train", "--dataset_path", DEMO, "--output_dir", str(out), "--model_version", "tiny",
+            "--resolution", "64", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+            "--logging_steps", "1", "--seed", "3", "--report_to", "none", "--disable_tqdm", "True",
+            "--image_logging_steps", "0", *extra]
+
+
+def stage_c_state(path):
+    from ldm.weights.io import read_safetensors
+
+    return read_safetensors(path)
+
+
+def test_seed_flags_parse(tmp_path):
+    argv = SEED_FLAGS + ["--output_dir", str(tmp_path), "--resolution", "768", "--bf16", "False", "--use_ema", "True",
+                         "--recompute", "True", "--model_version", "3.6B", "--adaptive_loss_weight", "True",
+                         "--resume_from_checkpoint", "auto", "--weights_path", "w", "--stage_c", "s.safetensors",
+                         "--effnet", "e", "--previewer", "p", "--clip_text", "t", "--clip_image", "none",
+                         "--lr_scheduler_type", "cosine", "--warmup_steps", "7"]
+    m, d, t = train_c.parse_stage_c_args(argv)
+    assert (t.learning_rate, t.weight_decay, t.max_grad_norm, t.max_steps) == (1e-4, 0.01, 1.0, 1000)
+    assert (str(t.lr_scheduler_type.value if hasattr(t.lr_scheduler_type, "value") else t.lr_scheduler_type),
+            t.warmup_steps) == ("cosine", 7)
+    assert (t.image_logging_steps, t.save_steps, t.save_total_limit, t.seed) == (1000000, 5000, 50, 1)
+    assert (t.fp16, t.fp16_opt_level, t.bf16, t.use_ema, t.recompute) == (False, "O1", False, True, True)
+    assert (m.num_inference_steps, m.model_max_length, m.model_version, m.adaptive_loss_weight) == (200, 77, "3.6B", True)
+    assert (m.weights_path, m.stage_c, m.effnet, m.previewer, m.clip_text, m.clip_image) == (
+        "w", "s.safetensors", "e", "p", "t", "none")
+    assert (d.dataset_path, d.resolution, t.resume_from_checkpoint) == (DEMO, 768, "auto")
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        train_c.parse_stage_c_args(SEED_FLAGS[:-2] + ["--fp16", "True", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="multiple of 32"):
+        train_c.parse_stage_c_args(SEED_FLAGS + ["--output_dir", str(tmp_path), "--resolution", "100"])
+    with pytest.raises(ValueError, match="model_version"):
+        train_c.parse_stage_c_args(SEED_FLAGS + ["--output_dir", str(tmp_path), "--model_version", "2B"])
+
+
+@pytest.fixture(scope="module")
+def layer():
+    from ldm.cascade.presets import tiny_components
+
+    paddle.seed(0)
+    return train_c.StageCTrainer(tiny_components(), train_c.stage_c_config_of("tiny"), seed=5)
+
+
+def test_training_step_recipe(layer):
+    rng = np.random.default_rng(0)
+    x = paddle.to_tensor(rng.random([3, 3, 64, 64], dtype=np.float32))
+    caps = ["a red circle", "a blue square", "green hills"]
+    state = layer.train_state()
+    layer.stage_c.clear_gradients()
+    loss = layer(x, caps)
+    loss.backward()
+    # recompute by hand from the same draws
+    layer.set_train_state(state)
+    keep = layer.rng.random(3) >= 0.05
+    use = layer.rng.random(3) < 0.1
+    t, eps = layer.draw([3, 16, 2, 2])
+    from ldm.cascade.effnet import imagenet_normalize
+
+    with paddle.no_grad():
+        lat = layer.effnet(imagenet_normalize(x))  # (3, 16, 64/32, 64/32)
+        assert lat.shape == [3, 16, 2, 2]
+        text, pooled = layer.encode_captions([c if k else "" for c, k in zip(caps, keep)])
+        img = layer.encode_images(x, use)
+        d = layer.gdf.diffuse(lat, epsilon=eps, t=t)
+        pred = layer.stage_c(d.noised, d.noise_cond, clip_text=text, clip_text_pooled=pooled, clip_img=img)
+        snr = paddle.exp(d.logSNR)
+        want = (((pred - eps) ** 2).mean(axis=[1, 2, 3]) / (1 + snr)).mean()
+    assert float(loss) == pytest.approx(float(want), rel=1e-5, abs=1e-7)
+    # frozen parts: no gradients, eval mode; Stage C trains
+    assert all(p.stop_gradient and p.grad is None for m in layer.frozen for p in m.parameters())
+    assert not any(m.training for m in layer.frozen) and layer.stage_c.training
+    assert sum(p.grad is not None for p in layer.stage_c.parameters()) > 0
+    layer.stage_c.clear_gradients()
+    # probabilities of the recipe: 5% empty captions, 10% image embeddings (draws of 20000 samples)
+    r = np.random.default_rng([1, 0, 0x5C])
+    keep, use = r.random(20000) >= 0.05, r.random(20000) < 0.1
+    assert abs(1 - keep.mean() - 0.05) < 0.01 and abs(use.mean() - 0.1) < 0.01
+    img = layer.encode_images(x, np.array([True, False, False]))
+    assert float(img[0].abs().sum()) > 0 and float(img[1:].abs().sum()) == 0
+    layer.image_encoder, saved = None, layer.image_encoder
+    assert float(layer.encode_images(x, np.array([True, True, True])).abs().sum()) == 0  # not configured: zeros
+    layer.image_encoder = saved
+
+
+def test_recompute_same_loss_and_grads(layer):
+    x = paddle.to_tensor(np.random.default_rng(1).random([2, 3, 64, 64], dtype=np.float32))
+    caps = ["a", "b"]
+    for p in layer.stage_c.parameters():  # non-zero output layer so every block gets a gradient
+        if not bool(p.abs().sum() > 0):
+            p.set_value(paddle.full_like(p, 0.01))
+    out = []
+    for rc in (False, True):
+        if rc:
+            train_c.enable_recompute(layer.stage_c)
+        layer.set_train_state({"rng": np.random.default_rng(9).bit_generator.state})
+        layer.stage_c.clear_gradients()
+        loss = layer(x, caps)
+        loss.backward()
+        out.append((float(loss), {n: p.grad.numpy().copy() for n, p in layer.stage_c.named_parameters()}))
+    del layer.stage_c._run_block
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
+    for n, g in out[0][1].items():
+        np.testing.assert_allclose(out[1][1][n], g, rtol=1e-4, atol=1e-7, err_msg=n)
+    layer.stage_c.clear_gradients()
+
+
+def _grad_norm(tmp_path, name, bs, accum):
+    trainer = script.main(tiny_argv(tmp_path / name, "--per_device_train_batch_size", str(bs), "--gradient_accumulation_steps",
+                                    str(accum), "--max_steps", "1", "--max_grad_norm", "0", "--caption_dropout", "0",
+                                    "--image_embed_prob", "0", "--save_steps", "100"))
+    return [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h][0]
+
+
+def test_gradient_accumulation_divides_once(tmp_path, monkeypatch):
+    counter = [0]
+
+    def draw(self, shape):  # sample k of the run gets noise stream k, however it is batched
+        eps = []
+        for _ in range(shape[0]):
+            eps.append(np.random.default_rng(counter[0]).standard_normal(shape[1:], dtype=np.float32))
+            counter[0] += 1
+        return paddle.full([shape[0]], 0.5, "float32"), paddle.to_tensor(np.stack(eps))
+
+    monkeypatch.setattr(train_c.StageCTrainer, "draw", draw)
+    g1 = _grad_norm(tmp_path, "a", 2, 1)
+    counter[0] = 0
+    g2 = _grad_norm(tmp_path, "b", 1, 2)  # the Trainer divides each micro-batch loss by 2, once
+    assert g1 > 0 and g2 == pytest.approx(g1, rel=1e-4)
+
+
+def test_resume_equals_straight_run_and_skips_interrupted(tmp_path, monkeypatch):
+    from paddlenlp.trainer import TrainerCallback
+
+    common = ["--max_steps", "6", "--save_steps", "3", "--use_ema", "True", "--ema_decay", "0.5",
+              "--adaptive_loss_weight", "True", "--lr_scheduler_type", "linear", "--warmup_steps", "2",
+              "--save_total_limit", "1"]
+    straight = tmp_path / "straight"
+    script.main(tiny_argv(straight, *common, "--report_to", "visualdl", "--image_logging_steps", "3",
+                          "--num_inference_steps", "2"))
+
+    class StopAt3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                control.should_training_stop = True
+
+    from ldm.train import trainer as trainer_mod
+
+    orig_init = trainer_mod.DiffusionTrainer.__init__
+
+    def init_with_stop(self, *a, callbacks=None, **kw):
+        orig_init(self, *a, callbacks=list(callbacks) + [StopAt3()], **kw)
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(trainer_mod.DiffusionTrainer, "__init__", init_with_stop)
+    script.main(tiny_argv(resumed, *common))
+    monkeypatch.undo()
+    ck3 = resumed / "checkpoint-3"
+    assert (ck3 / "checkpoint_complete.json").is_file() and not (resumed / "checkpoint-6").exists()
+    # a newer checkpoint interrupted mid-save: no marker, truncated weights -> must be skipped
+    bad = resumed / "checkpoint-5"
+    shutil.copytree(ck3, bad)
+    os.remove(bad / "checkpoint_complete.json")
+    with open(bad / train_c.STAGE_C_FILE, "r+b") as f:
+        f.truncate(100)
+    trainer = script.main(tiny_argv(resumed, *common))
+    assert trainer.state.global_step == 6
+    for name in (train_c.STAGE_C_FILE, train_c.STAGE_C_EMA_FILE):
+        a, b = stage_c_state(straight / name), stage_c_state(resumed / name)
+        assert sorted(a) == sorted(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}:{k}")
+    ema, w = stage_c_state(straight / train_c.STAGE_C_EMA_FILE), stage_c_state(straight / train_c.STAGE_C_FILE)
+    assert any(not np.array_equal(ema[k], w[k]) for k in w)  # EMA is its own average
+    sa = json.load(open(straight / "checkpoint-6" / "train_c_state_rank0.json"))
+    sb = json.load(open(resumed / "checkpoint-6" / "train_c_state_rank0.json"))
+    assert sa == sb and min(sa["adaptive_loss"]["bucket_losses"]) < 1.0  # buckets updated and restored
+    # checkpoints: save_total_limit 1 keeps only checkpoint-6 (complete) in the straight run
+    assert [n for n in os.listdir(straight) if n.startswith("checkpoint-")] == ["checkpoint-6"]
+    files = set(os.listdir(straight / "checkpoint-6"))
+    assert {"stage_c.safetensors", "stage_c_ema.safetensors", "optimizer.pdopt", "scheduler.pdparams",
+            "rng_state.pth", "trainer_state.json", "checkpoint_complete.json"} <= files
+    # learning rate: linear warmup over 2 steps then linear decay to 0 at step 6
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert lrs[-3:] == pytest.approx([1e-3 * 2 / 4, 1e-3 * 1 / 4, 0.0], abs=1e-9)
+    _check_visualdl(straight)
+    _check_extract(tmp_path, straight, ema=True)
+
+
+def _check_visualdl(out):
+    from visualdl import LogReader
+
+    tags = {"scalar": set(), "image": set()}
+    for root, _, names in os.walk(out / "runs"):
+        for n in names:
+            if n.startswith("vdlrecords"):
+                t = LogReader(file_path=os.path.join(root, n)).get_tags()
+                for kind in tags:
+                    tags[kind] |= {x.split("/")[-1] if kind == "scalar" else x for x in t.get(kind, [])}
+    assert {"loss", "learning_rate", "grad_norm", "samples_per_second"} <= tags["scalar"], tags
+    assert {"preview/ema", "preview/batch_reconstruction"} <= tags["image"], tags
+
+
+def _check_extract(tmp_path, out, ema):
+    from scripts.extract_unet_weights import main as extract
+    from ldm.cascade.presets import tiny_components
+    from ldm.cascade.stage_c import load_stage_c
+    from ldm.model_c import ModelC
+
+    path = str(tmp_path / "extracted.safetensors")
+    summary = extract(["--checkpoint", str(out / "checkpoint-6"), "--output", path] + (["--ema"] if ema else []))
+    assert summary["tensors"] == len(stage_c_state(out / train_c.STAGE_C_FILE))
+    trained = load_stage_c(str(out / "checkpoint-6" / (train_c.STAGE_C_EMA_FILE if ema else train_c.STAGE_C_FILE)), None)
+    comps = tiny_components()
+    comps.builders["stage_c"] = lambda: load_stage_c(path, "tiny")  # as config.py / inference.py load it
+    model = ModelC(components=comps, progress=False)
+    rng = np.random.default_rng(0)
+    x = paddle.to_tensor(rng.standard_normal([2, 16, 3, 3], dtype=np.float32))
+    r = paddle.to_tensor([0.3, 0.8], dtype="float32")
+    text, pooled, img = (paddle.to_tensor(rng.standard_normal(s, dtype=np.float32)) for s in ([2, 77, 32], [2, 1, 32], [2, 1, 32]))
+    with paddle.no_grad():
+        got = comps.get("stage_c")(x, r, clip_text=text, clip_text_pooled=pooled, clip_img=img)
+        want = trained(x, r, clip_text=text, clip_text_pooled=pooled, clip_img=img)
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    assert float(want.abs().sum()) > 0  # the output layer was trained away from its zero init
+    _, lat = model.log_image("a red circle", height=128, width=128, steps=2, seed=1)
+    comps2 = tiny_components()
+    comps2.builders["stage_c"] = lambda: trained
+    _, lat2 = ModelC(components=comps2, progress=False).log_image("a red circle", height=128, width=128, steps=2, seed=1)
+    np.testing.assert_array_equal(lat.numpy(), lat2.numpy())
+    with pytest.raises(FileNotFoundError, match="use_ema"):
+        extract(["--checkpoint", str(tmp_path), "--output", path, "--ema"])
+
+
+def test_dataset_pairs_by_name_and_missing_caption(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, (name, color) in enumerate([("b", (255, 0, 0)), ("a", (0, 0, 255)), ("c10", (0, 255, 0))]):
+        Image.new("RGB", (80, 64), color).save(data / f"{name}.jpg")
+        (data / f"{name}.txt").write_text(f"caption of {name}", encoding="utf-8")
+    m, d, t = train_c.parse_stage_c_args(tiny_argv(tmp_path / "o", "--max_steps", "1") + ["--dataset_path", str(data)])
+    trainer, _, _ = train_c.build_stage_c_trainer(m, d, t)
+    pairs = [(os.path.basename(p), c) for p, c in trainer.train_dataset.samples]
+    assert pairs == [("a.jpg", "caption of a"), ("b.jpg", "caption of b"), ("c10.jpg", "caption of c10")]
+    sample = trainer.train_dataset[1]
+    assert sample["pixel_values"].shape == (3, 64, 64) and sample["pixel_values"].max() <= 1.0
+    assert sample["pixel_values"][0].mean() > 0.9 and sample["pixel_values"][2].mean() < 0.1  # b.jpg is red, [0, 1]
+    Image.new("RGB", (64, 64)).save(data / "lonely.png")
+    with pytest.raises(ValueError, match="lonely.png"):
+        script.main(tiny_argv(tmp_path / "o2", "--max_steps", "1") + ["--dataset_path", str(data)])
