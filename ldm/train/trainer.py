@@ -6,6 +6,8 @@ Overrides (nothing else is changed):
   collator segfaults with worker processes) and per-worker/per-rank seeding. The dataset shards
   itself by rank (no IterableDatasetShard wrapper).
 - `log`: merges the scalars of callbacks that have `pop_logs()` (timing, grad norm).
+- `_load_optimizer_and_scheduler`: optimizer state re-keyed by structured parameter names
+  (`param_names.json`, written by `_save`), so resume does not depend on paddle's generated names.
 - `_rotate_checkpoints`: a no-op; `ldm.train.checkpoint.CheckpointMarkerCallback` applies
   `save_total_limit` once the new checkpoint is complete.
 - `_save` / `_load_from_checkpoint`: delegate to `model.save_trained(dir, only_updated)` /
@@ -14,6 +16,7 @@ Overrides (nothing else is changed):
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 from typing import Dict, List
@@ -27,7 +30,7 @@ from ldm.utils import get_logger
 
 logger = get_logger("ldm.train.trainer")
 
-__all__ = ["DiffusionTrainer", "numpy_collate", "worker_init_fn"]
+__all__ = ["DiffusionTrainer", "numpy_collate", "worker_init_fn", "rename_optimizer_state", "PARAM_NAMES_FILE"]
 
 
 def numpy_collate(samples: List[Dict]) -> Dict:
@@ -56,6 +59,44 @@ class worker_init_fn:  # noqa: N801 - used like a function, picklable for worker
         s = (self.seed * 1000003 + self.rank * 1009 + worker_id) % (2**32)
         random.seed(s)
         np.random.seed(s)
+
+
+PARAM_NAMES_FILE = "param_names.json"
+
+
+def _param_name_map(checkpoint: str, model) -> Dict[str, str]:
+    """{saved paddle param name: current paddle param name}, only for names that changed."""
+    path = os.path.join(str(checkpoint), PARAM_NAMES_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    current = {n: p.name for n, p in model.named_parameters()}
+    missing = sorted(set(current) - set(saved))
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} parameters of the model are not in the checkpoint, e.g. {missing[:3]}")
+    return {saved[n]: current[n] for n in current if saved[n] != current[n]}
+
+
+def rename_optimizer_state(state: Dict, mapping: Dict[str, str]) -> Dict:
+    """Rename optimizer-state keys `<param name>_<accumulator>` and master-weight keys."""
+    if not mapping:
+        return state
+    out = {}
+    for key, value in state.items():
+        if key == "master_weights" and isinstance(value, dict):
+            out[key] = {mapping.get(k, k): v for k, v in value.items()}
+            continue
+        new = key
+        # the longest saved parameter name that prefixes the key followed by "_"
+        cut = key.rfind("_")
+        while cut > 0:
+            if key[:cut] in mapping:
+                new = mapping[key[:cut]] + key[cut:]
+                break
+            cut = key.rfind("_", 0, cut)
+        out[new] = value
+    return out
 
 
 class DiffusionTrainer(Trainer):
@@ -113,6 +154,26 @@ class DiffusionTrainer(Trainer):
             os.makedirs(output_dir, exist_ok=True)
             logger.info("saving trained components to %s", output_dir)
             model.save_trained(output_dir, only_updated=getattr(self.args, "only_save_updated_model", True))
+            names = {n: p.name for n, p in model.named_parameters()}
+            with open(os.path.join(output_dir, PARAM_NAMES_FILE), "w", encoding="utf-8") as f:
+                json.dump(names, f)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """As the Trainer's, but optimizer-state keys are re-mapped through `param_names.json`.
+
+        Paddle keys optimizer state by auto-generated parameter names (`conv2d_12.w_0_moment1_0`),
+        which change when models are built in another order or a second time in one process; the
+        structured names saved next to the checkpoint make resume independent of that.
+        """
+        mapping = _param_name_map(checkpoint, self.model) if checkpoint else None
+        if not mapping:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        original = self.optimizer.set_state_dict
+        self.optimizer.set_state_dict = lambda state: original(rename_optimizer_state(state, mapping))
+        try:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        finally:
+            del self.optimizer.set_state_dict  # drop the instance override, back to the class method
 
     def _rotate_checkpoints(self, use_mtime=False, output_dir=None) -> None:
         """Disabled: the Trainer's version deletes before the new checkpoint is complete (and never
