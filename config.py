@@ -42,6 +42,7 @@ BATCH_SIZE: int = 2
 HEIGHT: int = 1024
 WIDTH: int = 1024
 OUTPUT_PATTERN: str = "result_{}.png"
+TINY_SIZE: int = 256  # default image size of `inference.py --preset tiny` (a quick CPU run)
 
 # Image sizes: Stage C works at ceil(H / 42.67), Stage B at ceil(H / 4) (inference/utils.py of
 # Stability-AI/StableCascade, calculate_latent_sizes). Stage B patchifies by 2 and halves three

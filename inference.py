@@ -21,8 +21,8 @@ def parse_args(argv=None):
     p.add_argument("--negative_caption", default="", help="unconditional caption (default empty)")
     p.add_argument("--seed", type=int, default=C.SEED, help="image i uses seed + i")
     p.add_argument("--batch_size", type=int, default=C.BATCH_SIZE)
-    p.add_argument("--height", type=int, default=C.HEIGHT, help="rounded to a multiple of 64")
-    p.add_argument("--width", type=int, default=C.WIDTH, help="rounded to a multiple of 64")
+    p.add_argument("--height", type=int, help=f"rounded to a multiple of 64 (default {C.HEIGHT}, tiny {C.TINY_SIZE})")
+    p.add_argument("--width", type=int, help=f"rounded to a multiple of 64 (default {C.WIDTH}, tiny {C.TINY_SIZE})")
     p.add_argument("--steps_c", type=int, default=DEFAULTS_C.steps)
     p.add_argument("--cfg_c", type=float, default=DEFAULTS_C.cfg)
     p.add_argument("--shift_c", type=float, default=DEFAULTS_C.shift)
@@ -41,12 +41,14 @@ def parse_args(argv=None):
     p.add_argument("--strength", type=float, default=C.IMG2IMG_STRENGTH, help="img2img noise level in (0, 1]")
     p.add_argument("--low_memory", action="store_true", help="load one network at a time, free it after use")
     p.add_argument("--save_previews", action="store_true", help="also write preview_<i>.png (Stage C previewer)")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--no_progress", action="store_true", help="no tqdm bars")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.steps_c < 1 or args.steps_b < 1:
         p.error("--batch_size, --steps_c and --steps_b must be >= 1")
     if not 0.0 < args.strength <= 1.0:
         p.error(f"--strength must be in (0, 1], got {args.strength}")
+    args.height = args.height or (C.TINY_SIZE if args.preset else C.HEIGHT)
+    args.width = args.width or (C.TINY_SIZE if args.preset else C.WIDTH)
     return args
 
 
@@ -67,8 +69,7 @@ def main(argv=None):
         pl.resolve_weights(cfg, pl.NEEDED_C + pl.NEEDED_B + extra)
     opts = dict(preset=args.preset, low_memory=args.low_memory, progress=not args.no_progress)
     model, model_b = ModelC(cfg, **opts).eval(), ModelB(cfg, **opts).eval()
-    image = Image.open(args.image) if args.image else None
-    init_image = Image.open(args.init_image) if args.init_image else None
+    image, init_image = [Image.open(f) if f else None for f in (args.image, args.init_image)]
 
     preview, latent_c = model.log_image(
         args.caption, height=height, width=width, cfg=args.cfg_c, batch_size=args.batch_size, seed=args.seed,

@@ -80,6 +80,10 @@ def tiny_components(dtype: str = "float32") -> Components:
     if dtype != "float32":
         raise ValueError(f"the tiny preset runs in float32 only, got {dtype}")
     from ldm.cascade import effnet, previewer, stage_a, stage_b, stage_c
+    from ldm.utils import get_logger
+
+    get_logger("ldm.cascade").warning("preset 'tiny': random weights, the images are noise (a smoke test; "
+                                      "see the README's weights section for the real model)")
 
     builders = {
         "tokenizer": tiny_tokenizer,
