@@ -27,6 +27,9 @@ PREVIEWER: str = "previewer"
 CLIP_TEXT: str = "clip_text"
 CLIP_IMAGE: str = "clip_image"
 
+# File names of each version (used when `inference.py --model_c_version/--model_b_version` changes it).
+STAGE_C_FILES = {"1B": "stage_c_lite", "3.6B": "stage_c"}
+STAGE_B_FILES = {"700M": "stage_b_lite", "3B": "stage_b"}
 MODEL_C_VERSION: str = "1B"  # "1B" (lite) or "3.6B"
 MODEL_B_VERSION: str = "700M"  # "700M" (lite) or "3B"
 DTYPE: str = "float32"  # "float32", "bfloat16" (recommended on GPU) or "float16"

@@ -3,8 +3,7 @@
     python inference.py                                   # seed example: 2 images, seed 1
     python inference.py --preset tiny                     # random tiny weights, fully offline
     python inference.py --caption "a red fox" --height 768 --width 1280 --low_memory
-    python inference.py --image ref.png --caption ""      # image variation
-    python inference.py --init_image photo.png --strength 0.6   # image-to-image
+    python inference.py --image ref.png --caption ""      # image variation (--init_image x.png: img2img)
 """
 import argparse
 import dataclasses
@@ -33,8 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=C.DTYPE, choices=C.DTYPES, help="bfloat16/float16 need a GPU")
     p.add_argument("--output_dir", default=".")
     p.add_argument("--weights_path", default=C.WEIGHTS_PATH)
-    p.add_argument("--model_c_version", default=C.MODEL_C_VERSION, choices=["1B", "3.6B"])
-    p.add_argument("--model_b_version", default=C.MODEL_B_VERSION, choices=["700M", "3B"])
+    p.add_argument("--model_c_version", default=C.MODEL_C_VERSION, choices=list(C.STAGE_C_FILES))
+    p.add_argument("--model_b_version", default=C.MODEL_B_VERSION, choices=list(C.STAGE_B_FILES))
     p.add_argument("--preset", choices=["tiny"], default=None, help="random tiny networks, no weight files")
     p.add_argument("--image", help="image for CLIP image conditioning (variation)")
     p.add_argument("--init_image", help="image to start Stage C from (image-to-image)")
@@ -55,15 +54,17 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from PIL import Image
-
     from ldm.cascade import pipeline as pl
     from ldm.model_b import ModelB
     from ldm.model_c import ModelC
 
     height, width = pl.check_size(args.height, args.width)  # fail before loading anything
-    cfg = dataclasses.replace(C.CascadeConfig(), weights_path=args.weights_path, dtype=args.dtype,
+    cfg = dataclasses.replace(C.CascadeConfig(), weights_path=args.weights_path, dtype=pl.check_dtype(args.dtype),
                               model_c_version=args.model_c_version, model_b_version=args.model_b_version)
-    pl.check_dtype(args.dtype)
+    if args.model_c_version != C.MODEL_C_VERSION:  # the other version's file (config.py keeps custom names)
+        cfg = dataclasses.replace(cfg, stage_c=C.STAGE_C_FILES[args.model_c_version])
+    if args.model_b_version != C.MODEL_B_VERSION:
+        cfg = dataclasses.replace(cfg, stage_b=C.STAGE_B_FILES[args.model_b_version])
     if args.preset is None:  # one error listing every missing file, before any network is built
         extra = (("image_encoder",) if args.image else ()) + (("effnet",) if args.init_image else ())
         pl.resolve_weights(cfg, pl.NEEDED_C + pl.NEEDED_B + extra)
@@ -78,19 +79,18 @@ def main(argv=None):
     images, _ = model_b.log_image(
         latent_c, args.caption, seed=args.seed, batch_size=args.batch_size, steps=args.steps_b, cfg=args.cfg_b,
         shift=args.shift_b, cfg_rho=args.cfg_rho, negative_caption=args.negative_caption, height=height, width=width)
-
-    meta = {"prompt": args.caption, "negative_prompt": args.negative_caption, "seed": args.seed,
+    meta = {"prompt": args.caption, "negative_prompt": args.negative_caption,
             "steps": f"C {args.steps_c}, B {args.steps_b}", "cfg": f"C {args.cfg_c}, B {args.cfg_b}",
             "shift": f"C {args.shift_c}, B {args.shift_b}", "cfg_rho": args.cfg_rho,
             "size": f"{width}x{height}", "model": args.preset or f"C {cfg.model_c_version}, B {cfg.model_b_version}",
             "image": args.image or "", "init_image": args.init_image or "", "strength": args.strength}
     os.makedirs(args.output_dir, exist_ok=True)
     written = []
-    for i, img in enumerate(images):
-        written.append(pl.save_png(os.path.join(args.output_dir, C.OUTPUT_PATTERN.format(i)), img,
-                                   {**meta, "seed": args.seed + i, "batch_seed": args.seed, "batch_index": i}))
+    for i, img in enumerate(images):  # image i was sampled with seed + i
+        info = {**meta, "seed": args.seed + i, "batch_seed": args.seed, "batch_index": i}
+        written.append(pl.save_png(os.path.join(args.output_dir, C.OUTPUT_PATTERN.format(i)), img, info))
         if args.save_previews:
-            pl.save_png(os.path.join(args.output_dir, f"preview_{i}.png"), preview[i], {**meta, "seed": args.seed + i})
+            pl.save_png(os.path.join(args.output_dir, f"preview_{i}.png"), preview[i], info)
     print("\n".join(written))
     return written
 

@@ -72,6 +72,12 @@ def test_missing_weights_one_error_lists_every_file(tmp_path):
     assert "STABLE_CASCADE_WEIGHTS" in msg
     assert not (tmp_path / "o").exists()  # failed before writing anything
 
+    # the full-size versions look for their own files
+    with pytest.raises(pl.MissingWeightsError) as e:
+        inference.main(["--weights_path", str(tmp_path), "--model_c_version", "3.6B", "--model_b_version", "3B"])
+    assert "- stage_c: " + os.path.join(str(tmp_path), "stage_c.safetensors or stage_c.pdparams") in str(e.value)
+    assert "- stage_b: " + os.path.join(str(tmp_path), "stage_b.safetensors or stage_b.pdparams") in str(e.value)
+
     # the seed's API: ModelC() lists only what Stage C needs
     cfg = C.CascadeConfig(weights_path=str(tmp_path / "empty"))
     with pytest.raises(pl.MissingWeightsError, match=r"Missing 3 file\(s\)") as e:
