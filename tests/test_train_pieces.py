@@ -1,0 +1,117 @@
+"""Generic training pieces (ldm/train): EMA callback, crash-safe checkpoints and rotation,
+optimizer-state re-keying, parameter groups, numpy collate."""
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+
+class _Tiny:
+    def __new__(cls):
+        import paddle.nn as nn
+
+        class Tiny(nn.Layer):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(3, 2)
+                self.norm = nn.LayerNorm(2)
+
+            def ema_parameters(self):
+                return dict(self.named_parameters())
+
+        return Tiny()
+
+
+def test_ema_updates_every_step_and_round_trips(tmp_path):
+    import paddle
+
+    from ldm.train.callbacks import EMA_FILE, EMACallback
+
+    paddle.seed(0)
+    model = _Tiny()
+    args = SimpleNamespace(output_dir=str(tmp_path), should_save=True, resume_from_checkpoint=None)
+    state = SimpleNamespace(global_step=0)
+    ema = EMACallback(decay=0.5)
+    ema.on_train_begin(args, state, None, model=model)
+    w0 = model.fc.weight.numpy().copy()
+    expected = w0.copy()
+    for step in range(1, 4):
+        model.fc.weight.set_value(model.fc.weight + 1.0)
+        state.global_step = step
+        ema.on_step_end(args, state, None, model=model)
+        expected = 0.5 * expected + 0.5 * model.fc.weight.numpy()
+    np.testing.assert_allclose(ema.shadow["fc.weight"].numpy(), expected, rtol=1e-6)
+    assert ema.num_updates == 3
+    ckpt = tmp_path / "checkpoint-3"
+    ema.on_save(args, state, None, model=model)
+    assert (ckpt / EMA_FILE).is_file()
+    # resume: a new callback restores the saved shadow (not a fresh copy of the weights)
+    ema2 = EMACallback(decay=0.5)
+    args.resume_from_checkpoint = str(ckpt)
+    ema2.on_train_begin(args, state, None, model=model)
+    np.testing.assert_array_equal(ema2.shadow["fc.weight"].numpy(), ema.shadow["fc.weight"].numpy())
+    assert not np.allclose(ema2.shadow["fc.weight"].numpy(), model.fc.weight.numpy())
+
+
+def test_checkpoint_completeness_resume_and_rotation(tmp_path):
+    from ldm.train.checkpoint import (CheckpointMarkerCallback, find_resume_checkpoint, is_complete, resolve_resume,
+                                      rotate_checkpoints)
+
+    out = tmp_path
+    assert find_resume_checkpoint(str(out)) is None and resolve_resume(str(out), None) is None
+    args = SimpleNamespace(output_dir=str(out), should_save=True, save_total_limit=2)
+    cb = CheckpointMarkerCallback()
+    for step in (10, 20, 30):
+        os.makedirs(out / f"checkpoint-{step}")
+        cb.on_save(args, SimpleNamespace(global_step=step), None)
+    assert sorted(os.listdir(out)) == ["checkpoint-20", "checkpoint-30"]  # rotated after completion
+    os.makedirs(out / "checkpoint-40")  # killed mid-save: no marker
+    assert not is_complete(str(out / "checkpoint-40"))
+    assert find_resume_checkpoint(str(out)) == str(out / "checkpoint-30")
+    assert resolve_resume(str(out), None) == str(out / "checkpoint-30")
+    assert resolve_resume(str(out), None, overwrite_output_dir=True) is None
+    assert resolve_resume(str(out), "auto") == str(out / "checkpoint-30")
+    with pytest.raises(ValueError, match="incomplete"):
+        resolve_resume(str(out), str(out / "checkpoint-40"))
+    with pytest.raises(FileNotFoundError):
+        resolve_resume(str(out / "nothing"), "auto")
+    # rotation never deletes the only complete checkpoint and keeps `keep` complete ones
+    assert rotate_checkpoints(str(out), 1) == [str(out / "checkpoint-20")]
+    assert sorted(os.listdir(out)) == ["checkpoint-30", "checkpoint-40"]
+    with open(out / "checkpoint-30" / "checkpoint_complete.json") as f:
+        assert json.load(f) == {"global_step": 30}
+
+
+def test_rename_optimizer_state():
+    from ldm.train.trainer import rename_optimizer_state
+
+    state = {"conv2d_1.w_0_moment1_0": 1, "conv2d_12.w_0_moment1_0": 2, "conv2d_1.w_0_beta1_pow_acc_0": 3,
+             "master_weights": {"conv2d_1.w_0": 4}, "LR_Scheduler": {"last_epoch": 5}}
+    out = rename_optimizer_state(state, {"conv2d_1.w_0": "conv2d_40.w_0", "conv2d_12.w_0": "conv2d_41.w_0"})
+    assert out == {"conv2d_40.w_0_moment1_0": 1, "conv2d_41.w_0_moment1_0": 2, "conv2d_40.w_0_beta1_pow_acc_0": 3,
+                   "master_weights": {"conv2d_40.w_0": 4}, "LR_Scheduler": {"last_epoch": 5}}
+
+
+def test_param_groups_lr_scale_and_no_decay():
+    from ldm.train.optim import build_param_groups
+
+    a, b = _Tiny(), _Tiny()
+    for p in b.norm.parameters():
+        p.stop_gradient = True
+    groups = build_param_groups({"unet": list(a.named_parameters()), "text_encoder": list(b.named_parameters())},
+                                {"unet": 1e-4, "text_encoder": 1e-5}, base_learning_rate=1e-4, weight_decay=0.01)
+    summary = [(g["learning_rate"], g["weight_decay"], len(g["params"])) for g in groups]
+    assert summary == [(1.0, 0.01, 1), (1.0, 0.0, 3), (pytest.approx(0.1), 0.01, 1), (pytest.approx(0.1), 0.0, 1)]
+    with pytest.raises(ValueError):
+        build_param_groups({"x": []}, {}, 1e-4, 0.0)
+
+
+def test_numpy_collate_keeps_strings():
+    from ldm.train.trainer import numpy_collate
+
+    batch = numpy_collate([{"pixel_values": np.zeros((3, 2, 2), "float32"), "input_ids": np.arange(4), "caption": "a"},
+                           {"pixel_values": np.ones((3, 2, 2), "float32"), "input_ids": np.arange(4), "caption": "b"}])
+    assert batch["pixel_values"].shape == (2, 3, 2, 2) and batch["input_ids"].dtype == np.int64
+    assert batch["caption"] == ["a", "b"]
