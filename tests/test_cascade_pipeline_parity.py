@@ -214,6 +214,19 @@ def test_prior_and_decoder_match_diffusers_end_to_end(setup, monkeypatch):
     print(f"max abs diff: stage C {d_c:.2e} (|x| {np.abs(ref_c).max():.2f}), stage B {d_b:.2e} "
           f"(|x| {np.abs(ref_b).max():.2f}), pixels {d_px:.2e}")
     assert d_c <= 1e-4 and d_b <= 1e-4 and d_px <= 1.0 / 255
-    # not a vacuous comparison: guidance, text and the Stage C latent all move the result
+    # not a vacuous comparison: the settings the test pins down do matter at this tolerance
+    _, lat_rho = model.log_image(CAPTIONS, height=H, width=W, cfg=CFG_C, batch_size=bsz, steps=STEPS_C, shift=1.0,
+                                 cfg_rho=0.7, t_start=START_C, x_init=paddle.to_tensor(x_c),
+                                 noise=_paddle_noise(z_c)[0], final="x")
+    _, lat_x0 = model.log_image(CAPTIONS, height=H, width=W, cfg=CFG_C, batch_size=bsz, steps=STEPS_C, shift=1.0,
+                                cfg_rho=0.0, t_start=START_C, x_init=paddle.to_tensor(x_c),
+                                noise=_paddle_noise(z_c)[0], final="x0")
+    _, lat_neg = model.log_image(CAPTIONS, height=H, width=W, cfg=CFG_C, batch_size=bsz, steps=STEPS_C, shift=1.0,
+                                 cfg_rho=0.0, t_start=START_C, x_init=paddle.to_tensor(x_c),
+                                 noise=_paddle_noise(z_c)[0], final="x", negative_caption="blurry, ugly, low quality")
+    controls = [float(np.abs(o.numpy() - ref_c).max()) for o in (lat_rho, lat_x0, lat_neg)]
+    print("controls (cfg_rho 0.7, final x0, negative caption):", controls)
+    assert min(controls) > 1e-3
+    # guidance, text and the Stage C latent all move the result
     assert np.abs(ref_c[0] - ref_c[1]).max() > 1e-2 and np.abs(ref_b[0] - ref_b[1]).max() > 1e-2
     assert 0.05 < ref_px.std() and np.abs(ref_px[0] - ref_px[1]).max() > 0.05
