@@ -72,6 +72,14 @@ def test_missing_weights_one_error_lists_every_file(tmp_path):
     assert "STABLE_CASCADE_WEIGHTS" in msg
     assert not (tmp_path / "o").exists()  # failed before writing anything
 
+    # a CLIP folder without its tokenizer files
+    (tmp_path / "clip_text").mkdir()
+    (tmp_path / "clip_text" / "config.json").write_text("{}")
+    with pytest.raises(pl.MissingWeightsError) as e:
+        inference.main(["--weights_path", str(tmp_path)])
+    assert "- tokenizer: " + os.path.join(str(tmp_path), "clip_text", "vocab.json") + " and " in str(e.value)
+    assert "- clip_text:" not in str(e.value)
+
     # the full-size versions look for their own files
     with pytest.raises(pl.MissingWeightsError) as e:
         inference.main(["--weights_path", str(tmp_path), "--model_c_version", "3.6B", "--model_b_version", "3B"])

@@ -15,9 +15,9 @@ between this module and the weight files or the offline tiny preset, ``ldm.casca
 from __future__ import annotations
 
 import gc
-import weakref
 import math
 import os
+import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -66,10 +66,16 @@ def resolve_weights(cfg: CascadeConfig, components: Sequence[str]) -> Dict[str, 
         name = getattr(cfg, _file_field(comp))
         if comp in ("tokenizer", "text_encoder", "image_encoder"):
             path = os.path.join(cfg.weights_path, name or "")
-            if name and os.path.isfile(os.path.join(path, "config.json")):
+            need = ("vocab.json", "merges.txt") if comp == "tokenizer" else ("config.json",)
+            absent = [f for f in need if not (name and os.path.isfile(os.path.join(path, f)))]
+            if not absent:
                 found[comp] = path
-            elif f"{path}/" not in [m[1] for m in missing]:
-                missing.append((_file_field(comp), f"{path}/", "a folder with config.json, the weights and the tokenizer files"))
+            elif not os.path.isdir(path):
+                if f"{path}/" not in [m[1] for m in missing]:
+                    missing.append((_file_field(comp), f"{path}/", "a folder with config.json, the weights "
+                                    "and, for the text model, the tokenizer files"))
+            else:
+                missing.append((comp, " and ".join(os.path.join(path, f) for f in absent), ""))
         else:
             path = resolve_weight_file(cfg.weights_path, name)
             if path:
