@@ -289,3 +289,54 @@ def test_dataset_pairs_by_name_and_missing_caption(tmp_path):
     Image.new("RGB", (64, 64)).save(data / "lonely.png")
     with pytest.raises(ValueError, match="lonely.png"):
         script.main(tiny_argv(tmp_path / "o2", "--max_steps", "1") + ["--dataset_path", str(data)])
+
+
+def _fake_python(tmp_path):
+    """A `python` on PATH that prints its arguments (one per line) instead of running anything."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    fake.chmod(0o755)
+    return str(bin_dir)
+
+
+def test_train_sh_commands(tmp_path):
+    import subprocess
+
+    path = _fake_python(tmp_path) + os.pathsep + os.environ["PATH"]
+    env = {k: v for k, v in os.environ.items() if k not in ("USE_AMP", "fp16_opt_level", "GPUS", "MODEL_VERSION")}
+
+    def run(**extra):
+        out = subprocess.run(["sh", "train.sh"], cwd=ROOT, env={**env, "PATH": path, **extra}, capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+        return out
+
+    default = run()
+    assert default[:2] == ["-u", "train_stage_c_trainer.py"]
+    m, d, t = train_c.parse_stage_c_args(default[2:])  # every flag of train.sh parses
+    assert (m.model_version, d.dataset_path, t.output_dir, t.fp16, t.fp16_opt_level) == (
+        "1B", "./dataset", "./train_output", False, "O1")
+    assert (t.max_steps, t.learning_rate, str(t.lr_scheduler_type).split(".")[-1].lower(), t.save_total_limit) == (
+        1000, 1e-4, "constant", 50)
+    tiny = run(MODEL_VERSION="tiny", OUTPUT_DIR="/x/out", fp16_opt_level="O2", DATASET_PATH="/x/data")
+    m, d, t = train_c.parse_stage_c_args(tiny[2:])
+    assert (m.model_version, d.dataset_path, t.output_dir, t.fp16_opt_level, d.resolution) == (
+        "tiny", "/x/data", "/x/out", "O2", 128)
+    multi = run(GPUS="0,1", SHARDING="stage2", RECOMPUTE="True")
+    assert multi[:6] == ["-u", "-m", "paddle.distributed.launch", "--gpus", "0,1", "train_stage_c_trainer.py"]
+    i = multi.index("--sharding")
+    assert multi[i + 1] == "stage2" and multi[multi.index("--recompute") + 1] == "True"
+    amp = run(USE_AMP="True")
+    assert amp[amp.index("--fp16") + 1] == "True"
+
+
+def test_missing_weights_error_lists_files(tmp_path):
+    from ldm.cascade.pipeline import MissingWeightsError
+
+    m, _, _ = train_c.parse_stage_c_args(SEED_FLAGS + ["--output_dir", str(tmp_path), "--weights_path", str(tmp_path)])
+    with pytest.raises(MissingWeightsError) as e:
+        train_c.build_components(m)
+    msg = str(e.value)
+    for name in ("stage_c_lite", "effnet_encoder", "previewer", "clip_text", "MODEL_VERSION=tiny"):
+        assert name in msg, (name, msg)
