@@ -11,8 +11,6 @@ import os
 
 import config as C
 
-DEFAULTS_C, DEFAULTS_B = C.STAGE_C_SAMPLING, C.STAGE_B_SAMPLING
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Stable Cascade text-to-image (Stage C -> B -> A)")
@@ -22,13 +20,11 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=C.BATCH_SIZE)
     p.add_argument("--height", type=int, help=f"rounded to a multiple of 64 (default {C.HEIGHT}, tiny {C.TINY_SIZE})")
     p.add_argument("--width", type=int, help=f"rounded to a multiple of 64 (default {C.WIDTH}, tiny {C.TINY_SIZE})")
-    p.add_argument("--steps_c", type=int, default=DEFAULTS_C.steps)
-    p.add_argument("--cfg_c", type=float, default=DEFAULTS_C.cfg)
-    p.add_argument("--shift_c", type=float, default=DEFAULTS_C.shift)
-    p.add_argument("--steps_b", type=int, default=DEFAULTS_B.steps)
-    p.add_argument("--cfg_b", type=float, default=DEFAULTS_B.cfg)
-    p.add_argument("--shift_b", type=float, default=DEFAULTS_B.shift)
-    p.add_argument("--cfg_rho", type=float, default=DEFAULTS_C.cfg_rho, help="guidance std rescale, both stages")
+    for s, d in (("c", C.STAGE_C_SAMPLING), ("b", C.STAGE_B_SAMPLING)):  # --steps_c --cfg_c --shift_c, same for b
+        p.add_argument(f"--steps_{s}", type=int, default=d.steps, help=f"Stage {s.upper()} sampler steps")
+        p.add_argument(f"--cfg_{s}", type=float, default=d.cfg, help=f"Stage {s.upper()} guidance scale")
+        p.add_argument(f"--shift_{s}", type=float, default=d.shift, help=f"Stage {s.upper()} schedule shift")
+    p.add_argument("--cfg_rho", type=float, default=C.STAGE_C_SAMPLING.cfg_rho, help="guidance std rescale, both stages")
     p.add_argument("--dtype", default=C.DTYPE, choices=C.DTYPES, help="bfloat16/float16 need a GPU")
     p.add_argument("--output_dir", default=".")
     p.add_argument("--weights_path", default=C.WEIGHTS_PATH)
@@ -96,4 +92,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # missing weights, bad size/dtype: the message says it all
+        raise SystemExit(f"error: {e}")

@@ -86,6 +86,12 @@ def test_missing_weights_one_error_lists_every_file(tmp_path):
     assert "- stage_c: " + os.path.join(str(tmp_path), "stage_c.safetensors or stage_c.pdparams") in str(e.value)
     assert "- stage_b: " + os.path.join(str(tmp_path), "stage_b.safetensors or stage_b.pdparams") in str(e.value)
 
+    # on the command line: the message without a traceback, exit status 1
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "inference.py"), "--weights_path", str(tmp_path / "no")],
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: Stable Cascade weights not found" in proc.stderr and "Missing 5 file(s)" in proc.stderr
+
     # the seed's API: ModelC() lists only what Stage C needs
     cfg = C.CascadeConfig(weights_path=str(tmp_path / "empty"))
     with pytest.raises(pl.MissingWeightsError, match=r"Missing 3 file\(s\)") as e:

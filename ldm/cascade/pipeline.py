@@ -288,8 +288,8 @@ def run_gdf(gdf, model: Callable, cond: dict, uncond: dict, sampling: SamplingCo
             pass
     out = last[0] if final == "x0" else last[1]
     if not bool(paddle.isfinite(out).all()):
-        raise FloatingPointError(f"{desc}: the sampler produced NaN/inf (dtype {model_dtype}); "
-                                 f"float16 overflows in Stable Cascade, use --dtype bfloat16 or float32")
+        hint = "; float16 overflows in Stable Cascade, use --dtype bfloat16" if model_dtype == "float16" else ""
+        raise FloatingPointError(f"{desc}: the sampler produced NaN/inf (dtype {model_dtype}){hint}")
     return out
 
 
@@ -311,6 +311,8 @@ def sample_stage_c(comps: Components, gdf, captions: List[str], negative: List[s
     overrides the per-image seeded streams (a callable ``shape -> Tensor``)."""
     bsz = len(captions)
     hc, wc = stage_c_latent_size(height, width)
+    if init_images is not None and not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
     with paddle.no_grad():
         tok, te = comps.get("tokenizer"), comps.get("text_encoder")
         clip_text, clip_pooled = encode_text(tok, te, captions)
@@ -324,8 +326,6 @@ def sample_stage_c(comps: Components, gdf, captions: List[str], negative: List[s
                 comps.release("image_encoder")
         t_start = None
         if init_images is not None:
-            if not 0.0 < strength <= 1.0:
-                raise ValueError(f"strength must be in (0, 1], got {strength}")
             enc = comps.get("effnet")
             pix = effnet_batch(_broadcast_images(init_images, bsz), hc * cfg_mod.EFFNET_STRIDE, wc * cfg_mod.EFFNET_STRIDE)
             from ldm.cascade.effnet import imagenet_normalize
