@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldm.data import transforms
 from ldm.data.transforms import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
@@ -212,16 +213,26 @@ def test_draft_scale_choice():
     assert draft_scale((100, 100), 256) == 1
 
 
-@pytest.mark.parametrize("target", [60, 100, 200, 256])
-def test_draft_decode_covers_target_and_matches_full(target):
+@pytest.mark.parametrize("backend", ["simplejpeg", "pillow"])
+@pytest.mark.parametrize("target", [60, 100, 200, 256, 300, 479])
+def test_draft_decode_covers_target_and_matches_full(target, backend, monkeypatch):
+    if backend == "pillow":
+        monkeypatch.setattr(transforms, "_simplejpeg", None)
+    elif transforms._simplejpeg is None:
+        pytest.skip("simplejpeg not installed")
     img = smooth_rgb(640, 480)
     data = encode(img, "JPEG", quality=90)
     fast = decode_image(data, target_short_side=target)
     full = decode_image(data)
     assert full.size == (640, 480)
     assert min(fast.size) >= target
-    k = draft_scale((640, 480), target)
-    assert fast.size == (-(-640 // k), -(-480 // k))
+    if backend == "pillow":  # Pillow's draft: 1/2, 1/4, 1/8
+        k = draft_scale((640, 480), target)
+        assert fast.size == (-(-640 // k), -(-480 // k))
+    else:  # libjpeg-turbo: the smallest M/8 whose short side covers the target
+        m = next(m for m in range(1, 9) if -(-480 * m // 8) >= target)
+        assert fast.size == (-(-640 * m // 8), -(-480 * m // 8))
+        assert m == {60: 1, 100: 2, 200: 4, 256: 5, 300: 5, 479: 8}[target]
     t = ImageTransform(min(target, 96), center_crop=True)
     a, b = t(fast), t(full)
     diff = np.abs(a - b)
@@ -314,3 +325,150 @@ def test_bad_arguments():
         ImageTransform(8)(Image.new("L", (8, 8)), np.random.default_rng(0))
     with pytest.raises(ValueError):
         decode_image(b"x", max_pixels=0)
+
+
+# ------------------------------------------------------------------ simplejpeg fast path vs Pillow
+needs_simplejpeg = pytest.mark.skipif(transforms._simplejpeg is None, reason="simplejpeg not installed")
+
+
+def _both_paths(monkeypatch, data: bytes, **kw):
+    """(result or error reason) of decode_image with simplejpeg, then with Pillow only."""
+    out = []
+    for use_fast in (True, False):
+        with monkeypatch.context() as m:
+            if not use_fast:
+                m.setattr(transforms, "_simplejpeg", None)
+            try:
+                out.append(decode_image(data, **kw))
+            except ImageDecodeError as e:
+                out.append(e.reason)
+    return out
+
+
+def _spy_decode(monkeypatch) -> list:
+    calls = []
+    real = transforms._simplejpeg.decode_jpeg
+
+    def spy(*a, **kw):
+        calls.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(transforms._simplejpeg, "decode_jpeg", spy)
+    return calls
+
+
+@needs_simplejpeg
+def test_fast_path_full_size_equals_pillow(monkeypatch):
+    calls = _spy_decode(monkeypatch)
+    for kw in ({}, {"subsampling": 0}, {"progressive": True}):
+        data = encode(smooth_rgb(97, 61, seed=1), "JPEG", quality=88, **kw)
+        fast, slow = _both_paths(monkeypatch, data)
+        assert fast.mode == "RGB" and fast.size == slow.size == (97, 61)
+        assert np.abs(rgb_of(fast) - rgb_of(slow)).max() <= 1
+    gray = encode(smooth_rgb(40, 30).convert("L"), "JPEG")
+    fast, slow = _both_paths(monkeypatch, gray)
+    np.testing.assert_array_equal(rgb_of(fast), rgb_of(slow))
+    assert len(calls) == 4  # every file above went through simplejpeg
+
+
+@needs_simplejpeg
+@pytest.mark.parametrize("target", [100, 256])
+def test_fast_path_scaled_close_to_pillow(monkeypatch, target):
+    data = encode(smooth_rgb(640, 480, seed=2), "JPEG", quality=90)
+    fast, slow = _both_paths(monkeypatch, data, target_short_side=target)
+    assert min(fast.size) >= target and min(slow.size) >= target
+    assert fast.size != slow.size or target == 100  # 256: 5/8 (400x300) vs Pillow's full size
+    t = ImageTransform(target, center_crop=True)
+    diff = np.abs(t(fast) - t(slow))
+    assert diff.mean() < 0.02, diff.mean()  # [-1, 1] units: about 1 grey level on average
+    assert diff.max() < 0.3, diff.max()
+
+
+@needs_simplejpeg
+def test_fast_path_short_side_covers_target_portrait_and_small():
+    portrait = encode(smooth_rgb(333, 517), "JPEG")
+    for target in (1, 42, 65, 100, 126, 200, 256, 333):
+        img = decode_image(portrait, target_short_side=target)
+        assert img.size[0] >= target and img.size[1] > img.size[0]
+        assert img.size[0] <= 333
+    small = encode(smooth_rgb(50, 40), "JPEG")
+    assert decode_image(small, target_short_side=256).size == (50, 40)  # never upscaled by the decoder
+
+
+@needs_simplejpeg
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_fast_path_exif_orientation_same_as_pillow(monkeypatch, orientation):
+    arr = np.zeros((24, 40, 3), np.uint8)
+    arr[:12, :20] = (255, 0, 0)
+    arr[:12, 20:] = (0, 255, 0)
+    arr[12:, :20] = (0, 0, 255)
+    arr[12:, 20:] = (250, 250, 250)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.fromarray(arr), "JPEG", quality=95, exif=exif.tobytes())
+    calls = _spy_decode(monkeypatch)
+    fast, slow = _both_paths(monkeypatch, data)
+    assert len(calls) == 1
+    assert fast.size == slow.size == ((24, 40) if orientation >= 5 else (40, 24))
+    assert np.abs(rgb_of(fast) - rgb_of(slow)).max() <= 1
+
+
+@needs_simplejpeg
+def test_fast_path_xmp_orientation_same_as_pillow(monkeypatch):
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    data = encode(smooth_rgb(40, 24), "JPEG", xmp=xmp)
+    fast, slow = _both_paths(monkeypatch, data)
+    assert fast.size == slow.size
+    assert np.abs(rgb_of(fast) - rgb_of(slow)).max() <= 1
+
+
+@needs_simplejpeg
+def test_fast_path_truncation_reasons_same_as_pillow(monkeypatch):
+    for kw in ({}, {"progressive": True}):
+        data = encode(smooth_rgb(64, 48, seed=4), "JPEG", quality=90, **kw)
+        for cut in (2, 3, 20, 150, len(data) // 3, len(data) // 2, len(data) * 2 // 3, len(data) - 40, len(data) - 2):
+            fast, slow = _both_paths(monkeypatch, data[:cut])
+            if isinstance(slow, str):
+                assert fast == slow, (kw, cut, fast, slow)
+            else:  # Pillow decodes it: the fast path must give the same pixels
+                assert np.abs(rgb_of(fast) - rgb_of(slow)).max() <= 1, (kw, cut)
+        with pytest.raises(ImageDecodeError) as ei:
+            decode_image(data[: len(data) * 2 // 3])
+        assert ei.value.reason == "truncated"
+
+
+@needs_simplejpeg
+def test_fast_path_corrupt_data_warning_falls_back_to_pillow(monkeypatch):
+    data = encode(smooth_rgb(64, 48), "JPEG")
+    assert data.endswith(b"\xff\xd9")
+    junk = data[:-2] + b"\x00\x01\x02" + data[-2:]  # libjpeg warns "extraneous bytes before marker"
+    fast, slow = _both_paths(monkeypatch, junk)
+    assert not isinstance(slow, str)
+    np.testing.assert_array_equal(rgb_of(fast), rgb_of(slow))
+
+
+@needs_simplejpeg
+def test_fast_path_cmyk_and_limit(monkeypatch):
+    arr = np.zeros((16, 32, 4), np.uint8)
+    arr[:, :16] = (0, 255, 255, 0)
+    data = encode(Image.fromarray(arr, "CMYK"), "JPEG", quality=95)
+    calls = _spy_decode(monkeypatch)
+    out = rgb_of(decode_image(data))
+    assert calls == []  # CMYK is left to Pillow
+    np.testing.assert_allclose(out[4:12, 2:12].mean(axis=(0, 1)), (255, 0, 0), atol=6)
+    big = encode(smooth_rgb(64, 64), "JPEG")
+    with pytest.raises(ImageDecodeError) as ei:
+        decode_image(big, max_pixels=64 * 64 - 1)
+    assert ei.value.reason == "too_large"
+    assert calls == []  # rejected from the header, nothing decoded
+
+
+def test_jpeg_app1_scan():
+    plain = encode(smooth_rgb(16, 16), "JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    assert transforms._jpeg_has_app1(plain) is False
+    assert transforms._jpeg_has_app1(encode(smooth_rgb(16, 16), "JPEG", exif=exif.tobytes())) is True
+    assert transforms._jpeg_has_app1(plain[:2] + b"\x00" + plain[2:]) is None  # garbage between segments
+    assert transforms._jpeg_has_app1(plain[:30]) is None  # ends before SOS

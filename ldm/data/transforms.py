@@ -22,9 +22,19 @@
 * EXIF orientation is applied (`PIL.ImageOps.exif_transpose`) on every path, LAION included: it is
   a no-op for images without an orientation tag (no copy is made), and web images that carry one
   are displayed upright by browsers, so upright is what the caption describes.
-* JPEG fast path: with ``target_short_side`` the DCT decoder scales by the largest factor in
-  {1/2, 1/4, 1/8} that keeps the short side >= ``target_short_side`` (`Image.draft`), which the
-  final antialiased resize then brings to the training size.
+* JPEG fast path: with ``target_short_side`` the JPEG is decoded at a reduced DCT scale, the
+  smallest one whose short side is still >= ``target_short_side``; the final antialiased resize
+  then brings it to the training size. When the optional `simplejpeg` package (libjpeg-turbo)
+  is importable, baseline and progressive YCbCr / RGB / grayscale JPEGs are decoded by it: its
+  scales are M/8 for M in 1..8 (e.g. 5/8 gives 400x300 from 640x480 for a 256 target, where
+  Pillow's draft only offers 1/2, 1/4, 1/8 and would have to decode at full size), its decoder
+  is faster than Pillow's, and the header is read without building a Pillow image. The pixel
+  limit is checked on the header before decoding; EXIF/XMP orientation is read through Pillow
+  whenever the header has an APP1 segment (the only place Pillow reads it from in a JPEG). CMYK /
+  YCCK JPEGs, headers this path does not understand, and any libjpeg-turbo error or warning
+  (truncated data included) fall back to the Pillow path below, which then decides the result
+  or the error reason exactly as before. Without `simplejpeg`, Pillow's draft (1/2, 1/4, 1/8)
+  is used.
 
 `ImageTransform` does the training-time geometry: short-side resize to the target (small images
 are upscaled, never dropped) + random or centre crop + optional horizontal flip, normalised to
@@ -45,12 +55,17 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+try:  # optional fast JPEG decoder (libjpeg-turbo with M/8 DCT scaling); Pillow is the fallback
+    import simplejpeg as _simplejpeg
+except ImportError:  # pragma: no cover - depends on the environment
+    _simplejpeg = None
+
 try:  # Pillow >= 9.1
     _RESAMPLE = Image.Resampling
-    _TRANSPOSE_FLIP = Image.Transpose.FLIP_LEFT_RIGHT
+    _TRANSPOSE = Image.Transpose
 except AttributeError:  # pragma: no cover - very old Pillow
-    _RESAMPLE = Image
-    _TRANSPOSE_FLIP = Image.FLIP_LEFT_RIGHT
+    _RESAMPLE = _TRANSPOSE = Image
+_TRANSPOSE_FLIP = _TRANSPOSE.FLIP_LEFT_RIGHT
 
 # Pillow's decompression-bomb limit as shipped (read once, at import; never written).
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
@@ -60,6 +75,8 @@ NORMALIZE_MODES = ("minus_one_one", "zero_one")
 _EXIF_ORIENTATION = 0x0112
 _DRAFT_SCALES = (8, 4, 2)
 _WHITE = (255, 255, 255)
+_JPEG_SOI = b"\xff\xd8\xff"  # what Pillow's JPEG plugin accepts
+_SIMPLEJPEG_COLORSPACES = ("YCbCr", "RGB", "Gray")  # libjpeg-turbo converts these to RGB itself
 
 
 class ImageDecodeError(ValueError):
@@ -135,6 +152,18 @@ def _apply_draft(img: Image.Image, target_short_side: int) -> None:
         img.draft("RGB", (w // k, h // k))
 
 
+# EXIF orientation -> the Pillow transpose that makes the image upright (as ImageOps.exif_transpose).
+_ORIENTATION_TRANSPOSE = {
+    2: _TRANSPOSE.FLIP_LEFT_RIGHT,
+    3: _TRANSPOSE.ROTATE_180,
+    4: _TRANSPOSE.FLIP_TOP_BOTTOM,
+    5: _TRANSPOSE.TRANSPOSE,
+    6: _TRANSPOSE.ROTATE_270,
+    7: _TRANSPOSE.TRANSVERSE,
+    8: _TRANSPOSE.ROTATE_90,
+}
+
+
 def _exif_orientation(img: Image.Image) -> int:
     try:
         return int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
@@ -177,6 +206,75 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _jpeg_has_app1(data: bytes) -> bool | None:
+    """Whether a JPEG has an APP1 segment (EXIF or XMP) before its first SOS marker.
+
+    Pillow reads a JPEG's orientation only from APP1 segments before the first SOS. Returns None
+    when the marker sequence is not a plain one (bytes between segments, a length running past
+    the end, EOI before SOS, ...): such files are left to Pillow.
+    """
+    n, i = len(data), 2  # data[:2] is SOI
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0xDA:  # SOS
+            return False
+        elif marker == 0xE1:  # APP1
+            return True
+        elif 0xD0 <= marker <= 0xD8 or marker == 0x01:  # RSTn, SOI, TEM: no length field
+            i += 2
+        elif marker == 0xD9:  # EOI
+            return None
+        else:
+            length = (data[i + 2] << 8) | data[i + 3]
+            if length < 2:
+                return None
+            i += 2 + length
+    return None
+
+
+def _decode_jpeg_fast(data: bytes, max_pixels: int | None, target_short_side: int | None) -> Image.Image | None:
+    """`decode_image` through simplejpeg (libjpeg-turbo); None: leave this file to the Pillow path.
+
+    Scale: the smallest M/8 (M = 1..8) whose short side is still >= target_short_side (libjpeg-
+    turbo's scaled IDCT, output ceil(size * M / 8)); the full size when the image is smaller.
+    """
+    try:
+        h, w, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
+    except Exception:  # header libjpeg-turbo cannot read: Pillow decides (and names the error)
+        return None
+    if colorspace not in _SIMPLEJPEG_COLORSPACES or w <= 0 or h <= 0:
+        return None  # CMYK / YCCK (Adobe inversion handled by Pillow), unknown layouts
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageDecodeError("too_large", f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+    has_app1 = _jpeg_has_app1(data)
+    if has_app1 is None:
+        return None
+    orientation = 1
+    if has_app1:  # EXIF / XMP orientation, read exactly as the Pillow path reads it
+        try:
+            orientation = _exif_orientation(_open(data))
+        except Exception:
+            return None
+    min_h = min_w = 0
+    if target_short_side is not None and min(w, h) > target_short_side:
+        if h <= w:
+            min_h = target_short_side
+        else:
+            min_w = target_short_side
+    try:  # strict: libjpeg-turbo warnings (e.g. "Premature end of JPEG file") raise
+        arr = _simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w, strict=True)
+    except Exception:
+        return None
+    img = Image.fromarray(arr)  # [H, W, 3] uint8 -> RGB
+    if orientation in _ORIENTATION_TRANSPOSE:
+        img = img.transpose(_ORIENTATION_TRANSPOSE[orientation])
+    return img
+
+
 def decode_image(
     data: bytes,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -189,7 +287,8 @@ def decode_image(
         max_pixels: reject images whose header size exceeds this many pixels (None: no limit).
         target_short_side: if given and the image is a JPEG, decode at the smallest DCT scale
             whose short side is still >= this value (the output may be larger; never smaller
-            than the original's short side allows).
+            than the original's short side allows). Scales: M/8 through simplejpeg when it is
+            installed, else 1/2, 1/4, 1/8 through Pillow's draft (see the module docstring).
     Raises:
         ImageDecodeError with ``reason`` "undecodable", "truncated" or "too_large".
     """
@@ -199,8 +298,13 @@ def decode_image(
         raise ValueError(f"target_short_side must be positive or None, got {target_short_side}")
     if not data:
         raise ImageDecodeError("undecodable", "empty data")
+    data = bytes(data)
+    if _simplejpeg is not None and data[:3] == _JPEG_SOI:
+        fast = _decode_jpeg_fast(data, max_pixels, target_short_side)
+        if fast is not None:
+            return fast
     try:
-        img = _open(bytes(data))
+        img = _open(data)
     except ImageDecodeError:
         raise
     except Exception as e:
@@ -227,7 +331,7 @@ def decode_image(
         raise ImageDecodeError(reason, f"{type(e).__name__}: {msg}") from None
 
     try:
-        if orientation in (2, 3, 4, 5, 6, 7, 8):
+        if orientation in _ORIENTATION_TRANSPOSE:
             img = ImageOps.exif_transpose(img)
         return to_rgb(img)
     except ImageDecodeError:
