@@ -230,3 +230,36 @@ def test_prior_and_decoder_match_diffusers_end_to_end(setup, monkeypatch):
     # guidance, text and the Stage C latent all move the result
     assert np.abs(ref_c[0] - ref_c[1]).max() > 1e-2 and np.abs(ref_b[0] - ref_b[1]).max() > 1e-2
     assert 0.05 < ref_px.std() and np.abs(ref_px[0] - ref_px[1]).max() > 0.05
+
+
+def test_seed_pdparams_folder_gives_the_same_latents(setup, tmp_path):
+    """The seed's archive format: the same networks saved with paddle.save as `.pdparams` (read by
+    the restricted unpickler) next to the converted CLIP folder give identical latents, and
+    `.safetensors` wins when both exist."""
+    import shutil
+
+    from ldm.cascade import pipeline as pl
+    from ldm.cascade.stage_b import load_stage_b
+    from ldm.cascade.stage_c import load_stage_c
+
+    _, cfg = setup
+    src = cfg.weights_path
+    shutil.copytree(os.path.join(src, "clip_text"), tmp_path / "clip_text")
+    for name, load in (("stage_c_lite", lambda p: load_stage_c(p, "tiny")), ("stage_b_lite", lambda p: load_stage_b(p, "tiny"))):
+        paddle.save(load(os.path.join(src, f"{name}.safetensors")).state_dict(), str(tmp_path / f"{name}.pdparams"))
+    for name in ("stage_a", "previewer"):
+        shutil.copy(os.path.join(src, f"{name}.safetensors"), tmp_path / f"{name}.safetensors")
+    cfg_pd = C.CascadeConfig(weights_path=str(tmp_path), model_c_version="tiny", model_b_version="tiny")
+    assert pl.resolve_weights(cfg_pd, ["stage_c", "stage_b"]) == {
+        "stage_c": str(tmp_path / "stage_c_lite.pdparams"), "stage_b": str(tmp_path / "stage_b_lite.pdparams")}
+
+    def run(c):
+        m, mb = ModelC(c, progress=False), ModelB(c, progress=False)
+        _, lat_c = m.log_image("a cat", height=H, width=W, batch_size=1, seed=5, steps=2)
+        _, lat_b = mb.log_image(lat_c, "a cat", seed=5, steps=2)
+        return lat_c.numpy(), lat_b.numpy()
+
+    for a, b in zip(run(cfg), run(cfg_pd)):
+        assert np.array_equal(a, b)
+    shutil.copy(os.path.join(src, "stage_c_lite.safetensors"), tmp_path / "stage_c_lite.safetensors")
+    assert pl.resolve_weights(cfg_pd, ["stage_c"])["stage_c"] == str(tmp_path / "stage_c_lite.safetensors")
