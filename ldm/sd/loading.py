@@ -98,7 +98,31 @@ def resolve_paths(model_args) -> ComponentPaths:
     for name in ("unet", "vae", "text_encoder", "tokenizer"):
         if not getattr(paths, name):
             raise ValueError(f"no path for the {name}: pass --{name}_name_or_path or --pretrained_model_name_or_path")
+    paths.unet = _shipped_config_fallback(paths.unet)
+    # check everything before loading anything (a random-init SD UNet alone takes a while)
+    for name, what in (("vae", "VAE"), ("text_encoder", "text encoder"), ("tokenizer", "tokenizer")):
+        _check_folder(getattr(paths, name), what)
+    if paths.unet.endswith(".json"):
+        if not os.path.isfile(paths.unet):
+            raise _missing(paths.unet, "UNet config")
+    else:
+        _check_folder(paths.unet, "UNet")
     return paths
+
+
+SHIPPED_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "sd")
+
+
+def _shipped_config_fallback(path: str) -> str:
+    """The seed's multi-GPU command passes `./unet_config.json`; the config ships as sd/unet_config.json.
+    A missing *.json whose file name is shipped in sd/ resolves to the shipped one (logged)."""
+    if not path.endswith(".json") or os.path.isfile(path):
+        return path
+    shipped = os.path.join(SHIPPED_CONFIG_DIR, os.path.basename(path))
+    if os.path.isfile(shipped):
+        logger.warning("UNet config %s not found; using the shipped %s", path, shipped)
+        return shipped
+    return path
 
 
 def load_unet(path: str):
