@@ -1,12 +1,13 @@
 """The offline ``tiny`` preset: every Stable Cascade component with small random weights.
 
-Nothing is read from disk or the network: a byte-level CLIP tokenizer (the 256 byte symbols,
-the same with ``</w>``, ``<|startoftext|>`` and ``<|endoftext|>``, no merges), a 2-layer CLIP
-text and vision model with projection 32, and the ``tiny`` presets of Stage C / Stage B /
-Stage A / Previewer (the EfficientNet encoder keeps its real architecture, built only for
-img2img). Parameters the reference initialises to zero get small random values, so the tiny
-networks do respond to their conditioning. Each network is initialised from its own fixed seed, so the preset is identical in
-every process; the caller's global Paddle RNG state is restored afterwards.
+Nothing is downloaded or read from a weights folder: a byte-level CLIP tokenizer (the 256 byte
+symbols, the same with ``</w>``, ``<|startoftext|>`` and ``<|endoftext|>``, no merges; written
+to a temporary folder and read back), a 2-layer CLIP text and vision model with projection 32,
+and the ``tiny`` presets of Stage C / Stage B / Stage A / Previewer (the EfficientNet encoder
+keeps its real architecture, built only for img2img). Parameters the reference initialises to
+zero get small random values, so the tiny networks respond to their conditioning. Each network
+is initialised from its own fixed seed, so the preset is identical in every process; the
+caller's global Paddle RNG state is restored afterwards.
 """
 from __future__ import annotations
 
