@@ -1,7 +1,9 @@
 """SD v1 training loss pieces vs diffusers' DDPMScheduler (torch) on identical random inputs; the
 argument parsing contract (env-flag defaults); local-only path handling."""
 import itertools
+import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -167,12 +169,22 @@ def test_hub_id_fails_clearly_and_unet_choice_is_logged(tmp_path, caplog):
     with pytest.raises(FileNotFoundError, match="never downloads"):
         load_vae("CompVis/stable-diffusion-v1-4/vae")
     cfg = tmp_path / "unet_config.json"
-    import json
 
     cfg.write_text(json.dumps(TINY_UNET))
+    with pytest.raises(FileNotFoundError, match="VAE"):  # every path is checked before anything loads
+        resolve_paths(SDModelArguments(pretrained_model_name_or_path=str(tmp_path / "pipe"), unet_name_or_path=str(cfg)))
+    for sub in ("vae", "text_encoder", "tokenizer"):
+        (tmp_path / "pipe" / sub).mkdir(parents=True)
     paths = resolve_paths(SDModelArguments(pretrained_model_name_or_path=str(tmp_path / "pipe"),
                                            unet_name_or_path=str(cfg)))
     assert paths.unet == str(cfg) and paths.vae == str(tmp_path / "pipe" / "vae")
+    # the seed's multi-GPU command passes ./unet_config.json: the shipped SD v1 config is used
+    shipped = resolve_paths(SDModelArguments(pretrained_model_name_or_path=str(tmp_path / "pipe"),
+                                             unet_name_or_path=str(tmp_path / "nowhere" / "unet_config.json")))
+    assert shipped.unet.endswith(os.path.join("sd", "unet_config.json"))
+    with open(shipped.unet) as f:
+        sd_v1 = json.load(f)
+    assert sd_v1["block_out_channels"] == [320, 640, 1280, 1280] and sd_v1["cross_attention_dim"] == 768
     logging.getLogger("ldm.sd.loading").propagate = True
     with caplog.at_level(logging.INFO, logger="ldm.sd.loading"):
         unet = load_unet(str(cfg))
