@@ -490,7 +490,6 @@ def build_stage_c_trainer(model_args, data_args, training_args, components=None,
     from ldm.data.folder import FolderDataset
     from ldm.train.callbacks import EMACallback, ImageLoggingCallback, TimingCallback
     from ldm.train.checkpoint import CheckpointMarkerCallback
-    from ldm.train.optim import build_param_groups
     from ldm.train.trainer import DiffusionTrainer
 
     if components is None:
@@ -519,7 +518,8 @@ def build_stage_c_trainer(model_args, data_args, training_args, components=None,
         callbacks.append(ImageLoggingCallback(training_args.image_logging_steps, kwargs))
     callbacks += [TrainStateCallback(layer, dataset), CheckpointMarkerCallback()]  # marker last
     trainer = DiffusionTrainer(model=layer, args=training_args, train_dataset=dataset, callbacks=callbacks)
-    trainer.set_optimizer_grouped_parameters(build_param_groups(
-        layer.param_groups(), {}, base_learning_rate=training_args.learning_rate,
-        weight_decay=training_args.weight_decay))
+    # a flat list of the Stage C parameters: weight decay on all of them, as the original's AdamW
+    # (bitsandbytes AdamW8bit, weight_decay 0.01 everywhere); the frozen encoders get no optimiser
+    # state; and the sharding optimisers (ZeRO stage 1/2) accept only a list, not parameter groups
+    trainer.set_optimizer_grouped_parameters([p for _, p in layer.param_groups()["stage_c"] if not p.stop_gradient])
     return trainer, layer, ema
