@@ -4,7 +4,8 @@
 
 runs this file as a worker: `train_stage_c_trainer.main` for one epoch of the 8-image demo set
 (2 steps of 2 images per rank), recording each rank's captions, then every rank writes its own
-Stage C parameters. The test checks that the ranks read disjoint halves of the data and end with
+Stage C parameters; once as plain data parallel, once with ZeRO stage 1 (`--sharding stage1`,
+optimiser state split over the ranks) and recompute. Stage 2 needs a GPU. The test checks that the ranks read disjoint halves of the data and end with
 identical parameters that differ from the initial ones.
 """
 import os
@@ -12,12 +13,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "assets", "demo_dataset")
 
 
-def worker(out):
+def worker(out, extra):
     sys.path.insert(0, ROOT)
     import paddle
 
@@ -27,19 +29,20 @@ def worker(out):
         "--do_train", "--dataset_path", DEMO, "--output_dir", os.path.join(out, "train"), "--model_version", "tiny",
         "--resolution", "64", "--per_device_train_batch_size", "2", "--max_steps", "2", "--learning_rate", "1e-3",
         "--logging_steps", "1", "--save_steps", "100", "--seed", "7", "--report_to", "none", "--disable_tqdm", "True",
-        "--image_logging_steps", "0", "--use_ema", "True", "--record_log_dir", os.path.join(out, "captions"),
+        "--image_logging_steps", "0", "--use_ema", "True", "--record_log_dir", os.path.join(out, "captions"), *extra,
     ])
     rank = paddle.distributed.get_rank()
     state = {k: v.numpy() for k, v in trainer.model.stage_c.state_dict().items()}
     np.savez(os.path.join(out, f"params_rank{rank}.npz"), **state)
 
 
-def test_two_process_gloo(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--sharding", "stage1", "--recompute", "True"]], ids=["dp", "zero1_recompute"])
+def test_two_process_gloo(tmp_path, extra):
     from ldm.cascade.presets import tiny_components
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
-           str(tmp_path / "log"), os.path.abspath(__file__), str(tmp_path)]
+           str(tmp_path / "log"), os.path.abspath(__file__), str(tmp_path), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     logs = "".join(open(os.path.join(tmp_path / "log", f)).read()[-3000:] for f in sorted(os.listdir(tmp_path / "log")))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs
@@ -58,4 +61,4 @@ def test_two_process_gloo(tmp_path):
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    worker(sys.argv[1], sys.argv[2:])
