@@ -4,7 +4,7 @@ import time
 
 import numpy as np
 
-STEPS, BATCH = 60, 8
+STEPS, BATCH = 40, 8
 
 
 def _images(rng, n, size=16):
