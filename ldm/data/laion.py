@@ -57,6 +57,8 @@ INVALID_REASONS = (
     "too_large",
     "truncated_gzip",
 )
+_READ_BUFFER = 1 << 20
+_ASCII_WS = frozenset(b" \t\n\r\x0b\x0c")  # what bytes.strip() removes
 _DECODE_REASON = {"undecodable": "undecodable", "truncated": "truncated_image", "too_large": "too_large"}
 
 
@@ -88,8 +90,12 @@ def is_gzip(path: str) -> bool:
 
 
 def open_part(path: str):
-    """Open a part file for reading bytes, gzip or plain by magic bytes."""
-    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+    """Open a part file for reading bytes, gzip or plain by magic bytes.
+
+    Plain files get a 1 MiB read buffer: records are ~100 KB lines, which an 8 KiB buffer
+    assembles from a dozen reads each.
+    """
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb", buffering=_READ_BUFFER)
 
 
 def _looks_like_part_file(path: str) -> bool:
@@ -189,20 +195,50 @@ def pass_order(entries: list[FileEntry], seed: int, epoch: int, shuffle: bool) -
 # --------------------------------------------------------------------------- records
 
 
+def _b64decode_strict(data) -> bytes:
+    """base64.b64decode(data, validate=True), minus its copy of memoryview input (Python >= 3.11)."""
+    return binascii.a2b_base64(data, strict_mode=True)
+
+
+try:
+    binascii.a2b_base64(b"", strict_mode=True)
+except TypeError:  # pragma: no cover - Python < 3.11: b64decode(validate=True) checks with a regex
+
+    def _b64decode_strict(data) -> bytes:  # noqa: F811
+        return base64.b64decode(bytes(data), validate=True)
+
+
 def parse_record(raw: bytes) -> tuple[str, bytes]:
-    """(caption, image bytes) of one part-file line; raises RecordError."""
-    cols = raw.rstrip(b"\r\n").split(b"\t")
-    if len(cols) < 3:
-        raise RecordError("too_few_columns", f"{len(cols)} column(s), need caption\\tplaceholder\\tbase64")
+    """(caption, image bytes) of one part-file line; raises RecordError.
+
+    Same result as ``cols = raw.rstrip(b"\r\n").split(b"\t")``, ``cols[0]`` as the caption and
+    ``base64.b64decode(cols[2].strip(), validate=True)`` as the image, but the ~100 KB base64
+    column is decoded in place (a memoryview of the line) instead of being copied three times.
+    """
+    t1 = raw.find(b"\t")
+    t2 = raw.find(b"\t", t1 + 1) if t1 >= 0 else -1
+    if t2 < 0:
+        n_cols = len(raw.rstrip(b"\r\n").split(b"\t"))
+        raise RecordError("too_few_columns", f"{n_cols} column(s), need caption\\tplaceholder\\tbase64")
     try:
-        caption = cols[0].decode("utf-8")
+        caption = raw[:t1].decode("utf-8")
     except UnicodeDecodeError:
         try:
-            caption = cols[0].decode("gb18030")
+            caption = raw[:t1].decode("gb18030")
         except UnicodeDecodeError:
             raise RecordError("non_utf8", "caption is neither UTF-8 nor GB18030") from None
+    start = t2 + 1
+    end = raw.find(b"\t", start)
+    if end < 0:
+        end = len(raw)
+    while start < end and raw[start] in _ASCII_WS:  # cols[2].strip()
+        start += 1
+    while end > start and raw[end - 1] in _ASCII_WS:
+        end -= 1
+    if start == end:
+        raise RecordError("bad_base64", "empty image column")
     try:
-        data = base64.b64decode(cols[2].strip(), validate=True)
+        data = _b64decode_strict(memoryview(raw)[start:end])
     except (binascii.Error, ValueError) as e:
         raise RecordError("bad_base64", str(e)) from None
     if not data:
