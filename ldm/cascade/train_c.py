@@ -202,7 +202,9 @@ def enable_recompute(net: nn.Layer) -> None:
     """
     from paddle.distributed.fleet.utils import recompute
 
-    run = type(net)._run_block
+    run = getattr(type(net), "_run_block", None)
+    if run is None:
+        raise TypeError(f"{type(net).__name__} has no _run_block: --recompute cannot wrap its blocks")
 
     def run_block(block, x, r_embed, clip, skip=None):
         if not net.training:
