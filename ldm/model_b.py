@@ -56,8 +56,8 @@ class ModelB:
         height, width = pl.check_size(height or dh, width or dw)
         sampling = SamplingConfig(steps=int(steps), cfg=float(cfg), shift=float(shift), cfg_rho=float(cfg_rho),
                                   t_start=float(t_start), per_sample_rho=per_sample_rho)
-        captions = pl._broadcast(caption, bsz, "caption")
-        negative = pl._broadcast(negative_caption, bsz, "negative caption")
+        captions = pl.as_batch(caption, bsz, "caption")
+        negative = pl.as_batch(negative_caption, bsz, "negative caption")
         latent_b = pl.sample_stage_b(self.components, self.gdf, latent_c, captions, negative, int(seed), height,
                                      width, sampling, progress=self.progress, final=final, noise=noise,
                                      x_init=x_init, low_memory=self.low_memory)

@@ -64,8 +64,8 @@ class ModelC:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         height, width = pl.check_size(height, width)
-        captions = pl._broadcast(caption, int(batch_size), "caption")
-        negative = pl._broadcast(negative_caption, int(batch_size), "negative caption")
+        captions = pl.as_batch(caption, int(batch_size), "caption")
+        negative = pl.as_batch(negative_caption, int(batch_size), "negative caption")
         sampling = SamplingConfig(steps=int(steps), cfg=float(cfg), shift=float(shift), cfg_rho=float(cfg_rho),
                                   t_start=float(t_start), per_sample_rho=per_sample_rho)
         latent_c = pl.sample_stage_c(self.components, self.gdf, captions, negative, int(seed), height, width,

@@ -101,6 +101,9 @@ class Components:
     ``release(name)`` drops it (low-memory mode frees each stage before the next)."""
 
     def __init__(self, builders: Dict[str, Callable[[], object]], dtype: str = "float32"):
+        unknown = set(builders) - set(COMPONENT_NAMES)
+        if unknown:
+            raise ValueError(f"unknown components {sorted(unknown)}; known: {COMPONENT_NAMES}")
         self.builders = dict(builders)
         self.dtype = dtype
         self._cache: Dict[str, object] = {}
@@ -253,7 +256,8 @@ def to_uint8(images: paddle.Tensor) -> np.ndarray:
     return (x * 255.0 + 0.5).astype(np.uint8)
 
 
-def _broadcast(captions, batch_size: int, what: str) -> List[str]:
+def as_batch(captions, batch_size: int, what: str) -> List[str]:
+    """One caption for every image, or exactly one per image."""
     if isinstance(captions, str):
         return [captions] * batch_size
     captions = list(captions)
