@@ -1,5 +1,5 @@
 """Worker for test_sd_distributed.py: runs the SD trainer under paddle.distributed.launch, then
-writes this rank's final UNet weights (final_rank<k>.npz) and log history (history_rank<k>.json)."""
+writes this rank's final UNet + text encoder weights (final_rank<k>.npz) and log history (history_rank<k>.json)."""
 import importlib.util
 import json
 import os
@@ -15,7 +15,8 @@ if __name__ == "__main__":
     spec.loader.exec_module(train)
     trainer = train.main(sys.argv[1:])
     rank = max(trainer.args.process_index, 0)
-    state = {k: v.numpy() for k, v in trainer.model.unet.state_dict().items()}
+    state = {f"unet.{k}": v.numpy() for k, v in trainer.model.unet.state_dict().items()}
+    state.update({f"text_encoder.{k}": v.numpy() for k, v in trainer.model.text_encoder.state_dict().items()})
     with open(os.path.join(trainer.args.output_dir, f"history_rank{rank}.json"), "w") as f:
         json.dump(trainer.state.log_history, f)
     np.savez(os.path.join(trainer.args.output_dir, f"final_rank{rank}.npz"), **state)

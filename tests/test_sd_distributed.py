@@ -1,5 +1,6 @@
 """2-process CPU data parallel (gloo) under `python -m paddle.distributed.launch --nproc_per_node 2`:
-each rank trains on its own shard (disjoint records) and both end with identical weights."""
+each rank trains on its own shard (disjoint records) and both end with identical weights
+(UNet and the text encoder, trained here with its own learning rate)."""
 import os
 import subprocess
 import sys
@@ -34,7 +35,8 @@ def test_two_process_data_parallel(tmp_path):
            "--unet_name_or_path", str(tmp_path / "m" / "unet_config.json"),
            "--file_list", str(tmp_path / "data" / "filelist" / "custom_dataset.filelist.list"),
            "--model_max_length", "16", "--max_grad_norm", "-1", "--disable_tqdm", "True", "--caption_drop_prob", "0",
-           "--recompute", "1", "--use_ema", "1", "--record_log_dir", str(records)]
+           "--recompute", "1", "--use_ema", "1", "--record_log_dir", str(records),
+           "--train_text_encoder", "True", "--text_encoder_learning_rate", "1e-3"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=str(tmp_path))
     logs = ""
     for f in sorted((tmp_path / "logs").glob("workerlog.*")):
@@ -58,3 +60,15 @@ def test_two_process_data_parallel(tmp_path):
     assert len(norms) == 3 and min(norms) > 0, hist
     assert (out / "checkpoint-3" / "checkpoint_complete.json").is_file()
     assert (out / "checkpoint-3" / "unet_ema" / "diffusion_paddle_model.safetensors").is_file()
+    # the trained text encoder is saved (only_save_updated_model) and both ranks moved it identically
+    assert (out / "checkpoint-3" / "text_encoder" / "config.json").is_file()
+    assert any(k.startswith("text_encoder.") for k in w0.files)
+    from ppdiffusers.transformers import CLIPTextModel
+
+    te = CLIPTextModel.from_pretrained(str(out / "checkpoint-3" / "text_encoder"))
+    k = "text_model.encoder.layers.0.mlp.fc1.weight"
+    np.testing.assert_array_equal(te.state_dict()[k].numpy(), w0[f"text_encoder.{k}"])
+    from ldm.sd.loading import load_text_encoder
+
+    original = load_text_encoder(str(tmp_path / "m" / "text_encoder")).state_dict()[k].numpy()
+    assert np.abs(original - w0[f"text_encoder.{k}"]).max() > 1e-5  # it was trained
