@@ -1,7 +1,7 @@
 """Data-loading throughput on LAION-format part files: this project's pipeline against baselines.
 
     python benchmarks/bench_dataloader.py --make_data /tmp/bench_data --num_images 200
-    python benchmarks/bench_dataloader.py --file_list /tmp/bench_data/bench.filelist.list \
+    python benchmarks/bench_dataloader.py --file_list /tmp/bench_data/filelist/bench.filelist.list \
         --resolution 256 --num_workers 0 --samples 300
 
 Three pipelines read the same records in the same way (line split + base64 decode) in one
@@ -10,7 +10,7 @@ samples per second of process CPU time (all three are single-threaded, so this i
 throughput of one dedicated core and does not depend on what else the machine runs); the median
 round is reported, and the wall-clock medians are printed too:
 
-1. ours: `ldm.data.laion.LaionDataset` (JPEG draft decode + antialiased crop-box resize +
+1. ours: `ldm.data.laion.LaionDataset` (reduced-scale JPEG decode + antialiased crop-box resize +
    flip + [-1, 1]); if ldm/data/laion.py is missing, `decode_image` + `ImageTransform` directly.
 2. paddlemix: PaddleMIX's `TextImagePair` chain (ppdiffusers/examples/stable_diffusion/sd/
    text_image_pair_dataset.py), re-implemented step by step: UTF-8 line, split on tabs, base64,
@@ -25,11 +25,13 @@ The last stdout line is JSON: `samples_per_s` (ours: per CPU second in this proc
 `samples_per_s_basis`), the three single-process rates, and the ratios `ours_vs_paddlemix`
 (target >= 3) and `ours_vs_decode_only` (target >= 0.4).
 
-Where the time goes (640x480 JPEGs, quality 90, one core): base64 ~0.35 ms, full-size JPEG
-decode ~1.7-1.9 ms, resize ~1.2 ms (ours) vs Lanczos to 379x284 ~4.3 ms + paddle
-ToTensor/Normalize ~1.4 ms (PaddleMIX). At resolution 256 the draft fast path cannot engage on
-640x480 (a 1/2-scale decode gives a 240 px short side < 256), so the full decode bounds the gain;
-at resolution <= 240 it decodes at 1/2 scale.
+Where the time goes (640x480 JPEGs, quality 90, ~74 KB, one core, shared noisy machine):
+base64 ~0.2 ms. Ours with simplejpeg: libjpeg-turbo decode at 5/8 scale (400x300, the smallest
+M/8 whose short side covers 256) ~1.5-1.8 ms + bilinear crop-box resize from 400x300 ~1.0 ms +
+to float ~0.1 ms. Without simplejpeg (`--jpeg_decoder pillow`) Pillow's draft only offers
+1/2, 1/4, 1/8, so at 256 it decodes the full 640x480 (~1.4-1.9 ms) and resizes from it
+(~1.2-2.0 ms). PaddleMIX: the same full decode + Lanczos to 284x379 ~4.3 ms + paddle
+ToTensor/Normalize ~1.4 ms. decode_only: base64 + full Pillow decode.
 
 `--make_data DIR --num_images N` first writes N photo-like 640x480 JPEGs (quality 90) as part
 files under DIR (through `create_pretraining_data` when ldm/data/prepare.py is present).
@@ -266,6 +268,8 @@ def main(argv=None) -> dict:
     p.add_argument("--samples", type=int, default=300, help="samples per pipeline per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jpeg_decoder", choices=("auto", "pillow"), default="auto",
+                   help="auto: simplejpeg when installed (what training uses); pillow: force the Pillow path")
     args = p.parse_args(argv)
     if args.samples < 1 or args.rounds < 1 or args.num_images < 1:
         p.error("--samples, --rounds and --num_images must be >= 1")
@@ -279,6 +283,12 @@ def main(argv=None) -> dict:
         file_list = file_list or made
     if not file_list:
         p.error("give --file_list, or --make_data DIR to create test data")
+
+    from ldm.data import transforms as _transforms
+
+    if args.jpeg_decoder == "pillow":
+        _transforms._simplejpeg = None  # this process only: the DataLoader workers below inherit it
+    jpeg_decoder = "simplejpeg" if _transforms._simplejpeg is not None else "pillow"
 
     import paddle
 
@@ -319,6 +329,7 @@ def main(argv=None) -> dict:
         "wall_samples_per_s": {k: round(v, 2) for k, v in med_wall.items()},
         "rounds_samples_per_s": {k: [round(v, 1) for v in r] for k, r in rates.items()},
         "pipeline": "LaionDataset" if _laion is not None else "decode_image+ImageTransform",
+        "jpeg_decoder": jpeg_decoder,
         "file_list": file_list,
     }
     if args.num_workers >= 1:
