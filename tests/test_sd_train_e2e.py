@@ -70,6 +70,10 @@ def test_sd_pretraining_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "out"
     trainer = train.main(_train_argv(tmp_path, out, 20))
     assert trainer.state.global_step == 20
+    assert trainer.model.unet.is_gradient_checkpointing  # --recompute 1
+    assert all(p.stop_gradient for p in trainer.model.vae.parameters())
+    assert all(p.stop_gradient for p in trainer.model.text_encoder.parameters())  # frozen without --train_text_encoder
+    assert not trainer.model.vae.training
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 4 and all(np.isfinite(losses))
     logged = [h for h in trainer.state.log_history if "loss" in h]
