@@ -34,14 +34,16 @@ class ModelB:
         """Kept for the seed's API: every network is always in eval mode here."""
         return self
 
-    def log_image(self, latent_c: paddle.Tensor, caption: Captions, seed: int = cfg_mod.SEED,
-                  batch_size: Optional[int] = None, steps: int = cfg_mod.STAGE_B_SAMPLING.steps,
-                  cfg: float = cfg_mod.STAGE_B_SAMPLING.cfg, shift: float = cfg_mod.STAGE_B_SAMPLING.shift,
-                  cfg_rho: float = cfg_mod.STAGE_B_SAMPLING.cfg_rho, negative_caption: Captions = "",
-                  height: Optional[int] = None, width: Optional[int] = None, per_sample_rho: bool = True,
+    def log_image(self, latent_c: paddle.Tensor, caption: Captions, height: Optional[int] = None,
+                  width: Optional[int] = None, batch_size: Optional[int] = None, seed: int = cfg_mod.SEED,
+                  steps: int = cfg_mod.STAGE_B_SAMPLING.steps, cfg: float = cfg_mod.STAGE_B_SAMPLING.cfg,
+                  shift: float = cfg_mod.STAGE_B_SAMPLING.shift, cfg_rho: float = cfg_mod.STAGE_B_SAMPLING.cfg_rho,
+                  negative_caption: Captions = "", per_sample_rho: bool = True,
                   final: str = "x0", noise=None, x_init: Optional[paddle.Tensor] = None,
                   t_start: float = 1.0, return_float: bool = False) -> Tuple[np.ndarray, paddle.Tensor]:
-        """Sample Stage B on ``latent_c`` [B, 16, hc, wc] and decode with Stage A.
+        """Sample Stage B on ``latent_c`` [B, 16, hc, wc] and decode with Stage A. The first
+        arguments keep the order of the seed's (PaddleMIX) ModelB.log_image(latent, caption,
+        height, width, batch_size, seed, steps).
 
         height/width default to the size ModelC used (the multiple of 64 whose Stage C latent
         is hc x wc). Image i uses seed + i; ``noise``/``x_init``/``t_start``/``final`` as ModelC. Returns (images uint8 [B, H, W, 3] - float32

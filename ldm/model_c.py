@@ -51,7 +51,9 @@ class ModelC:
                   image=None, init_image=None, strength: float = cfg_mod.IMG2IMG_STRENGTH,
                   per_sample_rho: bool = True, final: str = "x0", noise=None,
                   x_init: Optional[paddle.Tensor] = None, t_start: float = 1.0) -> Tuple[np.ndarray, paddle.Tensor]:
-        """Sample Stage C for ``batch_size`` images of ``caption`` (a string or one per image).
+        """Sample Stage C for ``batch_size`` images of ``caption`` (a string or one per image). The
+        first arguments keep the order of the seed's (PaddleMIX) ModelC.log_image(caption, height,
+        width, cfg, batch_size, seed, steps).
 
         image: PIL image(s) whose CLIP embedding conditions the result (image variation);
         init_image: PIL image(s) to start from (img2img, ``strength`` in (0, 1] = how much of the
