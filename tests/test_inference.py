@@ -131,6 +131,9 @@ def test_models_shapes_low_memory_img2img_variation():
     assert lat_c.shape == [1, 16, 3, 5]
     img, lat_b = model_b.log_image(lat_c, "a cat", seed=3, steps=2)
     assert img.dtype == np.uint8 and img.shape == (1, 128, 192, 3) and lat_b.shape == [1, 4, 32, 48]
+    # the seed's (PaddleMIX) positional order: latent, caption, height, width, batch_size, seed, steps
+    img_pos, _ = model_b.log_image(lat_c, "a cat", 128, 192, 1, 3, 2)
+    assert np.array_equal(img_pos, img)
 
     low = ModelC(preset="tiny", low_memory=True, progress=False,
                  components=pl.Components(model.components.builders))
