@@ -159,7 +159,8 @@ def check_dtype(dtype: str) -> str:
     if dtype != "float32" and not paddle.device.is_compiled_with_cuda():
         raise ValueError(f"dtype {dtype} needs a GPU (Paddle has no {dtype} convolution kernels on "
                          f"CPU); use --dtype float32 on CPU, bfloat16 on a GPU")
-    if dtype == "float16":
+    if dtype == "float16" and not getattr(check_dtype, "warned", False):
+        check_dtype.warned = True
         logger.warning("float16: Stage C/B activations can overflow (NaN/black images upstream); the sampler "
                        "math, Stage A, EfficientNet and Previewer stay float32 and a NaN stops the run. "
                        "bfloat16 is recommended.")
