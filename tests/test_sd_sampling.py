@@ -1,5 +1,7 @@
 """SD sampling: the four schedulers, per-image seeds (image i of a batch == a single image with
 seed + i), guidance on/off, PNG metadata."""
+import os
+
 import numpy as np
 import pytest
 
@@ -65,3 +67,30 @@ def test_png_metadata(tmp_path):
     im = Image.open(tmp_path / "x.png")
     assert im.text == {"prompt": "a cat", "seed": "7"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]  # no temp file left
+
+
+def test_full_save_is_a_pipeline_folder(parts, tmp_path):
+    """only_save_updated_model=False: the checkpoint is a StableDiffusionPipeline folder (safetensors
+    everywhere) and also feeds generate_sd.py's loader; load_trained restores the UNet exactly."""
+    import paddle
+    from ppdiffusers import StableDiffusionPipeline
+
+    from ldm.sd.loading import load_for_inference
+    from ldm.sd.model import StableDiffusionModel
+
+    unet, vae, te, tok = parts
+    model = StableDiffusionModel(unet, vae, te, tok, prediction_type="v_prediction")
+    model.save_trained(str(tmp_path), only_updated=False)
+    assert sorted(os.listdir(tmp_path)) == ["model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+    assert not any(f.endswith((".pdparams", ".bin")) for _, _, fs in os.walk(tmp_path) for f in fs)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path), safety_checker=None)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    img = pipe("a", height=16, width=16, num_inference_steps=2, output_type="np").images
+    assert img.shape == (1, 16, 16, 3)
+    *_, sched_cfg = load_for_inference(str(tmp_path))
+    assert sched_cfg["prediction_type"] == "v_prediction"
+    key = "conv_in.weight"
+    before = unet.state_dict()[key].numpy().copy()
+    unet.state_dict()[key].set_value(paddle.zeros_like(unet.state_dict()[key]))
+    model.load_trained(str(tmp_path))
+    np.testing.assert_array_equal(unet.state_dict()[key].numpy(), before)

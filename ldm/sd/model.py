@@ -31,6 +31,14 @@ __all__ = ["StableDiffusionModel", "DEFAULT_VALIDATION_PROMPTS", "SD_SCALING_FAC
 SD_SCALING_FACTOR = 0.18215  # AutoencoderKL kl-f8 of SD v1 (vae/config.json `scaling_factor`)
 UNET_WEIGHTS = "diffusion_paddle_model.safetensors"  # ppdiffusers' Paddle safetensors file name
 UNET_EMA_DIR = "unet_ema"
+# a full checkpoint (only_save_updated_model=False) is a StableDiffusionPipeline folder
+PIPELINE_INDEX = {
+    "_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
+    "feature_extractor": [None, None], "image_encoder": [None, None], "safety_checker": [None, None],
+    "scheduler": ["ppdiffusers", "DDPMScheduler"], "text_encoder": ["ppdiffusers.transformers", "CLIPTextModel"],
+    "tokenizer": ["ppdiffusers.transformers", "CLIPTokenizer"], "unet": ["ppdiffusers", "UNet2DConditionModel"],
+    "vae": ["ppdiffusers", "AutoencoderKL"],
+}
 DEFAULT_VALIDATION_PROMPTS = (
     "a photo of an astronaut riding a horse on mars",
     "a little girl dances in the cherry blossom rain",
@@ -158,14 +166,17 @@ class StableDiffusionModel(nn.Layer):
         return {k: v for k, v in iter_state_dict(_find_weights(folder)) if k in names}
 
     def save_trained(self, output_dir: str, only_updated: bool = True) -> None:
-        """unet/ (+ text_encoder/ when trained) [+ vae/, tokenizer/ for a full pipeline] + scheduler/."""
+        """unet/ (+ text_encoder/ when trained) + scheduler/; with only_updated=False also vae/,
+        text_encoder/, tokenizer/ and model_index.json: a StableDiffusionPipeline folder."""
         self.unet.save_pretrained(os.path.join(output_dir, "unet"))
         if self.train_text_encoder or not only_updated:
-            self.text_encoder.save_pretrained(os.path.join(output_dir, "text_encoder"))
+            self.text_encoder.save_pretrained(os.path.join(output_dir, "text_encoder"), safe_serialization=True)
         if not only_updated:
             self.vae.save_pretrained(os.path.join(output_dir, "vae"))
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(os.path.join(output_dir, "tokenizer"))
+            with open(os.path.join(output_dir, "model_index.json"), "w", encoding="utf-8") as f:
+                json.dump(PIPELINE_INDEX, f, indent=2)
         sched = os.path.join(output_dir, "scheduler")
         os.makedirs(sched, exist_ok=True)
         cfg = {"_class_name": "DDPMScheduler", "beta_start": self.schedule.beta_start,
