@@ -72,9 +72,12 @@ class SDDataArguments:
         metadata={"help": "A .filelist.list (filelists, optional weights), a .filelist, or one part file."},
     )
     resolution: int = field(default=512, metadata={"help": "Training image size (square)."})
-    center_crop: bool = field(default=True, metadata={"help": "Centre crop (else random crop)."})
+    center_crop: bool = field(default=False, metadata={"help": "Centre crop (default: random crop, as diffusers)."})
     random_flip: bool = field(default=False, metadata={"help": "Random horizontal flip."})
-    caption_drop_prob: float = field(default=0.0, metadata={"help": "Probability of training on an empty caption."})
+    caption_drop_prob: float = field(
+        default=0.1,
+        metadata={"help": "Probability of training on an empty caption (SD v1: 10%, what guidance > 1 relies on)."},
+    )
 
     def __post_init__(self):
         if self.resolution <= 0 or self.resolution % 8:
