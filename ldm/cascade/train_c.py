@@ -482,6 +482,8 @@ class TrainStateCallback(TrainerCallback):
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(self.layer.train_state(), f)
         os.replace(tmp, path)
+        if args.world_size > 1:  # every rank's file exists before rank 0 marks the checkpoint complete
+            paddle.distributed.barrier()
 
 
 def build_stage_c_trainer(model_args, data_args, training_args, components=None, config: Optional[dict] = None):
