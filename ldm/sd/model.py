@@ -216,7 +216,8 @@ class StableDiffusionModel(nn.Layer):
         self.eval()
         out = {}
         try:
-            size = resolution or (pixel_values.shape[-1] if pixel_values is not None else vae_scale_factor(self.vae) * self.unet.config.sample_size)
+            size = resolution or (pixel_values.shape[-1] if pixel_values is not None
+                                  else vae_scale_factor(self.vae) * self.unet.config.sample_size)
             for g in guidance_scales:
                 images = generate(self.unet, self.vae, self.text_encoder, self.tokenizer,
                                   make_scheduler("ddim", self.scheduler_config), list(prompts), size, size,
