@@ -72,17 +72,31 @@ class GlobalResponseNorm(nn.Layer):
         self.beta = self.create_parameter([1, 1, 1, dim], default_initializer=zeros)
 
     def scale(self, x):  # (B, H, W, C) -> (B, 1, 1, C) such that GRN(x) = x * scale(x) + beta
-        ss = (x * x).sum(axis=[1, 2], keepdim=True)  # (B, 1, 1, C)
-        # sqrt's gradient is inf at 0 (a channel that is all zeros, e.g. GELU underflow after
-        # fine-tuning) -> NaN everywhere; torch.norm's backward gives 0 there, so mask it the same way
-        live = ss > 0
-        gx = paddle.where(live, ss, paddle.ones_like(ss)).sqrt() * live.astype(ss.dtype)  # (B, 1, 1, C)
-        nx = gx / (gx.mean(axis=-1, keepdim=True) + GRN_EPS)  # (B, 1, 1, C)
-        return self.gamma * nx + 1.0
+        return _grn_scale((x * x).sum(axis=[1, 2], keepdim=True), self.gamma)
 
     def forward(self, x):  # (B, H, W, C)
         # gamma * (x * nx) + beta + x, with one pass over x instead of three
         return x * self.scale(x) + self.beta
+
+
+def _grn_scale(ss, gamma):
+    """Per-channel sums of squares over the spatial axes (..., C) -> gamma * Nx + 1 (..., C)."""
+    # sqrt's gradient is inf at 0 (a channel that is all zeros, e.g. GELU underflow after
+    # fine-tuning) -> NaN everywhere; torch.norm's backward gives 0 there, so mask it the same way
+    live = ss > 0
+    gx = paddle.where(live, ss, paddle.ones_like(ss)).sqrt() * live.astype(ss.dtype)
+    nx = gx / (gx.mean(axis=-1, keepdim=True) + GRN_EPS)
+    return gamma * nx + 1.0
+
+
+def linear_2d(x, layer: nn.Linear, bias=None):
+    """`layer(x)` for (..., in) input as one addmm on a 2-D view: on CPU paddle fuses the bias
+    into the GEMM there, while nn.Linear adds it in a separate (slow, broadcast) pass."""
+    w = layer.weight
+    b = layer.bias if bias is None else bias
+    lead = x.shape[:-1]
+    y = paddle.addmm(b, x.reshape([-1, x.shape[-1]]), w) if b is not None else paddle.matmul(x.reshape([-1, x.shape[-1]]), w)
+    return y.reshape([*lead, w.shape[1]])
 
 
 def _channel_mlp(c_in: int, c: int, dropout: float) -> nn.Sequential:
@@ -106,12 +120,25 @@ class ResBlock(nn.Layer):
             h = paddle.concat([h, x_skip.transpose([0, 2, 3, 1])], axis=-1)  # (B, H, W, C + C_skip)
         if self.training and self.channelwise[3].p > 0:
             h = self.channelwise(h)  # (B, H, W, C)
-        else:  # same maths, fewer passes over the 4C-wide tensor: GRN's beta folded into the last bias
-            fc1, grn, fc2 = self.channelwise[0], self.channelwise[2], self.channelwise[4]
-            h = F.gelu(fc1(h))  # (B, H, W, 4C)
-            bias = fc2.bias + paddle.matmul(grn.beta.reshape([1, -1]), fc2.weight).reshape([-1])  # (C,)
-            h = F.linear(h * grn.scale(h), fc2.weight, bias)  # (B, H, W, C)
+        else:
+            h = self._mlp_fused(h)
         return h.transpose([0, 3, 1, 2]) + x  # (B, C, H, W)
+
+    def _mlp_fused(self, h):  # (B, H, W, C_in) -> (B, H, W, C)
+        """channelwise(h) without dropout, arranged for paddle's CPU kernels (same maths):
+        biases fused into addmm, GRN's beta folded into the last bias, and per sample the GRN
+        sums of squares as a matmul with ones and its scale as a 1-D (fast) broadcast."""
+        fc1, grn, fc2 = self.channelwise[0], self.channelwise[2], self.channelwise[4]
+        b, hh, ww, _ = h.shape
+        g = F.gelu(linear_2d(h, fc1)).reshape([b, hh * ww, -1])  # (B, HW, 4C)
+        bias = fc2.bias + paddle.matmul(grn.beta.reshape([1, -1]), fc2.weight).reshape([-1])  # (C,)
+        ones = paddle.ones([1, hh * ww], dtype=g.dtype)
+        gamma = grn.gamma.reshape([-1])
+        outs = []
+        for gi in paddle.unbind(g):  # (HW, 4C) per sample
+            ss = paddle.matmul(ones, gi * gi).reshape([-1])  # (4C,)
+            outs.append(paddle.addmm(bias, gi * _grn_scale(ss, gamma), fc2.weight))  # (HW, C)
+        return paddle.stack(outs).reshape([b, hh, ww, -1])
 
 
 class FeedForwardBlock(nn.Layer):
@@ -167,15 +194,15 @@ class Attention(nn.Layer):
         b, lq, c = q.shape
         lk = kv.shape[1]
         h, d = self.nhead, c // self.nhead
-        q = self.q_proj(q).reshape([b, lq, h, d])  # (B, Lq, H, D)
-        k = self.k_proj(kv).reshape([b, lk, h, d])  # (B, Lk, H, D)
-        v = self.v_proj(kv).reshape([b, lk, h, d])
+        q = linear_2d(q, self.q_proj).reshape([b, lq, h, d])  # (B, Lq, H, D)
+        k = linear_2d(kv, self.k_proj).reshape([b, lk, h, d])  # (B, Lk, H, D)
+        v = linear_2d(kv, self.v_proj).reshape([b, lk, h, d])
         p = self.dropout if self.training else 0.0
         if q.place.is_cpu_place():
             o = _attention_per_head(q, k, v, p)  # (B, Lq, H, D)
         else:
             o = F.scaled_dot_product_attention(q, k, v, dropout_p=p, training=self.training)  # (B, Lq, H, D)
-        return self.out_proj(o.reshape([b, lq, c]))  # (B, Lq, C)
+        return linear_2d(o.reshape([b, lq, c]), self.out_proj)  # (B, Lq, C)
 
 
 def _attention_per_head(q, k, v, dropout_p: float = 0.0):
