@@ -247,3 +247,16 @@ def test_diffusers_folder_without_index_and_stage_b_random(tmp_path):
     b2 = build_stage_b("tiny", weights=out)
     for k, v in m.state_dict().items():
         np.testing.assert_array_equal(b2.state_dict()[k].numpy(), v.numpy(), err_msg=k)
+
+
+@pytest.mark.parametrize("cls,cfg", [(StageC, STAGE_C_PRESETS["1B"]), (StageB, STAGE_B_PRESETS["700M"])])
+def test_transpose_table_is_exactly_the_linear_weights(cls, cfg):
+    from ldm.weights.cascade_keys import is_linear_weight
+
+    with paddle.LazyGuard():
+        model = cls(**cfg)
+    linear = {f"{name}.weight" for name, layer in model.named_sublayers() if isinstance(layer, paddle.nn.Linear)}
+    table = {k for k in model.state_dict() if is_linear_weight(k)}
+    assert table == linear
+    # C/T/A blocks: 1B has 32 of each (2 + 3 linears + 5 linears), 700M 48 C, 48 T, 36 A (levels 2, 3)
+    assert len(linear) == (3 + 32 * (2 + 3 + 5) if cls is StageC else 1 + 48 * 2 + 48 * 2 + 36 * 5)

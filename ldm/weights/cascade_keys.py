@@ -29,6 +29,7 @@ from .io import WeightsError
 __all__ = [
     "LAYOUTS",
     "LINEAR_WEIGHT_RE",
+    "TRANSPOSED_WEIGHTS",
     "Op",
     "is_linear_weight",
     "detect_layout",
@@ -41,15 +42,23 @@ __all__ = [
 
 LAYOUTS = ("paddle", "original", "diffusers")
 
-# Linear weights (2-D) of Stage B / C in *our* names: transposed between torch and paddle.
-# Everything else (conv kernels, biases, GRN gamma/beta [1, 1, 1, C]) is copied as it is.
-LINEAR_WEIGHT_RE = re.compile(
-    r"^(clip_txt_mapper|clip_txt_pooled_mapper|clip_img_mapper|clip_mapper)\.weight$"
-    r"|\.channelwise\.[04]\.weight$"  # ResBlock / FeedForwardBlock MLP
-    r"|\.mapper(_[A-Za-z0-9]+)?\.weight$"  # TimestepBlock mapper, mapper_sca, mapper_crp
-    r"|\.kv_mapper\.1\.weight$"  # AttnBlock conditioning projection
-    r"|\.attention\.attn\.(q|k|v|out)_proj\.weight$"
+# Linear weights (2-D) of Stage B / C in *our* names: transposed between torch ([out, in]) and
+# paddle ([in, out]). Everything else (conv kernels, biases, GRN gamma/beta [1, 1, 1, C]) is copied
+# as it is. One regular expression per kind of Linear:
+TRANSPOSED_WEIGHTS = (
+    r"^clip_txt_mapper\.weight$",  # Stage C conditioning
+    r"^clip_txt_pooled_mapper\.weight$",
+    r"^clip_img_mapper\.weight$",
+    r"^clip_mapper\.weight$",  # Stage B conditioning
+    r"\.channelwise\.0\.weight$",  # ResBlock / FeedForwardBlock MLP in
+    r"\.channelwise\.4\.weight$",  # ... and out
+    r"\.mapper\.weight$",  # TimestepBlock
+    r"\.mapper_[A-Za-z0-9]+\.weight$",  # TimestepBlock t_conds: mapper_sca, mapper_crp
+    r"\.kv_mapper\.1\.weight$",  # AttnBlock conditioning projection
+    r"\.attention\.attn\.[qkv]_proj\.weight$",  # attention (torch: slices of in_proj_weight)
+    r"\.attention\.attn\.out_proj\.weight$",
 )
+LINEAR_WEIGHT_RE = re.compile("|".join(f"(?:{p})" for p in TRANSPOSED_WEIGHTS))
 
 # Keys PaddleMIX's torch->paddle converter left in the seed .pdparams next to q/k/v_proj (it
 # stores the unsplit torch in_proj as well); paddle's set_state_dict ignored them. We drop them.
