@@ -276,6 +276,12 @@ def _check_extract(tmp_path, out, ema):
     assert np.array_equal(lat.numpy(), lat2.numpy())
     with pytest.raises(FileNotFoundError, match="use_ema"):
         extract(["--checkpoint", str(tmp_path), "--output", path, "--ema"])
+    half = tmp_path / "other" / "checkpoint-9"  # a save that was interrupted: refused unless asked for
+    shutil.copytree(out / "checkpoint-6", half)
+    os.remove(half / "checkpoint_complete.json")
+    with pytest.raises(ValueError, match="incomplete"):
+        extract(["--checkpoint", str(half), "--output", path])
+    assert extract(["--checkpoint", str(half), "--output", path, "--allow_incomplete"])["tensors"] > 0
 
 
 def test_dataset_pairs_by_name_and_missing_caption(tmp_path):
