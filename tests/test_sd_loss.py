@@ -239,3 +239,18 @@ def test_model_forward_wiring_matches_reference():
     w = torch.clamp(snr, max=5.0) / (snr + 1)
     ref = (F.mse_loss(T(pred), target, reduction="none").mean(dim=[1, 2, 3]) * w).mean().item()
     assert abs(loss - ref) <= 1e-5 * max(1.0, abs(ref)), (loss, ref)
+
+
+def test_fp16_on_cpu_is_refused_up_front(tmp_path):
+    import paddle
+
+    from ldm.sd.args import parse_sd_args
+    from ldm.sd.build import check_precision
+
+    _, _, t = parse_sd_args(["--output_dir", str(tmp_path), "--fp16", "False", "--bf16", "False"])
+    check_precision(t)  # fp32: fine anywhere
+    if paddle.device.is_compiled_with_cuda():
+        pytest.skip("GPU build: fp16 is allowed")
+    t.fp16 = True
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        check_precision(t)

@@ -108,17 +108,19 @@ def test_sd_pretraining_end_to_end(tmp_path, monkeypatch):
     records = []
     handler = logging.Handler()
     handler.emit = lambda r: records.append(r.getMessage())
-    for name in ("ldm.train.callbacks", "ldm.sd.model", "ldm.train.checkpoint"):
+    for name in ("ldm.train.callbacks", "ldm.sd.model", "ldm.train.checkpoint", "ldm.sd.build"):
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.INFO)
     try:
         trainer2 = train.main(_train_argv(tmp_path, out, 25))
     finally:
-        for name in ("ldm.train.callbacks", "ldm.sd.model", "ldm.train.checkpoint"):
+        for name in ("ldm.train.callbacks", "ldm.sd.model", "ldm.train.checkpoint", "ldm.sd.build"):
             logging.getLogger(name).removeHandler(handler)
     assert trainer2.state.global_step == 25
     steps = [h["step"] for h in trainer2.state.log_history if "loss" in h]
     assert steps == [5, 10, 15, 20, 25]  # history of checkpoint-20 + the one resumed logging window
+    # --enable_xformers_memory_efficient_attention on CPU: a warning, then standard attention
+    assert any("memory-efficient attention unavailable" in m for m in records), records
     assert any("skipping incomplete checkpoint" in m and "checkpoint-30" in m for m in records), records
     assert any(m.startswith("restored trained weights from") and m.endswith("checkpoint-20") for m in records), records
     assert any(m.startswith("EMA restored from") and "checkpoint-20" in m for m in records), records
