@@ -254,3 +254,26 @@ def test_fp16_on_cpu_is_refused_up_front(tmp_path):
     t.fp16 = True
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         check_precision(t)
+
+
+def test_weight_layout_detection(tmp_path):
+    from ldm.sd.loading import is_torch_layout
+    from ldm.weights.io import save_safetensors
+
+    w = {"a": np.zeros(2, np.float32)}
+    te = tmp_path / "te"
+    te.mkdir()
+    save_safetensors(w, str(te / "model.safetensors"), metadata={"format": "pt"})
+    assert is_torch_layout(str(te))
+    (te / "model_state.pdparams").write_bytes(b"")  # left behind by PaddleNLP's own conversion
+    assert is_torch_layout(str(te))  # the torch file is still what gets loaded (in memory, converted)
+    pd = tmp_path / "pd"
+    pd.mkdir()
+    save_safetensors(w, str(pd / "model.safetensors"), metadata={"format": "np"})
+    assert not is_torch_layout(str(pd))
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    save_safetensors(w, str(unet / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    assert is_torch_layout(str(unet))
+    save_safetensors(w, str(unet / "diffusion_paddle_model.safetensors"), metadata={"format": "pd"})
+    assert not is_torch_layout(str(unet))

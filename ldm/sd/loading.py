@@ -41,18 +41,21 @@ def _missing(path: str, what: str) -> FileNotFoundError:
 
 
 def is_torch_layout(folder: str) -> bool:
-    """True when the folder holds PyTorch weights (diffusers/transformers) and no Paddle weights."""
+    """True when the weights a loader would pick in this folder are PyTorch ones.
+
+    `model.safetensors` is written by both transformers (torch) and paddlenlp: its metadata tag
+    decides, and it wins over a `model_state.pdparams` that PaddleNLP's own conversion may have
+    left next to it. Otherwise Paddle weight files win over PyTorch ones.
+    """
     names = set(os.listdir(folder))
-    if names & set(_PADDLE_FILES):
-        return False
-    if names & set(_TORCH_FILES):
-        return True
-    if "model.safetensors" in names:  # transformers (torch) and paddlenlp both use this name: read the tag
+    if "model.safetensors" in names:
         from ldm.weights.io import SafetensorsReader
 
         with SafetensorsReader(os.path.join(folder, "model.safetensors")) as r:
             return r.metadata.get("format", "pt") == "pt"
-    return False
+    if names & set(_PADDLE_FILES):
+        return False
+    return bool(names & set(_TORCH_FILES))
 
 
 def _check_folder(path: Optional[str], what: str) -> str:
