@@ -115,3 +115,24 @@ def test_numpy_collate_keeps_strings():
                            {"pixel_values": np.ones((3, 2, 2), "float32"), "input_ids": np.arange(4), "caption": "b"}])
     assert batch["pixel_values"].shape == (2, 3, 2, 2) and batch["input_ids"].dtype == np.int64
     assert batch["caption"] == ["a", "b"]
+
+
+def test_group_learning_rates_reach_the_optimizer():
+    """Paddle applies a group's `learning_rate` as a multiplier of the scheduled base rate."""
+    import paddle
+
+    from ldm.train.optim import build_param_groups
+
+    paddle.seed(0)
+    a, b = _Tiny(), _Tiny()
+    groups = build_param_groups({"unet": list(a.named_parameters()), "text_encoder": list(b.named_parameters())},
+                                {"unet": 1e-2, "text_encoder": 1e-3}, base_learning_rate=1e-2, weight_decay=0.0)
+    opt = paddle.optimizer.AdamW(learning_rate=paddle.optimizer.lr.LambdaDecay(1e-2, lambda s: 1.0),
+                                 parameters=groups, weight_decay=0.0)
+    wa, wb = a.fc.weight.numpy().copy(), b.fc.weight.numpy().copy()
+    x = paddle.ones([4, 3])
+    (a.norm(a.fc(x)).sum() * 0 + a.fc(x).sum() + b.fc(x).sum()).backward()
+    opt.step()
+    # the first Adam step moves each weight by ~lr (sign of the gradient)
+    np.testing.assert_allclose(np.abs(a.fc.weight.numpy() - wa), 1e-2, rtol=1e-3)
+    np.testing.assert_allclose(np.abs(b.fc.weight.numpy() - wb), 1e-3, rtol=1e-3)
