@@ -10,6 +10,12 @@ keeps paddle `nn.MultiHeadAttention` names (`attention.attn.{q,k,v,out}_proj.*`)
 
 Numerics differ from PaddleMIX on purpose: GlobalResponseNorm takes the vector L2 norm over the
 spatial axes (as torch.norm does in the reference), not paddle.norm's matrix 2-norm.
+
+CPU speed (benchmarks/bench_stage_c.py): paddle's broadcast elementwise ops, reductions and
+large softmaxes are several times slower than torch's on CPU, so the hot paths are arranged
+around them with the same maths: biases fused into addmm (`linear_2d`), GRN sums of squares as a
+matmul with ones and its scale as a 1-D broadcast, GRN's beta folded into the next bias, and
+attention computed one (sample, head) at a time so the score matrix stays in cache.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 __all__ = [
+    "linear_2d",
     "LN_EPS",
     "GRN_EPS",
     "layer_norm_channels_last",
