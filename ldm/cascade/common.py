@@ -102,13 +102,16 @@ def linear_2d(x, layer: nn.Linear, bias=None):
     w = layer.weight
     b = layer.bias if bias is None else bias
     lead = x.shape[:-1]
-    y = paddle.addmm(b, x.reshape([-1, x.shape[-1]]), w) if b is not None else paddle.matmul(x.reshape([-1, x.shape[-1]]), w)
+    x2 = x.reshape([-1, x.shape[-1]])
+    y = paddle.addmm(b, x2, w) if b is not None else paddle.matmul(x2, w)
     return y.reshape([*lead, w.shape[1]])
 
 
 def _channel_mlp(c_in: int, c: int, dropout: float) -> nn.Sequential:
     # indices 0..4 are part of the checkpoint names: channelwise.0 / .2 (GRN) / .4
-    return nn.Sequential(nn.Linear(c_in, c * 4), nn.GELU(), GlobalResponseNorm(c * 4), nn.Dropout(dropout), nn.Linear(c * 4, c))
+    return nn.Sequential(
+        nn.Linear(c_in, c * 4), nn.GELU(), GlobalResponseNorm(c * 4), nn.Dropout(dropout), nn.Linear(c * 4, c)
+    )
 
 
 class ResBlock(nn.Layer):
@@ -298,14 +301,15 @@ class CascadeUNet(nn.Layer):
     down/up scalers (Stage C: 1x1 conv with optional bilinear resize; Stage B: strided conv).
     """
 
-    def _build_levels(self, c_hidden, nhead, blocks, block_repeat, level_config, c_cond, c_r, kernel_size, dropout, self_attn, t_conds, make_down, make_up):
+    def _build_levels(self, c_hidden, nhead, blocks, block_repeat, level_config, c_cond, c_r, kernel_size, dropout,
+                      self_attn, t_conds, make_down, make_up):
         n = len(c_hidden)
         for name, v in (("nhead", nhead), ("level_config", level_config)):
             if len(v) != n:
                 raise ValueError(f"{name} has {len(v)} entries, c_hidden has {n}")
         if len(blocks) != 2 or len(blocks[0]) != n or len(blocks[1]) != n:
             raise ValueError(f"blocks must be [down[{n}], up[{n}]], got {blocks}")
-        if block_repeat is not None and (len(block_repeat) != 2 or len(block_repeat[0]) != n or len(block_repeat[1]) != n):
+        if block_repeat is not None and (len(block_repeat) != 2 or any(len(r) != n for r in block_repeat)):
             raise ValueError(f"block_repeat must be [down[{n}], up[{n}]] or None, got {block_repeat}")
         for cfg in level_config:
             bad = set(cfg) - set("CTAF")
@@ -324,7 +328,8 @@ class CascadeUNet(nn.Layer):
                 return FeedForwardBlock(c, dropout=drop)
             return TimestepBlock(c, c_r, conds=t_conds)
 
-        self.down_blocks, self.down_downscalers, self.down_repeat_mappers = nn.LayerList(), nn.LayerList(), nn.LayerList()
+        self.down_blocks, self.down_downscalers = nn.LayerList(), nn.LayerList()
+        self.down_repeat_mappers = nn.LayerList()
         for i in range(n):
             self.down_downscalers.append(make_down(i) if i > 0 else nn.Identity())
             level = nn.LayerList()
@@ -333,7 +338,8 @@ class CascadeUNet(nn.Layer):
                     level.append(get_block(kind, c_hidden[i], nhead[i], drop=dropout[i], sa=self_attn[i]))
             self.down_blocks.append(level)
             if block_repeat is not None:
-                self.down_repeat_mappers.append(nn.LayerList([nn.Conv2D(c_hidden[i], c_hidden[i], 1) for _ in range(block_repeat[0][i] - 1)]))
+                mappers = [nn.Conv2D(c_hidden[i], c_hidden[i], 1) for _ in range(block_repeat[0][i] - 1)]
+                self.down_repeat_mappers.append(nn.LayerList(mappers))
 
         self.up_blocks, self.up_upscalers, self.up_repeat_mappers = nn.LayerList(), nn.LayerList(), nn.LayerList()
         for i in reversed(range(n)):
@@ -342,10 +348,11 @@ class CascadeUNet(nn.Layer):
             for j in range(blocks[1][::-1][i]):
                 for k, kind in enumerate(level_config[i]):
                     c_skip = c_hidden[i] if i < n - 1 and j == k == 0 else 0
-                    level.append(get_block(kind, c_hidden[i], nhead[i], c_skip=c_skip, drop=dropout[i], sa=self_attn[i]))
+                    level.append(get_block(kind, c_hidden[i], nhead[i], c_skip, dropout[i], self_attn[i]))
             self.up_blocks.append(level)
             if block_repeat is not None:
-                self.up_repeat_mappers.append(nn.LayerList([nn.Conv2D(c_hidden[i], c_hidden[i], 1) for _ in range(block_repeat[1][::-1][i] - 1)]))
+                mappers = [nn.Conv2D(c_hidden[i], c_hidden[i], 1) for _ in range(block_repeat[1][::-1][i] - 1)]
+                self.up_repeat_mappers.append(nn.LayerList(mappers))
         if block_repeat is None:  # keep zip() in encode/decode working
             self.down_repeat_mappers = nn.LayerList([nn.LayerList() for _ in range(n)])
             self.up_repeat_mappers = nn.LayerList([nn.LayerList() for _ in range(n)])
@@ -383,7 +390,8 @@ class CascadeUNet(nn.Layer):
 
     def _up_decode(self, level_outputs, r_embed, clip):
         x = level_outputs[0]
-        for i, (up_block, upscaler, repmap) in enumerate(zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers)):
+        levels = zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers)
+        for i, (up_block, upscaler, repmap) in enumerate(levels):
             for j in range(len(repmap) + 1):
                 for k, block in enumerate(up_block):
                     skip = None

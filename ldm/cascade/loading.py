@@ -20,8 +20,12 @@ import numpy as np
 import paddle
 
 from ..utils import get_logger
-from ..weights.cascade_keys import PADDLEMIX_LEFTOVER_RE, apply_op, detect_layout, detect_stage, plan_from_paddle, plan_to_paddle
-from ..weights.io import SafetensorsReader, bf16_to_fp32, SafetensorsWriter, WeightsError, check_state_dict, load_pdparams, to_storage
+from ..weights.cascade_keys import (
+    PADDLEMIX_LEFTOVER_RE, apply_op, detect_layout, detect_stage, plan_from_paddle, plan_to_paddle,
+)
+from ..weights.io import (
+    SafetensorsReader, SafetensorsWriter, WeightsError, bf16_to_fp32, check_state_dict, load_pdparams, to_storage,
+)
 
 logger = get_logger(__name__)
 
@@ -86,7 +90,8 @@ class WeightSource:
                 self.config = json.load(f)
         indexes = sorted(glob.glob(os.path.join(folder, "*.safetensors.index.json")))
         if len(indexes) > 1:
-            raise WeightsError(f"{folder}: several index files {[os.path.basename(i) for i in indexes]}; pass the shard files explicitly")
+            names = [os.path.basename(i) for i in indexes]
+            raise WeightsError(f"{folder}: several index files {names}; pass the shard files explicitly")
         if indexes:
             with open(indexes[0]) as f:
                 weight_map = json.load(f).get("weight_map")
@@ -99,7 +104,8 @@ class WeightSource:
             return files
         files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
         if len(files) != 1:
-            raise WeightsError(f"{folder}: expected one .safetensors file or an index json, found {[os.path.basename(f) for f in files]}")
+            names = [os.path.basename(f) for f in files]
+            raise WeightsError(f"{folder}: expected one .safetensors file or an index json, found {names}")
         return files
 
     def shapes(self) -> dict[str, tuple]:
@@ -165,7 +171,8 @@ def plan_for(source: WeightSource, stage: str, layout: str):
     if source.kind == "pdparams":
         dropped = [k for k in source.shapes() if PADDLEMIX_LEFTOVER_RE.search(k)]
         if dropped:
-            logger.info("%s: ignoring %d unsplit in_proj tensors left by PaddleMIX's converter", source.description, len(dropped))
+            logger.info("%s: ignoring %d unsplit in_proj tensors left by PaddleMIX's converter",
+                        source.description, len(dropped))
     return plan_to_paddle(source.shapes(), layout, stage)
 
 
@@ -194,11 +201,13 @@ def config_from_diffusers(cfg: dict, stage: str) -> dict:
     )
     if stage == "c":
         out.update(c_clip_text=cfg["clip_text_in_channels"], c_clip_text_pooled=cfg["clip_text_pooled_in_channels"],
-                   c_clip_img=cfg["clip_image_in_channels"], switch_level=list(cfg.get("switch_level") or [False] * (n - 1)))
+                   c_clip_img=cfg["clip_image_in_channels"],
+                   switch_level=list(cfg.get("switch_level") or [False] * (n - 1)))
     else:
         if cfg.get("switch_level") is not None:
             raise WeightsError("diffusers decoder config with switch_level is not a Stage B layout")
-        out.update(c_clip=cfg["clip_text_pooled_in_channels"], c_effnet=cfg["effnet_in_channels"], c_pixels=cfg["pixel_mapper_in_channels"])
+        out.update(c_clip=cfg["clip_text_pooled_in_channels"], c_effnet=cfg["effnet_in_channels"],
+                   c_pixels=cfg["pixel_mapper_in_channels"])
     return out
 
 
@@ -246,7 +255,8 @@ def resolve_config(source: WeightSource, stage: str, preset: str | None, plan) -
         if expected_shapes(cls, cfg) == got:
             logger.info("%s: matches the %s preset", source.description, name)
             return json.loads(json.dumps(cfg))
-    raise WeightsError(f"{source.description}: matches no Stage {stage.upper()} preset {sorted(presets)}; pass --preset or a config")
+    raise WeightsError(f"{source.description}: matches no Stage {stage.upper()} preset {sorted(presets)}; "
+                       "pass --preset or a config")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +271,8 @@ def stream_into(model, source: WeightSource, plan) -> None:
     """Assign every planned tensor to the model, one at a time, cast to each parameter's dtype.
     All names and shapes are checked first; nothing is assigned on a mismatch."""
     targets = model.state_dict()
-    check_state_dict({k: tuple(v.shape) for k, v in targets.items()}, {k: op.shape for k, op in plan.items()}, source.description)
+    expected = {k: tuple(v.shape) for k, v in targets.items()}
+    check_state_dict(expected, {k: op.shape for k, op in plan.items()}, source.description)
     for name, op in plan.items():
         arr = apply_op(op, source.get)
         t = targets[name]
@@ -342,7 +353,8 @@ def convert_unet_weights(inputs, output, stage=None, preset=None, dtype="float32
                 del arr
                 for s in plan[name].sources:
                     source.release(s)
-    return {"output": os.fspath(output), "stage": stage, "source_layout": layout, "tensors": len(order), "parameters": int(n_params), "dtype": dtype}
+    return {"output": os.fspath(output), "stage": stage, "source_layout": layout, "tensors": len(order),
+            "parameters": int(n_params), "dtype": dtype}
 
 
 def export_unet_weights(model, stage: str, layout: str, output, dtype=None) -> None:

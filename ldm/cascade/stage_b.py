@@ -15,7 +15,8 @@ import paddle.nn.functional as F
 from .common import CascadeUNet, LayerNorm2d, layer_norm_channels_last
 from .loading import build_model, load_model
 
-__all__ = ["StageB", "STAGE_B_PRESETS", "STAGE_B_MODELS", "StageB_3B", "StageB_700M", "StageB_tiny", "build_stage_b", "load_stage_b"]
+__all__ = ["StageB", "STAGE_B_PRESETS", "STAGE_B_MODELS", "StageB_3B", "StageB_700M", "StageB_tiny", "stage_b_config",
+           "build_stage_b", "load_stage_b"]
 
 PIXELS_DEFAULT_SIZE = 8  # the reference feeds zeros (B, 3, 8, 8) when no pixels are given
 
@@ -44,7 +45,8 @@ class StageB(CascadeUNet):
         super().__init__()
         if patch_size < 1 or c_r < 4:
             raise ValueError(f"bad patch_size={patch_size} or c_r={c_r}")
-        self.c_r, self.t_conds, self.c_clip_seq, self.patch_size, self.c_pixels = c_r, list(t_conds), c_clip_seq, patch_size, c_pixels
+        self.c_r, self.t_conds, self.c_clip_seq = c_r, list(t_conds), c_clip_seq
+        self.patch_size, self.c_pixels = patch_size, c_pixels
 
         # conditioning
         self.effnet_mapper = _cond_mapper(c_effnet, c_hidden[0])
@@ -57,8 +59,10 @@ class StageB(CascadeUNet):
         )
         self._build_levels(
             c_hidden, nhead, blocks, block_repeat, level_config, c_cond, c_r, kernel_size, dropout, self_attn, t_conds,
-            make_down=lambda i: nn.Sequential(LayerNorm2d(c_hidden[i - 1]), nn.Conv2D(c_hidden[i - 1], c_hidden[i], kernel_size=2, stride=2)),
-            make_up=lambda i: nn.Sequential(LayerNorm2d(c_hidden[i]), nn.Conv2DTranspose(c_hidden[i], c_hidden[i - 1], kernel_size=2, stride=2)),
+            make_down=lambda i: nn.Sequential(
+                LayerNorm2d(c_hidden[i - 1]), nn.Conv2D(c_hidden[i - 1], c_hidden[i], kernel_size=2, stride=2)),
+            make_up=lambda i: nn.Sequential(
+                LayerNorm2d(c_hidden[i]), nn.Conv2DTranspose(c_hidden[i], c_hidden[i - 1], kernel_size=2, stride=2)),
         )
         self.clf = nn.Sequential(
             LayerNorm2d(c_hidden[0]),
@@ -94,7 +98,8 @@ class StageB(CascadeUNet):
         clip = self.gen_c_embeddings(clip)  # (B, c_clip_seq, c_cond)
         h = self.embedding(x)  # (B, c_hidden[0], H / p, W / p)
         size = h.shape[-2:]
-        h = h + self.effnet_mapper(F.interpolate(effnet.astype(h.dtype), size=size, mode="bilinear", align_corners=True))
+        effnet = F.interpolate(effnet.astype(h.dtype), size=size, mode="bilinear", align_corners=True)
+        h = h + self.effnet_mapper(effnet)
         h = h + F.interpolate(self.pixels_mapper(pixels), size=size, mode="bilinear", align_corners=True)
         level_outputs = self._down_encode(h, r_embed, clip)
         h = self._up_decode(level_outputs, r_embed, clip)

@@ -15,7 +15,8 @@ import paddle.nn.functional as F
 from .common import CascadeUNet, LayerNorm2d, layer_norm_channels_last
 from .loading import build_model, load_model
 
-__all__ = ["StageC", "UpDownBlock2d", "STAGE_C_PRESETS", "STAGE_C_MODELS", "StageC_3_6B", "StageC_1B", "StageC_tiny", "build_stage_c", "load_stage_c"]
+__all__ = ["StageC", "UpDownBlock2d", "STAGE_C_PRESETS", "STAGE_C_MODELS", "StageC_3_6B", "StageC_1B", "StageC_tiny",
+           "stage_c_config", "build_stage_c", "load_stage_c"]
 
 
 class UpDownBlock2d(nn.Layer):
@@ -79,8 +80,10 @@ class StageC(CascadeUNet):
         )
         self._build_levels(
             c_hidden, nhead, blocks, block_repeat, level_config, c_cond, c_r, kernel_size, dropout, self_attn, t_conds,
-            make_down=lambda i: nn.Sequential(LayerNorm2d(c_hidden[i - 1]), UpDownBlock2d(c_hidden[i - 1], c_hidden[i], "down", enabled=switch_level[i - 1])),
-            make_up=lambda i: nn.Sequential(LayerNorm2d(c_hidden[i]), UpDownBlock2d(c_hidden[i], c_hidden[i - 1], "up", enabled=switch_level[i - 1])),
+            make_down=lambda i: nn.Sequential(
+                LayerNorm2d(c_hidden[i - 1]), UpDownBlock2d(c_hidden[i - 1], c_hidden[i], "down", switch_level[i - 1])),
+            make_up=lambda i: nn.Sequential(
+                LayerNorm2d(c_hidden[i]), UpDownBlock2d(c_hidden[i], c_hidden[i - 1], "up", switch_level[i - 1])),
         )
         self.clf = nn.Sequential(
             LayerNorm2d(c_hidden[0]),
@@ -106,8 +109,9 @@ class StageC(CascadeUNet):
             clip_img = clip_img.unsqueeze(1)
         b = clip_txt.shape[0]
         txt = self.clip_txt_mapper(clip_txt)  # (B, L, c_cond)
-        pool = self.clip_txt_pooled_mapper(clip_txt_pooled).reshape([b, clip_txt_pooled.shape[1] * self.c_clip_seq, -1])  # (B, 4, c_cond)
-        img = self.clip_img_mapper(clip_img).reshape([b, clip_img.shape[1] * self.c_clip_seq, -1])  # (B, 4, c_cond)
+        n_pool, n_img = clip_txt_pooled.shape[1] * self.c_clip_seq, clip_img.shape[1] * self.c_clip_seq
+        pool = self.clip_txt_pooled_mapper(clip_txt_pooled).reshape([b, n_pool, -1])  # (B, 4, c_cond)
+        img = self.clip_img_mapper(clip_img).reshape([b, n_img, -1])  # (B, 4, c_cond)
         return layer_norm_channels_last(paddle.concat([txt, pool, img], axis=1))
 
     def forward(self, x, r, clip_text, clip_text_pooled, clip_img, **t_conds):

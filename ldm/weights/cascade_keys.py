@@ -76,7 +76,10 @@ _ATTN_DIFFUSERS = [
 ]
 # Whole-name renames per (layout, stage): our name -> layout name.
 _RENAMES = {
-    ("diffusers", "b"): {"clip_mapper.weight": "clip_txt_pooled_mapper.weight", "clip_mapper.bias": "clip_txt_pooled_mapper.bias"},
+    ("diffusers", "b"): {
+        "clip_mapper.weight": "clip_txt_pooled_mapper.weight",
+        "clip_mapper.bias": "clip_txt_pooled_mapper.bias",
+    },
 }
 
 
@@ -110,7 +113,8 @@ def detect_layout(names) -> str:
         return "paddle"
     if any(n.endswith(".attention.attn.in_proj_weight") for n in names):
         return "original"
-    raise WeightsError("cannot tell the weight layout from the key names (no attention keys found); pass the layout explicitly")
+    raise WeightsError("cannot tell the weight layout from the key names (no attention keys found); "
+                       "pass the layout explicitly")
 
 
 def detect_stage(names) -> str:
@@ -119,7 +123,8 @@ def detect_stage(names) -> str:
         return "c"
     if "effnet_mapper.0.weight" in names:
         return "b"
-    raise WeightsError("cannot tell Stage B from Stage C: neither clip_txt_mapper.weight nor effnet_mapper.0.weight is present")
+    raise WeightsError("cannot tell Stage B from Stage C: neither clip_txt_mapper.weight nor "
+                       "effnet_mapper.0.weight is present")
 
 
 def _attn_prefix(name: str, marker: str):
