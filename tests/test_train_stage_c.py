@@ -3,7 +3,8 @@
 - every flag of the seed's train.sh parses and reaches TrainingArguments; fp16 on CPU is refused;
 - the training step follows the recipe (loss recomputed by hand from the same draws, P2 weight,
   5% empty captions, 10% image embeddings, frozen parts without gradients and in eval mode);
-- gradient accumulation: the Trainer divides the loss once (same gradient norm for 2x1 and 1x2);
+- gradient accumulation: the Trainer divides the loss once (same gradient norm for 2x1 and 1x2,
+  the latter through a DataLoader worker process);
 - resume: 3 steps + stop + resume to 6 == 6 straight steps (weights, EMA, adaptive buckets), and an
   interrupted newer checkpoint folder is skipped; checkpoints, VisualDL scalars and images exist;
 - extracted weights load in ModelC and predict exactly like the trained network;
@@ -151,10 +152,11 @@ def test_recompute_same_loss_and_grads(layer, monkeypatch):
     layer.stage_c.clear_gradients()
 
 
-def _grad_norm(tmp_path, name, bs, accum):
+def _grad_norm(tmp_path, name, bs, accum, workers=0):
     trainer = script.main(tiny_argv(tmp_path / name, "--per_device_train_batch_size", str(bs), "--gradient_accumulation_steps",
                                     str(accum), "--max_steps", "1", "--max_grad_norm", "0", "--caption_dropout", "0",
-                                    "--image_embed_prob", "0", "--save_steps", "100"))
+                                    "--image_embed_prob", "0", "--save_steps", "100",
+                                    "--dataloader_num_workers", str(workers)))
     return [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h][0]
 
 
@@ -171,7 +173,7 @@ def test_gradient_accumulation_divides_once(tmp_path, monkeypatch):
     monkeypatch.setattr(train_c.StageCTrainer, "draw", draw)
     g1 = _grad_norm(tmp_path, "a", 2, 1)
     counter[0] = 0
-    g2 = _grad_norm(tmp_path, "b", 1, 2)  # the Trainer divides each micro-batch loss by 2, once
+    g2 = _grad_norm(tmp_path, "b", 1, 2, workers=1)  # the Trainer divides each micro-batch loss by 2, once
     assert g1 > 0 and g2 == pytest.approx(g1, rel=1e-4)
 
 
@@ -353,3 +355,20 @@ def test_missing_weights_error_lists_files(tmp_path):
     msg = str(e.value)
     for name in ("stage_c_lite", "effnet_encoder", "previewer", "clip_text", "MODEL_VERSION=tiny"):
         assert name in msg, (name, msg)
+
+
+def test_previews_use_ema_weights_and_restore(layer):
+    from types import SimpleNamespace
+
+    before = {k: p.numpy().copy() for k, p in layer.stage_c.named_parameters()}
+    shadow = {k: paddle.to_tensor(v + 0.05) for k, v in before.items()}
+    kw = dict(prompts=("a red circle", "a blue square"), num_inference_steps=2, seed=3, latent_size=3)
+    plain = layer.log_images(**kw)
+    with_ema = layer.log_images(ema=SimpleNamespace(shadow=shadow), **kw)
+    again = layer.log_images(**kw)
+    assert set(plain) == {"preview/model"} and set(with_ema) == {"preview/ema"}
+    assert plain["preview/model"].shape == (24, 48, 3) and plain["preview/model"].dtype == np.uint8  # 2 prompts side by side
+    assert np.array_equal(plain["preview/model"], again["preview/model"])  # fixed prompts and seed: same images
+    assert not np.array_equal(plain["preview/model"], with_ema["preview/ema"])
+    assert all(np.array_equal(p.numpy(), before[k]) for k, p in layer.stage_c.named_parameters())  # weights restored
+    assert layer.stage_c.training
