@@ -274,7 +274,12 @@ def test_non_square_resolution():
     assert out.shape == (3, 32, 48)
 
 
-def test_box_resize_equals_resize_then_crop():
+@pytest.mark.parametrize("backend", ["pillow", "cv2"])
+def test_box_resize_equals_resize_then_crop(backend, monkeypatch):
+    if backend == "pillow":
+        monkeypatch.setattr(transforms, "_cv2", None)
+    elif transforms._cv2 is None:
+        pytest.skip("opencv not installed")
     img = smooth_rgb(123, 77)
     t = ImageTransform(40)
     rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
@@ -283,7 +288,12 @@ def test_box_resize_equals_resize_then_crop():
     ref = img.resize((rw, rh), Image.BILINEAR).crop((left, top, left + 40, top + 40))
     ref = np.asarray(ref).transpose(2, 0, 1) / 127.5 - 1
     assert (rw, rh) == (64, 40)
-    assert np.abs(got - ref).max() <= 2.5 / 127.5
+    diff = np.abs(got - ref)
+    if backend == "pillow":
+        assert diff.max() <= 2.5 / 127.5
+    else:  # prefilter + bilinear vs Pillow's triangle filter, and the box snapped to whole pixels
+        assert diff.mean() <= 2.0 / 127.5, diff.mean() * 127.5
+        assert diff.max() <= 12.0 / 127.5, diff.max() * 127.5
 
 
 def test_center_crop_is_centred():
@@ -472,3 +482,89 @@ def test_jpeg_app1_scan():
     assert transforms._jpeg_has_app1(encode(smooth_rgb(16, 16), "JPEG", exif=exif.tobytes())) is True
     assert transforms._jpeg_has_app1(plain[:2] + b"\x00" + plain[2:]) is None  # garbage between segments
     assert transforms._jpeg_has_app1(plain[:30]) is None  # ends before SOS
+
+
+# ------------------------------------------------------------------ OpenCV resize path vs Pillow
+needs_cv2 = pytest.mark.skipif(transforms._cv2 is None, reason="opencv not installed")
+
+
+def _both_resizers(monkeypatch, t: ImageTransform, img, seed: int = 0):
+    fast = t(img, np.random.default_rng(seed))
+    with monkeypatch.context() as m:
+        m.setattr(transforms, "_cv2", None)
+        slow = t(img, np.random.default_rng(seed))
+    return fast, slow
+
+
+def test_prefilter_kernel():
+    assert transforms._prefilter_kernel(1.0) is None and transforms._prefilter_kernel(0.5) is None
+    np.testing.assert_allclose(transforms._prefilter_kernel(2.0), [0.25, 0.5, 0.25])
+    k = transforms._prefilter_kernel(300 / 256)
+    assert k.sum() == pytest.approx(1.0) and 0.02 < k[0] < 0.04
+    # prefilter + bilinear has the variance of Pillow's triangle of half-width `scale`
+    for scale in (1.1, 1.5, 1.9):
+        assert 2 * transforms._prefilter_kernel(scale)[0] + 1 / 6 == pytest.approx(scale**2 / 6, rel=1e-5)
+
+
+@needs_cv2
+@pytest.mark.parametrize("size", [(400, 300), (300, 400), (512, 512), (640, 480), (100, 90), (20, 12)])
+def test_cv2_resize_close_to_pillow(monkeypatch, size):
+    img = smooth_rgb(*size, seed=9)
+    for center in (True, False):
+        t = ImageTransform(256 if min(size) >= 256 else 64, center_crop=center, random_flip=True)
+        fast, slow = _both_resizers(monkeypatch, t, img, seed=3)
+        # grey levels; mostly from snapping the crop box to whole source pixels (< 0.5 px shift) on
+        # these steep, noisy gradients (Pillow BOX vs BILINEAR differ by ~2 levels on photos)
+        diff = np.abs(fast - slow) * 127.5
+        assert fast.shape == slow.shape and fast.dtype == np.float32
+        assert diff.mean() < 2.0, (size, center, diff.mean())
+        assert diff.max() <= 12, (size, center, diff.max())
+
+
+@needs_cv2
+def test_cv2_factor_two_matches_pillow_kernel(monkeypatch):
+    # At an exact 2x downscale prefilter + bilinear is Pillow's kernel [1, 3, 3, 1] / 8.
+    img = smooth_rgb(128, 128, seed=5)
+    fast, slow = _both_resizers(monkeypatch, ImageTransform(64, center_crop=True), img)
+    inner = np.abs(fast - slow)[:, 2:-2, 2:-2] * 127.5
+    assert inner.max() <= 1.01, inner.max()
+
+
+@needs_cv2
+def test_large_downscale_and_other_filters_use_pillow(monkeypatch):
+    img = smooth_rgb(300, 200, seed=6)
+    fast, slow = _both_resizers(monkeypatch, ImageTransform(64, center_crop=True), img)  # factor 3.1 > 2
+    np.testing.assert_array_equal(fast, slow)
+    t = ImageTransform(150, center_crop=True, resample=Image.BICUBIC)  # factor 1.33, not bilinear
+    fast, slow = _both_resizers(monkeypatch, t, img)
+    np.testing.assert_array_equal(fast, slow)
+
+
+def test_array_input_equals_pil_input():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files = [
+        encode(smooth_rgb(130, 90, seed=1), "JPEG"),
+        encode(smooth_rgb(130, 90, seed=2), "JPEG", exif=exif.tobytes()),
+        encode(smooth_rgb(70, 50, seed=3), "PNG"),
+    ]
+    t = ImageTransform(48, random_flip=True)
+    for data in files:
+        arr = decode_image(data, target_short_side=48, as_array=True)
+        img = decode_image(data, target_short_side=48)
+        assert isinstance(arr, np.ndarray) and arr.dtype == np.uint8 and arr.shape == (img.size[1], img.size[0], 3)
+        np.testing.assert_array_equal(arr, np.asarray(img))
+        for seed in range(4):
+            np.testing.assert_array_equal(t(arr, np.random.default_rng(seed)), t(img, np.random.default_rng(seed)))
+        np.testing.assert_array_equal(np.asarray(t.geometry(arr, np.random.default_rng(0))),
+                                      np.asarray(t.geometry(img, np.random.default_rng(0))))
+    with pytest.raises(ValueError):
+        t(np.zeros((8, 8), np.uint8), np.random.default_rng(0))
+
+
+def test_array_input_without_cv2(monkeypatch):
+    monkeypatch.setattr(transforms, "_cv2", None)
+    img = smooth_rgb(90, 70, seed=4)
+    t = ImageTransform(32, random_flip=True)
+    for seed in range(4):
+        np.testing.assert_array_equal(t(np.asarray(img), np.random.default_rng(seed)), t(img, np.random.default_rng(seed)))

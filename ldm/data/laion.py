@@ -246,9 +246,11 @@ def parse_record(raw: bytes) -> tuple[str, bytes]:
     return caption, data
 
 
-def decode_record_image(data: bytes, max_pixels: Optional[int], target_short_side: Optional[int]):
+def decode_record_image(
+    data: bytes, max_pixels: Optional[int], target_short_side: Optional[int], as_array: bool = False
+):
     try:
-        return decode_image(data, max_pixels=max_pixels, target_short_side=target_short_side)
+        return decode_image(data, max_pixels=max_pixels, target_short_side=target_short_side, as_array=as_array)
     except ImageDecodeError as e:
         raise RecordError(_DECODE_REASON.get(e.reason, "undecodable"), str(e)) from None
 
@@ -457,7 +459,7 @@ class LaionDataset(paddle.io.IterableDataset):
             stats.records += 1
             try:
                 caption, data = parse_record(raw)
-                img = decode_record_image(data, self.max_pixels, self.resolution)
+                img = decode_record_image(data, self.max_pixels, self.resolution, as_array=True)
             except RecordError as e:
                 stats.add_invalid(e.reason, f"{path}:{lineno}")
                 continue

@@ -32,7 +32,7 @@
   limit is checked on the header before decoding; EXIF/XMP orientation is read through Pillow
   whenever the header has an APP1 segment (the only place Pillow reads it from in a JPEG). CMYK /
   YCCK JPEGs, headers this path does not understand, and any libjpeg-turbo error or warning
-  (truncated data included) fall back to the Pillow path below, which then decides the result
+  (truncated data included) fall back to the Pillow path, which then decides the result
   or the error reason exactly as before. Without `simplejpeg`, Pillow's draft (1/2, 1/4, 1/8)
   is used.
 
@@ -59,6 +59,11 @@ try:  # optional fast JPEG decoder (libjpeg-turbo with M/8 DCT scaling); Pillow 
     import simplejpeg as _simplejpeg
 except ImportError:  # pragma: no cover - depends on the environment
     _simplejpeg = None
+
+try:  # optional SIMD resize for ImageTransform (opencv-python, a ppdiffusers dependency); Pillow is the fallback
+    import cv2 as _cv2
+except ImportError:  # pragma: no cover - depends on the environment
+    _cv2 = None
 
 try:  # Pillow >= 9.1
     _RESAMPLE = Image.Resampling
@@ -236,7 +241,9 @@ def _jpeg_has_app1(data: bytes) -> bool | None:
     return None
 
 
-def _decode_jpeg_fast(data: bytes, max_pixels: int | None, target_short_side: int | None) -> Image.Image | None:
+def _decode_jpeg_fast(
+    data: bytes, max_pixels: int | None, target_short_side: int | None, as_array: bool = False
+) -> Image.Image | np.ndarray | None:
     """`decode_image` through simplejpeg (libjpeg-turbo); None: leave this file to the Pillow path.
 
     Scale: the smallest M/8 (M = 1..8) whose short side is still >= target_short_side (libjpeg-
@@ -269,17 +276,18 @@ def _decode_jpeg_fast(data: bytes, max_pixels: int | None, target_short_side: in
         arr = _simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w, strict=True)
     except Exception:
         return None
-    img = Image.fromarray(arr)  # [H, W, 3] uint8 -> RGB
-    if orientation in _ORIENTATION_TRANSPOSE:
-        img = img.transpose(_ORIENTATION_TRANSPOSE[orientation])
-    return img
+    if orientation not in _ORIENTATION_TRANSPOSE:
+        return arr if as_array else Image.fromarray(arr)  # [H, W, 3] uint8 -> RGB
+    img = Image.fromarray(arr).transpose(_ORIENTATION_TRANSPOSE[orientation])
+    return np.asarray(img) if as_array else img
 
 
 def decode_image(
     data: bytes,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     target_short_side: int | None = None,
-) -> Image.Image:
+    as_array: bool = False,
+) -> Image.Image | np.ndarray:
     """Decode encoded image bytes to an upright 8-bit RGB image.
 
     Args:
@@ -289,6 +297,8 @@ def decode_image(
             whose short side is still >= this value (the output may be larger; never smaller
             than the original's short side allows). Scales: M/8 through simplejpeg when it is
             installed, else 1/2, 1/4, 1/8 through Pillow's draft (see the module docstring).
+        as_array: return the pixels as a uint8 ndarray [H, W, 3] instead of a PIL image (what
+            `ImageTransform` works on fastest: no Pillow copy in and out).
     Raises:
         ImageDecodeError with ``reason`` "undecodable", "truncated" or "too_large".
     """
@@ -300,7 +310,7 @@ def decode_image(
         raise ImageDecodeError("undecodable", "empty data")
     data = bytes(data)
     if _simplejpeg is not None and data[:3] == _JPEG_SOI:
-        fast = _decode_jpeg_fast(data, max_pixels, target_short_side)
+        fast = _decode_jpeg_fast(data, max_pixels, target_short_side, as_array)
         if fast is not None:
             return fast
     try:
@@ -333,7 +343,8 @@ def decode_image(
     try:
         if orientation in _ORIENTATION_TRANSPOSE:
             img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+        img = to_rgb(img)
+        return np.asarray(img) if as_array else img
     except ImageDecodeError:
         raise
     except Exception as e:
@@ -356,6 +367,52 @@ def _as_hw(resolution: int | Sequence[int]) -> tuple[int, int]:
     return h, w
 
 
+# Largest downscale factor the OpenCV path handles; beyond it the 3-tap prefilter is too narrow.
+_CV2_MAX_SCALE = 2.0
+_ONE_TAP = np.ones(1, np.float32)
+
+
+def _prefilter_kernel(scale: float) -> np.ndarray | None:
+    """3-tap low-pass [a, 1 - 2a, a] for a downscale by `scale` in (1, 2] (None for no downscale).
+
+    Bilinear interpolation is a triangle kernel of half-width 1 (variance 1/6); Pillow's
+    antialiased bilinear downscale is a triangle of half-width `scale` (variance scale**2 / 6).
+    Choosing 2a = (scale**2 - 1) / 6 makes prefilter + interpolation match that variance; at
+    scale 2 the combined kernel is exactly Pillow's [1, 3, 3, 1] / 8, at scale 1 the identity.
+    """
+    if scale <= 1.0 + 1e-9:
+        return None
+    a = (scale * scale - 1.0) / 12.0
+    return np.array([a, 1.0 - 2.0 * a, a], np.float32)
+
+
+def _resize_box_cv2(arr: np.ndarray, box: tuple, width: int, height: int) -> np.ndarray:
+    """Antialiased resize of the source region `box` of arr [H, W, 3] uint8 to [height, width, 3].
+
+    The region is snapped to whole source pixels (its corner moves by < 0.5 px, its size by
+    < 0.5 px, i.e. < 0.4% at the usual sizes), low-pass filtered by `_prefilter_kernel` (on a
+    window one pixel wider, so edge pixels see their real neighbours) and bilinearly resampled.
+    """
+    h_in, w_in = arr.shape[:2]
+    x0, y0, x1, y1 = box
+    ww = min(w_in, max(1, int(round(x1 - x0))))
+    hh = min(h_in, max(1, int(round(y1 - y0))))
+    ix = min(max(int(round(x0)), 0), w_in - ww)
+    iy = min(max(int(round(y0)), 0), h_in - hh)
+    kx, ky = _prefilter_kernel(ww / width), _prefilter_kernel(hh / height)
+    if kx is None and ky is None:
+        src = arr[iy:iy + hh, ix:ix + ww]
+    else:
+        mx, my = min(ix, 1), min(iy, 1)
+        win = arr[iy - my:min(h_in, iy + hh + 1), ix - mx:min(w_in, ix + ww + 1)]
+        win = _cv2.sepFilter2D(
+            win, -1, _ONE_TAP if kx is None else kx, _ONE_TAP if ky is None else ky,
+            borderType=_cv2.BORDER_REPLICATE,
+        )
+        src = win[my:my + hh, mx:mx + ww]
+    return _cv2.resize(src, (width, height), interpolation=_cv2.INTER_LINEAR)
+
+
 class ImageTransform:
     """Short-side resize + random/centre crop + optional horizontal flip, as float32 CHW.
 
@@ -369,8 +426,18 @@ class ImageTransform:
             antialiased triangle filter (its support widens with the downscale factor), the
             same filter diffusers' text-to-image recipe uses; bicubic/Lanczos are sharper and
             1.5-3.5x slower on CPU.
-    Call with an RGB `PIL.Image` and a `numpy.random.Generator`; the output depends only on the
-    image and the generator state. Returns ndarray float32 [3, height, width].
+    Call with an RGB `PIL.Image` or a uint8 ndarray [H, W, 3] (`decode_image(..., as_array=True)`)
+    and a `numpy.random.Generator`; the output depends only on the image and the generator state.
+    Returns ndarray float32 [3, height, width].
+
+    Fast path: with the default bilinear filter, OpenCV importable and a downscale by a factor
+    in [1, 2] (the usual case after a reduced-scale JPEG decode, whose remaining factor is below
+    (M+1)/M),
+    the resize is `_resize_box_cv2`: a 3-tap prefilter whose variance makes prefilter + bilinear
+    interpolation match Pillow's antialiased bilinear (identical at factors 1 and 2), then
+    OpenCV's SIMD bilinear resize, ~3x faster than Pillow's. Outputs differ from the Pillow
+    path by about one grey level on average. Larger factors, other filters, or no OpenCV use
+    Pillow's `Image.resize(..., box=...)`.
     """
 
     def __init__(
@@ -412,28 +479,81 @@ class ImageTransform:
             top = int(rng.integers(0, rh - self.height + 1))
         return (rw, rh), (left, top)
 
-    def geometry(self, img: Image.Image, rng: np.random.Generator | None) -> Image.Image:
-        """Resize + crop (+ flip) as a PIL image of size (width, height)."""
-        if img.mode != "RGB":
-            raise ValueError(f"ImageTransform expects an RGB image, got mode {img.mode} (use decode_image / to_rgb)")
-        w, h = img.size
+    def _flip(self, rng: np.random.Generator | None) -> bool:
+        if not self.random_flip:
+            return False
+        if rng is None:
+            raise ValueError("ImageTransform with random_flip needs a numpy Generator")
+        return bool(rng.random() < 0.5)
+
+    def _plan(self, size: tuple[int, int], rng):
+        """((W', H'), (left, top), source box) of the crop; draws the crop offsets from rng."""
+        w, h = size
         (rw, rh), (left, top) = self.crop_box((w, h), rng)
         sx, sy = w / rw, h / rh  # source pixels per resized pixel
         box = (left * sx, top * sy, (left + self.width) * sx, (top + self.height) * sy)
+        return (rw, rh), (left, top), box
+
+    def _use_cv2(self, box: tuple) -> bool:
+        """OpenCV path: bilinear filter and a downscale by a factor in [1, 2] on both axes.
+
+        Upscales stay on Pillow: snapping the box to whole source pixels would move and stretch
+        an upscaled crop by up to half an input pixel, i.e. several output pixels.
+        """
+        if _cv2 is None or self.resample != _RESAMPLE.BILINEAR:
+            return False
+        bw, bh = box[2] - box[0], box[3] - box[1]
+        return (self.width <= bw <= _CV2_MAX_SCALE * self.width) and (self.height <= bh <= _CV2_MAX_SCALE * self.height)
+
+    def _geometry_array(self, arr: np.ndarray, rng) -> np.ndarray:
+        """Resize + crop (+ flip) of arr [H, W, 3] uint8 -> [height, width, 3] uint8."""
+        h, w = arr.shape[:2]
+        (rw, rh), (left, top), box = self._plan((w, h), rng)
+        if (rw, rh) == (w, h):
+            out = arr[top:top + self.height, left:left + self.width]
+        elif self._use_cv2(box):
+            out = _resize_box_cv2(arr, box, self.width, self.height)
+        else:
+            out = np.asarray(Image.fromarray(arr).resize((self.width, self.height), resample=self.resample, box=box))
+        if self._flip(rng):
+            out = _cv2.flip(out, 1) if _cv2 is not None else np.ascontiguousarray(out[:, ::-1])
+        return out
+
+    def _geometry_pil(self, img: Image.Image, rng) -> Image.Image:
+        w, h = img.size
+        (rw, rh), (left, top), box = self._plan((w, h), rng)
         if (rw, rh) == (w, h):
             out = img.crop((left, top, left + self.width, top + self.height))
         else:
             out = img.resize((self.width, self.height), resample=self.resample, box=box)
-        if self.random_flip:
-            if rng is None:
-                raise ValueError("ImageTransform with random_flip needs a numpy Generator")
-            if rng.random() < 0.5:
-                out = out.transpose(_TRANSPOSE_FLIP)
+        if self._flip(rng):
+            out = out.transpose(_TRANSPOSE_FLIP)
         return out
 
-    def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> np.ndarray:
-        out = self.geometry(img, rng)
-        arr = np.asarray(out, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)  # [3, H, W]
+    def _as_input(self, img) -> Image.Image | np.ndarray:
+        """Validated input: a uint8 [H, W, 3] array when the OpenCV path may be used, else RGB PIL."""
+        if isinstance(img, np.ndarray):
+            if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+                raise ValueError(f"ImageTransform expects a uint8 [H, W, 3] array, got {img.dtype} {img.shape}")
+            return img if _cv2 is not None and self.resample == _RESAMPLE.BILINEAR else Image.fromarray(img)
+        if img.mode != "RGB":
+            raise ValueError(f"ImageTransform expects an RGB image, got mode {img.mode} (use decode_image / to_rgb)")
+        return np.asarray(img) if _cv2 is not None and self.resample == _RESAMPLE.BILINEAR else img
+
+    def geometry(self, img, rng: np.random.Generator | None) -> Image.Image:
+        """Resize + crop (+ flip) as a PIL image of size (width, height) (same pixels as __call__)."""
+        x = self._as_input(img)
+        if isinstance(x, np.ndarray):
+            return Image.fromarray(self._geometry_array(x, rng))
+        return self._geometry_pil(x, rng)
+
+    def __call__(self, img, rng: np.random.Generator | None = None) -> np.ndarray:
+        x = self._as_input(img)
+        if isinstance(x, np.ndarray):
+            out = self._geometry_array(x, rng)  # [H, W, 3] uint8
+        else:
+            out = np.asarray(self._geometry_pil(x, rng), dtype=np.uint8)
+        arr = out.transpose(2, 0, 1).astype(np.float32)  # [3, H, W]
         if self.normalize == "minus_one_one":
             arr *= 1.0 / 127.5
             arr -= 1.0
