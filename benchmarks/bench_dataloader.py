@@ -25,13 +25,14 @@ The last stdout line is JSON: `samples_per_s` (ours: per CPU second in this proc
 `samples_per_s_basis`), the three single-process rates, and the ratios `ours_vs_paddlemix`
 (target >= 3) and `ours_vs_decode_only` (target >= 0.4).
 
-Where the time goes (640x480 JPEGs, quality 90, ~74 KB, one core, shared noisy machine):
-base64 ~0.2 ms. Ours with simplejpeg: libjpeg-turbo decode at 5/8 scale (400x300, the smallest
-M/8 whose short side covers 256) ~1.5-1.8 ms + bilinear crop-box resize from 400x300 ~1.0 ms +
-to float ~0.1 ms. Without simplejpeg (`--jpeg_decoder pillow`) Pillow's draft only offers
-1/2, 1/4, 1/8, so at 256 it decodes the full 640x480 (~1.4-1.9 ms) and resizes from it
-(~1.2-2.0 ms). PaddleMIX: the same full decode + Lanczos to 284x379 ~4.3 ms + paddle
-ToTensor/Normalize ~1.4 ms. decode_only: base64 + full Pillow decode.
+Where the time goes (640x480 JPEGs, quality 90, ~74 KB, one core, quiet machine; loaded ones
+are 1.3-1.5x slower): base64 ~0.2 ms. Ours: libjpeg-turbo (simplejpeg) decode at 5/8 scale
+(400x300, the smallest M/8 whose short side covers 256) ~1.3 ms, then the crop-box resize from
+400x300 with OpenCV (3-tap prefilter + bilinear) ~0.25 ms, flip + float ~0.1 ms. Without
+simplejpeg (`--jpeg_decoder pillow`) Pillow's draft only offers 1/2, 1/4, 1/8, so at 256 it
+decodes the full 640x480 (~1.3 ms) and resizes from 480x480. Without OpenCV the Pillow resize
+from 400x300 takes ~0.65 ms. PaddleMIX: the same full decode + Lanczos to 284x379 ~3.8 ms +
+paddle ToTensor/Normalize ~0.9 ms. decode_only: base64 + full Pillow decode.
 
 `--make_data DIR --num_images N` first writes N photo-like 640x480 JPEGs (quality 90) as part
 files under DIR (through `create_pretraining_data` when ldm/data/prepare.py is present).
@@ -270,6 +271,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jpeg_decoder", choices=("auto", "pillow"), default="auto",
                    help="auto: simplejpeg when installed (what training uses); pillow: force the Pillow path")
+    p.add_argument("--resize", choices=("auto", "pillow"), default="auto",
+                   help="auto: OpenCV for 1..2x downscales when installed (what training uses); pillow: Pillow only")
     args = p.parse_args(argv)
     if args.samples < 1 or args.rounds < 1 or args.num_images < 1:
         p.error("--samples, --rounds and --num_images must be >= 1")
@@ -289,6 +292,9 @@ def main(argv=None) -> dict:
     if args.jpeg_decoder == "pillow":
         _transforms._simplejpeg = None  # this process only: the DataLoader workers below inherit it
     jpeg_decoder = "simplejpeg" if _transforms._simplejpeg is not None else "pillow"
+    if args.resize == "pillow":
+        _transforms._cv2 = None
+    resize = "opencv" if _transforms._cv2 is not None else "pillow"
 
     import paddle
 
@@ -330,6 +336,7 @@ def main(argv=None) -> dict:
         "rounds_samples_per_s": {k: [round(v, 1) for v in r] for k, r in rates.items()},
         "pipeline": "LaionDataset" if _laion is not None else "decode_image+ImageTransform",
         "jpeg_decoder": jpeg_decoder,
+        "resize": resize,
         "file_list": file_list,
     }
     if args.num_workers >= 1:

@@ -38,9 +38,10 @@
 
 `ImageTransform` does the training-time geometry: short-side resize to the target (small images
 are upscaled, never dropped) + random or centre crop + optional horizontal flip, normalised to
-[-1, 1] (or [0, 1]), returned as float32 CHW. The resize and the crop are done in one Pillow call
-(`Image.resize(..., box=...)`), which samples exactly the pixels that resizing the whole image
-and then cropping would give, without resampling the discarded border.
+[-1, 1] (or [0, 1]), returned as float32 CHW. The resize and the crop are done in one call that
+samples only the crop: Pillow's `Image.resize(..., box=...)` (exactly the pixels that resizing
+the whole image and then cropping would give), or, for downscales by 1..2x with the default
+bilinear filter, OpenCV with a variance-matched prefilter (see `ImageTransform`).
 
 Follows the transform recipe of diffusers' ``train_text_to_image.py`` (resize, random/centre
 crop, random flip, normalise with mean = std = 0.5); the code is this project's own.
@@ -298,7 +299,7 @@ def decode_image(
             than the original's short side allows). Scales: M/8 through simplejpeg when it is
             installed, else 1/2, 1/4, 1/8 through Pillow's draft (see the module docstring).
         as_array: return the pixels as a uint8 ndarray [H, W, 3] instead of a PIL image (what
-            `ImageTransform` works on fastest: no Pillow copy in and out).
+            `ImageTransform` works on fastest: no Pillow copy in and out). It may be read-only.
     Raises:
         ImageDecodeError with ``reason`` "undecodable", "truncated" or "too_large".
     """
