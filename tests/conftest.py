@@ -14,3 +14,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # torchvision 0.28 has no CPU wheel; its pure-Python models run on CPU torch once the
 # meta-registration module (which needs its C++ ops) is stubbed out before the first import.
 sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+
+# ppdiffusers (utils/load_utils.py) patches globals at import: `np.bool = bool` (numpy.testing's
+# scalar comparisons then fail with "'bool' object has no attribute 'any'") and, when torch is
+# present, `torch.uint16 = torch.bfloat16`. Import it once up front and undo both, so every test
+# sees the real numpy/torch whatever the test order.
+import numpy as _np  # noqa: E402
+
+_real_np_bool = _np.bool
+try:
+    import torch as _torch  # noqa: E402
+
+    _real_torch_uint16 = _torch.uint16
+except ImportError:  # torch is a test-only reference; data tests run without it
+    _torch = None
+import ppdiffusers.utils.load_utils  # noqa: E402,F401
+
+_np.bool = _real_np_bool
+if _torch is not None:
+    _torch.uint16 = _real_torch_uint16
