@@ -229,10 +229,16 @@ def ours_iterator(file_list: str, resolution: int, seed: int):
 def time_samples(next_sample, n: int) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) for n samples."""
     t0, c0 = time.perf_counter(), time.process_time()
-    got = 0
+    got = calls = 0
     while got < n:
+        calls += 1
         if next_sample() is not None:
             got += 1
+        elif calls > 20 * n + 100:
+            raise RuntimeError(
+                f"{got} sample(s) from {calls} records: the pipeline drops (nearly) every record "
+                "(PaddleMIX's chain skips images smaller than --resolution)"
+            )
     return time.perf_counter() - t0, time.process_time() - c0
 
 
