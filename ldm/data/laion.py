@@ -459,7 +459,9 @@ class LaionDataset(paddle.io.IterableDataset):
             stats.records += 1
             try:
                 caption, data = parse_record(raw)
-                img = decode_record_image(data, self.max_pixels, self.resolution, as_array=True)
+                img = decode_record_image(
+                    data, self.max_pixels, self.resolution, as_array=self.transform.prefers_array
+                )
             except RecordError as e:
                 stats.add_invalid(e.reason, f"{path}:{lineno}")
                 continue

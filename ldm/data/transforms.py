@@ -531,15 +531,21 @@ class ImageTransform:
             out = out.transpose(_TRANSPOSE_FLIP)
         return out
 
+    @property
+    def prefers_array(self) -> bool:
+        """True when inputs are best given as uint8 arrays (the OpenCV path is available), so a
+        caller can ask `decode_image(..., as_array=...)` for the cheaper form; both work."""
+        return _cv2 is not None and self.resample == _RESAMPLE.BILINEAR
+
     def _as_input(self, img) -> Image.Image | np.ndarray:
         """Validated input: a uint8 [H, W, 3] array when the OpenCV path may be used, else RGB PIL."""
         if isinstance(img, np.ndarray):
             if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
                 raise ValueError(f"ImageTransform expects a uint8 [H, W, 3] array, got {img.dtype} {img.shape}")
-            return img if _cv2 is not None and self.resample == _RESAMPLE.BILINEAR else Image.fromarray(img)
+            return img if self.prefers_array else Image.fromarray(img)
         if img.mode != "RGB":
             raise ValueError(f"ImageTransform expects an RGB image, got mode {img.mode} (use decode_image / to_rgb)")
-        return np.asarray(img) if _cv2 is not None and self.resample == _RESAMPLE.BILINEAR else img
+        return np.asarray(img) if self.prefers_array else img
 
     def geometry(self, img, rng: np.random.Generator | None) -> Image.Image:
         """Resize + crop (+ flip) as a PIL image of size (width, height) (same pixels as __call__)."""
