@@ -1,7 +1,7 @@
 """Data-loading throughput on LAION-format part files: this project's pipeline against baselines.
 
-    python benchmarks/bench_dataloader.py --make_data /tmp/bench_data --num_images 200
-    python benchmarks/bench_dataloader.py --file_list /tmp/bench_data/filelist/bench.filelist.list \
+    python benchmarks/bench_dataloader.py --make_data ./bench_data --num_images 200
+    python benchmarks/bench_dataloader.py --file_list ./bench_data/filelist/bench.filelist.list \
         --resolution 256 --num_workers 0 --samples 300
 
 Three pipelines read the same records in the same way (line split + base64 decode) in one
