@@ -19,6 +19,7 @@ attention computed one (sample, head) at a time so the score matrix stays in cac
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import paddle
@@ -290,6 +291,18 @@ def timestep_embedding(r: paddle.Tensor, c_r: int, max_positions: int = MAX_POSI
 # ---------------------------------------------------------------------------------------------
 # The U-Net skeleton shared by Stage C and Stage B
 # ---------------------------------------------------------------------------------------------
+def preset_config(presets: dict, preset: str, what: str, **overrides) -> dict:
+    """A deep copy of `presets[preset]` with `overrides` applied; unknown names are errors."""
+    if preset not in presets:
+        raise ValueError(f"unknown {what} preset {preset!r}; choose one of {sorted(presets)}")
+    cfg = copy.deepcopy(presets[preset])
+    unknown = set(overrides) - set(cfg)
+    if unknown:
+        raise ValueError(f"unknown {what} arguments {sorted(unknown)}")
+    cfg.update(overrides)
+    return cfg
+
+
 def _as_list(v, n):
     return list(v) if isinstance(v, (list, tuple)) else [v] * n
 

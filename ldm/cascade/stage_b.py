@@ -6,13 +6,11 @@ Parameter names and shapes equal PaddleMIX's Paddle port (the seed's `stage_b_li
 """
 from __future__ import annotations
 
-import copy
-
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from .common import CascadeUNet, LayerNorm2d, layer_norm_channels_last
+from .common import CascadeUNet, LayerNorm2d, layer_norm_channels_last, preset_config
 from .loading import build_model, load_model
 
 __all__ = ["StageB", "STAGE_B_PRESETS", "STAGE_B_MODELS", "StageB_3B", "StageB_700M", "StageB_tiny", "stage_b_config",
@@ -131,14 +129,7 @@ STAGE_B_PRESETS = {
 
 
 def stage_b_config(preset: str, **overrides) -> dict:
-    if preset not in STAGE_B_PRESETS:
-        raise ValueError(f"unknown Stage B preset {preset!r}; choose one of {sorted(STAGE_B_PRESETS)}")
-    cfg = copy.deepcopy(STAGE_B_PRESETS[preset])
-    unknown = set(overrides) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown StageB arguments {sorted(unknown)}")
-    cfg.update(overrides)
-    return cfg
+    return preset_config(STAGE_B_PRESETS, preset, "Stage B", **overrides)
 
 
 def StageB_3B(**kw):

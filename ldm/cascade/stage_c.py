@@ -6,13 +6,11 @@ Parameter names and shapes equal PaddleMIX's Paddle port (the seed's `stage_c_li
 """
 from __future__ import annotations
 
-import copy
-
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from .common import CascadeUNet, LayerNorm2d, layer_norm_channels_last
+from .common import CascadeUNet, LayerNorm2d, layer_norm_channels_last, preset_config
 from .loading import build_model, load_model
 
 __all__ = ["StageC", "UpDownBlock2d", "STAGE_C_PRESETS", "STAGE_C_MODELS", "StageC_3_6B", "StageC_1B", "StageC_tiny",
@@ -149,14 +147,7 @@ STAGE_C_PRESETS = {
 
 
 def stage_c_config(preset: str, **overrides) -> dict:
-    if preset not in STAGE_C_PRESETS:
-        raise ValueError(f"unknown Stage C preset {preset!r}; choose one of {sorted(STAGE_C_PRESETS)}")
-    cfg = copy.deepcopy(STAGE_C_PRESETS[preset])
-    unknown = set(overrides) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown StageC arguments {sorted(unknown)}")
-    cfg.update(overrides)
-    return cfg
+    return preset_config(STAGE_C_PRESETS, preset, "Stage C", **overrides)
 
 
 def StageC_3_6B(**kw):
