@@ -235,6 +235,37 @@ def test_resume_equals_straight_run_and_skips_interrupted(tmp_path, monkeypatch)
     _check_extract(tmp_path, straight, ema=True)
 
 
+def test_resume_on_epoch_boundary_restores_rng_for_dropout(tmp_path, monkeypatch):
+    """8 demo images at batch 2 = 4 steps per epoch: a checkpoint at step 4 sits on an epoch boundary,
+    where PaddleNLP itself skips no batch and so never restores the RNG states. With dropout > 0 the
+    resumed run must still equal the uninterrupted one bit for bit."""
+    from paddlenlp.trainer import TrainerCallback
+
+    from ldm.cascade import stage_c
+    from ldm.train import trainer as trainer_mod
+
+    tiny = dict(stage_c.STAGE_C_PRESETS["tiny"], dropout=[0.1, 0.1])
+    monkeypatch.setitem(stage_c.STAGE_C_PRESETS, "tiny", tiny)
+    common = ["--max_steps", "6", "--save_steps", "4"]
+    script.main(tiny_argv(tmp_path / "straight", *common))
+
+    class StopAt4(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 4:
+                control.should_training_stop = True
+
+    orig_init = trainer_mod.DiffusionTrainer.__init__
+    with monkeypatch.context() as m:
+        m.setattr(trainer_mod.DiffusionTrainer, "__init__",
+                  lambda self, *a, callbacks=None, **kw: orig_init(self, *a, callbacks=list(callbacks) + [StopAt4()], **kw))
+        script.main(tiny_argv(tmp_path / "resumed", *common))
+    assert (tmp_path / "resumed" / "checkpoint-4" / "checkpoint_complete.json").is_file()
+    assert script.main(tiny_argv(tmp_path / "resumed", *common)).state.global_step == 6
+    a, b = stage_c_state(tmp_path / "straight" / train_c.STAGE_C_FILE), stage_c_state(tmp_path / "resumed" / train_c.STAGE_C_FILE)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), (k, float(np.abs(a[k] - b[k]).max()))
+
+
 def _check_visualdl(out):
     from visualdl import LogReader
 

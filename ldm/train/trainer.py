@@ -10,6 +10,10 @@ Overrides (nothing else is changed):
   (`param_names.json`, written by `_save`), so resume does not depend on paddle's generated names.
 - `_rotate_checkpoints`: a no-op; `ldm.train.checkpoint.CheckpointMarkerCallback` applies
   `save_total_limit` once the new checkpoint is complete.
+- `train` / `training_step`: on resume the python/numpy/paddle RNG states of the checkpoint are
+  restored right before the first step. PaddleNLP restores them only while skipping already-seen
+  batches, i.e. never for a checkpoint on an epoch boundary or with `ignore_data_skip`, which made
+  dropout and noise draws of a resumed run differ from an uninterrupted one.
 - `_save` / `_load_from_checkpoint`: delegate to `model.save_trained(dir, only_updated)` /
   `model.load_trained(dir)` when the model has them (so checkpoints hold loadable component
   folders such as `unet/`), else the Trainer's own state-dict files.
@@ -137,6 +141,17 @@ class DiffusionTrainer(Trainer):
         )
         common.pop("batch_size")
         return DataLoader(ds, batch_sampler=sampler, **common)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        self._rng_resume = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def training_step(self, model, inputs):
+        ckpt = getattr(self, "_rng_resume", None)
+        if ckpt:  # once, before the first step after resume (idempotent if PaddleNLP already did it)
+            self._rng_resume = None
+            self._load_rng_state(ckpt)
+        return super().training_step(model, inputs)
 
     def log(self, logs: Dict[str, float], **kwargs) -> None:
         if "loss" in logs:  # training logs only
