@@ -25,7 +25,7 @@ def parse_args(argv=None):
         p.add_argument(f"--cfg_{s}", type=float, default=d.cfg, help=f"Stage {s.upper()} guidance scale")
         p.add_argument(f"--shift_{s}", type=float, default=d.shift, help=f"Stage {s.upper()} schedule shift")
     p.add_argument("--cfg_rho", type=float, default=C.STAGE_C_SAMPLING.cfg_rho, help="guidance std rescale, both stages")
-    p.add_argument("--dtype", default=C.DTYPE, choices=C.DTYPES, help="bfloat16/float16 need a GPU")
+    p.add_argument("--dtype", default=C.DTYPE, choices=C.DTYPES, help="bfloat16 needs a GPU; float16 is refused (overflows, use bfloat16)")
     p.add_argument("--output_dir", default=".")
     p.add_argument("--weights_path", default=C.WEIGHTS_PATH)
     p.add_argument("--model_c_version", default=C.MODEL_C_VERSION, choices=list(C.STAGE_C_FILES))

@@ -112,9 +112,11 @@ def test_bad_sizes_and_arguments(tmp_path, caplog):
     assert pl.check_size(100, 130) == (128, 128)
     with pytest.raises(SystemExit):
         inference.parse_args(["--strength", "1.5"])
+    with pytest.raises(ValueError, match="float16 is not supported.*overflow.*use --dtype bfloat16"):
+        inference.main([*TINY, "--dtype", "float16", "--output_dir", str(tmp_path)])  # on any device
     if not paddle.device.is_compiled_with_cuda():
         with pytest.raises(ValueError, match="needs a GPU.*bfloat16 on a GPU"):
-            inference.main([*TINY, "--dtype", "float16", "--output_dir", str(tmp_path)])
+            inference.main([*TINY, "--dtype", "bfloat16", "--output_dir", str(tmp_path)])
 
 
 def test_size_rules():

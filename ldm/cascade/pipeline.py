@@ -153,17 +153,21 @@ def file_components(cfg: CascadeConfig, needed: Sequence[str]) -> Components:
 
 
 def check_dtype(dtype: str) -> str:
-    """float32 everywhere; bfloat16/float16 only on a GPU (Paddle has no CPU half conv kernels)."""
+    """float32 everywhere, bfloat16 on a GPU; float16 is refused.
+
+    Stable Cascade's Stage C/B activations overflow float16 (the known upstream NaN / black-image
+    problem), so float16 is refused up front with a pointer to bfloat16, which has float32's range.
+    Paddle also has no half-precision convolution kernels on CPU.
+    """
     if dtype not in cfg_mod.DTYPES:
         raise ValueError(f"dtype must be one of {cfg_mod.DTYPES}, got {dtype!r}")
+    if dtype == "float16":
+        raise ValueError("dtype float16 is not supported: Stable Cascade's Stage C/B activations overflow "
+                         "float16 (NaN / black images); use --dtype bfloat16 on a GPU (same memory, float32 "
+                         "range) or float32")
     if dtype != "float32" and not paddle.device.is_compiled_with_cuda():
         raise ValueError(f"dtype {dtype} needs a GPU (Paddle has no {dtype} convolution kernels on "
                          f"CPU); use --dtype float32 on CPU, bfloat16 on a GPU")
-    if dtype == "float16" and not getattr(check_dtype, "warned", False):
-        check_dtype.warned = True
-        logger.warning("float16: Stage C/B activations can overflow (NaN/black images upstream); the sampler "
-                       "math, Stage A, EfficientNet and Previewer stay float32 and a NaN stops the run. "
-                       "bfloat16 is recommended.")
     return dtype
 
 
