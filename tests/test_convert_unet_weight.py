@@ -155,6 +155,20 @@ def test_converter_lists_missing_unexpected_and_misshaped(tmp_path):
         convert_unet_weight.main(["--input", orig, "--output", out, "--stage", "b"])
     with pytest.raises(SystemExit, match="'diffusers' was requested"):
         convert_unet_weight.main(["--input", orig, "--output", out, "--source_format", "diffusers"])
+    # the key that tells Stage C from B is missing: without --stage the error names the file and the
+    # flag; with --stage c the stage is forced and the missing key is listed like any other
+    del state["clip_txt_mapper.weight"]
+    state["clf.1.bias"] = np.zeros(model.state_dict()["clf.1.bias"].shape, np.float32)
+    del state["extra.weight"]
+    save_safetensors(state, bad)
+    with pytest.raises(SystemExit, match=r"bad\.safetensors.*pass --stage b or --stage c"):
+        convert_unet_weight.main(["--input", bad, "--output", out, "--preset", "tiny"])
+    with pytest.raises(SystemExit) as e:
+        convert_unet_weight.main(["--input", bad, "--output", out, "--preset", "tiny", "--stage", "c",
+                                  "--source_format", "original"])
+    msg = str(e.value)
+    assert "2 missing" in msg and "clip_txt_mapper.weight" in msg and "down_blocks.0.0.depthwise.bias" in msg
+    assert "unexpected" not in msg and "wrong shape" not in msg and not os.path.exists(out)
 
 
 def test_round_trips_and_bf16_lazy_load(tmp_path):

@@ -149,19 +149,33 @@ def _drop_mapped_pages(reader) -> None:
 
 
 def resolve_layout(source: WeightSource, layout: str = "auto") -> str:
-    if source.metadata.get("format") == FORMAT_TAG:
-        found = "paddle"
-    elif source.kind == "pdparams":
+    """The key layout of `source`; an explicit `layout` is used when the keys do not tell (then the
+    key check lists what does not fit) and is an error when they clearly say otherwise."""
+    if source.metadata.get("format") == FORMAT_TAG or source.kind == "pdparams":
         found = "paddle"
     else:
-        found = detect_layout(source.shapes())
+        try:
+            found = detect_layout(source.shapes())
+        except WeightsError as e:
+            if layout == "auto":
+                raise WeightsError(f"{source.description}: {e}; pass --source_format") from None
+            return layout
     if layout not in ("auto", found):
         raise WeightsError(f"{source.description}: looks like the {found!r} layout, but {layout!r} was requested")
     return found
 
 
 def resolve_stage(source: WeightSource, stage: str | None = None) -> str:
-    found = source.metadata.get("stage") or detect_stage(source.shapes())
+    """Stage "b" or "c" of `source`: from our metadata, else from the keys; an explicit `stage` is
+    used when the keys do not tell (e.g. a key is missing: the key check then lists it)."""
+    found = source.metadata.get("stage")
+    if found is None:
+        try:
+            found = detect_stage(source.shapes())
+        except WeightsError as e:
+            if stage is None:
+                raise WeightsError(f"{source.description}: {e}; pass --stage b or --stage c") from None
+            return stage
     if stage is not None and stage != found:
         raise WeightsError(f"{source.description}: holds Stage {found.upper()} weights, not Stage {stage.upper()}")
     return found
