@@ -2,6 +2,7 @@
 import base64
 import collections
 import gzip
+import io
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import pytest
 from laion_fixtures import image_bytes
 from ldm.data.laion import LaionDataset
 from ldm.data.prepare import create_pretraining_data
-from ldm.data.transforms import ImageTransform, decode_image
+from ldm.data.transforms import ImageTransform
 
 
 def _make_jsonl(folder, items, name="data.jsonl"):
@@ -32,12 +33,14 @@ def _make_jsonl(folder, items, name="data.jsonl"):
     return path
 
 
+# JPEG short sides <= 10 = the dataset resolution of the round trip: no reduced-scale (DCT) decode
+# happens, so the dataset's pixels must equal a direct full decode exactly.
 GOOD = [
-    ("a red\tcar\non a road\r\n", "imgs/0.jpg", image_bytes(20, 14, "JPEG", seed=0)),
+    ("a red\tcar\non a road\r\n", "imgs/0.jpg", image_bytes(20, 10, "JPEG", seed=0)),  # crop only
     ("中文 caption", "imgs/1.png", image_bytes(6, 5, "PNG", seed=1)),  # smaller than R: upscaled
-    ("plain", "imgs/2.jpg", image_bytes(16, 16, "JPEG", seed=2)),
+    ("plain", "imgs/2.jpg", image_bytes(10, 16, "JPEG", seed=2)),
     ("rgba", "imgs/3.png", image_bytes(9, 12, "PNG", seed=3, mode="RGBA")),
-    ("five", "imgs/4.jpg", image_bytes(11, 13, "JPEG", seed=4)),
+    ("five", "imgs/4.jpg", image_bytes(9, 13, "JPEG", seed=4)),
 ]
 CLEAN = ["a red car on a road  ", "中文 caption", "plain", "rgba", "five"]
 
@@ -54,9 +57,11 @@ def test_round_trip_jsonl_parts_dataset(tmp_path, monkeypatch):
     assert sorted(os.listdir(out)) == ["filelist", "laion400m_format_data"]
     assert sorted(os.listdir(out / "filelist")) == ["custom_dataset.filelist", "custom_dataset.filelist.list"]
     assert sorted(os.listdir(out / "laion400m_format_data")) == ["part-000001.gz", "part-000002.gz", "part-000003.gz"]
-    assert (out / "filelist" / "custom_dataset.filelist.list").read_text() == "custom_dataset.filelist\n"
+    # absolute paths: they mean these files from any working directory
+    fl = str(out / "filelist" / "custom_dataset.filelist")
+    assert (out / "filelist" / "custom_dataset.filelist.list").read_text() == fl + "\n"
     listed = (out / "filelist" / "custom_dataset.filelist").read_text().splitlines()
-    assert listed == [f"../laion400m_format_data/part-00000{i}.gz" for i in (1, 2, 3)] * 3
+    assert listed == [str(out / "laion400m_format_data" / f"part-00000{i}.gz") for i in (1, 2, 3)] * 3
 
     # records: caption \t NONE \t base64(original bytes), tabs/newlines replaced
     lines = []
@@ -69,7 +74,7 @@ def test_round_trip_jsonl_parts_dataset(tmp_path, monkeypatch):
 
     # the dataset, from another working directory, single pass, no repeat lines needed
     monkeypatch.chdir(tmp_path)
-    ds = LaionDataset(res.filelist_list, resolution=10, center_crop=True, infinite=False, rank=0, world_size=1)
+    ds = LaionDataset(res.filelist_list, resolution=10, random_flip=True, infinite=False, rank=0, world_size=1)
     samples = list(ds.iter_consumer())
     counts = collections.Counter(s["caption"] for s in samples)
     assert counts == collections.Counter({c: 3 for c in CLEAN})  # num_repeat=3: three passes
@@ -79,11 +84,110 @@ def test_round_trip_jsonl_parts_dataset(tmp_path, monkeypatch):
         monkeypatch.chdir(cwd)
         other = LaionDataset(rel, resolution=4, infinite=False, rank=0, world_size=1)
         assert sorted(s["caption"] for s in other.iter_consumer()) == sorted(CLEAN * 3)
-    tf = ImageTransform(10, center_crop=True)
-    by_caption = {c: data for (_, _, data), c in zip(GOOD, CLEAN)}
+    # pixels == an independent full decode of the ORIGINAL image file + the same transform with the
+    # same random stream (the dataset's rng for seed 0, epoch 0, rank 0/1, worker 0/1; no caption
+    # dropout, so the transform's crop and flip draws are the only ones).
+    tf = ImageTransform(10, random_flip=True)
+    rng = np.random.default_rng([0, 0, 0, 1, 0, 1])
+    files = {c: src / rel for (_, rel, _), c in zip(GOOD, CLEAN)}
     for s in samples:
-        expect = tf(decode_image(by_caption[s["caption"]], target_short_side=10), None)
+        expect = tf(_direct_decode(files[s["caption"]]), rng)
         np.testing.assert_array_equal(s["pixel_values"], expect)
+
+
+def _direct_decode(path):
+    """Independent reference decode: the whole file with Pillow, alpha composited onto white."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return im.convert("RGB")
+
+
+def _smooth_jpeg(width, height):
+    """A smooth gradient JPEG: reduced-scale and full decodes differ only by resampling."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    arr = np.stack([255 * x / (width - 1), 255 * y / (height - 1), 127.5 + 100 * np.sin(np.pi * (x / width + y / height))], -1)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_round_trip_large_jpegs_within_tolerance_of_full_decode(tmp_path):
+    """JPEGs much larger than R take the fast path (decode at a reduced DCT scale, then resize):
+    the result may differ from a full decode + the same transform, by at most MAX_DIFF per value
+    and MEAN_DIFF on average, in [-1, 1] units (0.16 = 20 grey levels, 0.05 = 6.4)."""
+    MAX_DIFF, MEAN_DIFF = 0.16, 0.05
+    sizes = [(96, 72), (72, 96), (160, 120), (64, 48)]  # 4:3, so both paths crop the same resized size
+    items = [(f"big{i}", f"imgs/big{i}.jpg", _smooth_jpeg(w, h)) for i, (w, h) in enumerate(sizes)]
+    jsonl = _make_jsonl(tmp_path / "src", items)
+    res = create_pretraining_data(str(jsonl), str(tmp_path / "out"), num_workers=0, progress=False)
+    assert res.written == 4
+    ds = LaionDataset(res.filelist_list, resolution=16, random_flip=True, infinite=False, rank=0, world_size=1,
+                      shuffle_files=False)
+    samples = list(ds.iter_consumer())
+    assert [s["caption"] for s in samples] == ["big0", "big1", "big2", "big3"]
+    tf = ImageTransform(16, random_flip=True)
+    rng = np.random.default_rng([0, 0, 0, 1, 0, 1])
+    for s, (_, rel, _) in zip(samples, items):
+        diff = np.abs(s["pixel_values"] - tf(_direct_decode(tmp_path / "src" / rel), rng))
+        assert diff.max() <= MAX_DIFF and diff.mean() <= MEAN_DIFF, (rel, diff.max(), diff.mean())
+
+
+def test_filelists_from_another_datasets_folder_read_their_own_records(tmp_path, monkeypatch):
+    """Two outputs with the same --output_name: out2's list read while the working directory is
+    out1/filelist (where `custom_dataset.filelist` also exists) must give out2's records."""
+    lists = {}
+    for name, caps in (("out1", ["one-a", "one-b"]), ("out2", ["two-a", "two-b", "two-c"])):
+        items = [(c, f"imgs/{c}.png", image_bytes(6, 6, "PNG", seed=i)) for i, c in enumerate(caps)]
+        jsonl = _make_jsonl(tmp_path / f"src_{name}", items)
+        res = create_pretraining_data(str(jsonl), str(tmp_path / name), num_workers=0, progress=False)
+        lists[name] = (res.filelist_list, res.filelist, sorted(caps))
+    monkeypatch.chdir(tmp_path / "out1" / "filelist")
+    for listing in lists["out2"][:2]:
+        ds = LaionDataset(listing, resolution=4, infinite=False, rank=0, world_size=1)
+        assert sorted(s["caption"] for s in ds.iter_consumer()) == lists["out2"][2]
+    monkeypatch.chdir(tmp_path / "out2" / "laion400m_format_data")  # part-000001 exists here too
+    ds = LaionDataset(lists["out1"][0], resolution=4, infinite=False, rank=0, world_size=1)
+    assert sorted(s["caption"] for s in ds.iter_consumer()) == lists["out1"][2]
+
+
+def test_rerun_removes_stale_filelists_first(tmp_path, monkeypatch):
+    """A re-run into the same folder that fails half-way has replaced part files: the previous
+    run's filelists must be gone, not left listing a mix of old and new parts."""
+    import ldm.data.prepare as prepare
+
+    jsonl = _make_jsonl(tmp_path / "src", GOOD)
+    out = tmp_path / "out"
+    first = create_pretraining_data(str(jsonl), str(out), per_part_file_num=1, num_workers=0, progress=False)
+    other = create_pretraining_data(str(jsonl), str(out), output_name="other", num_workers=0, progress=False)
+    assert os.path.isfile(first.filelist) and os.path.isfile(first.filelist_list)
+    real, calls = prepare.encode_image_file, []
+
+    def failing(path, max_pixels):
+        calls.append(path)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return real(path, max_pixels)
+
+    monkeypatch.setattr(prepare, "encode_image_file", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        create_pretraining_data(str(jsonl), str(out), per_part_file_num=1, num_workers=0, progress=False)
+    assert sorted(os.listdir(out / "filelist")) == ["other.filelist", "other.filelist.list"]
+    assert os.path.isfile(other.filelist_list)
+    # a re-run that writes nothing also leaves no filelist of that name behind
+    monkeypatch.setattr(prepare, "encode_image_file", real)
+    create_pretraining_data(str(jsonl), str(out), per_part_file_num=1, num_workers=0, progress=False)
+    assert os.path.isfile(first.filelist_list)
+    bad = _make_jsonl(tmp_path / "src2", ["{not json"])
+    assert create_pretraining_data(str(bad), str(out), num_workers=0, progress=False).written == 0
+    assert sorted(os.listdir(out / "filelist")) == ["other.filelist", "other.filelist.list"]
 
 
 def test_skips_counted_with_line_numbers(tmp_path):
@@ -154,7 +258,7 @@ def test_cli_flags_and_exit_codes(tmp_path, monkeypatch, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == "written 1 records in 1 part file(s); skipped 0 (none)"
     assert (tmp_path / "out" / "filelist" / "mine.filelist").read_text().splitlines() == [
-        "../laion400m_format_data/part-000001"
+        str(tmp_path / "out" / "laion400m_format_data" / "part-000001")
     ] * 2
     # default keys do not exist in this jsonl: nothing written -> exit 1, no filelist
     assert cli.main(["--input_path", "src/d.jsonl", "--output_path", "out2", "--num_workers", "0"]) == 1

@@ -13,8 +13,14 @@ Differences from the seed (issue 2):
   `4 * num_workers` lines in flight), results are written in input order;
 - each part is written to a temporary name and renamed when complete; the filelists are written
   only after every part succeeded;
-- filelist lines are relative to the filelist's own folder (`../laion400m_format_data/...`), so
-  they work from any working directory;
+- filelist lines are ABSOLUTE paths (in both NAME.filelist and NAME.filelist.list): the reader
+  resolves a relative line against the working directory first (the seed's demo data needs
+  that), so a relative line such as `custom_dataset.filelist` could silently pick up another
+  dataset's file of the same name in the working directory; absolute lines work from any
+  working directory and always mean this run's files;
+- at the start of a run the NAME.filelist / NAME.filelist.list of the same `output_name` are
+  removed (a re-run replaces part files, and a failed re-run must not leave filelists that list
+  a mix of old and new parts): filelists only ever describe a complete run;
 - tabs, CR and LF inside captions become spaces so a record can never break;
 - image paths resolve against the jsonl's folder (then the working directory);
 - every image must decode (ldm.data.transforms.decode_image) before it is included; bad json
@@ -210,6 +216,13 @@ def create_pretraining_data(
     os.makedirs(part_dir, exist_ok=True)
     os.makedirs(list_dir, exist_ok=True)
 
+    # Filelists describe complete runs only: drop the previous run's before touching any part.
+    for stale in (f"{output_name}.filelist", f"{output_name}.filelist.list"):
+        stale_path = os.path.join(list_dir, stale)
+        if os.path.lexists(stale_path):
+            os.remove(stale_path)
+            logger.info("removed %s of a previous run (rewritten when this run completes)", stale_path)
+
     result = PrepareResult()
     writer = _PartWriter(part_dir, per_part_file_num, save_gzip_file)
 
@@ -262,10 +275,9 @@ def create_pretraining_data(
     result.parts = writer.parts
     if result.written == 0:
         return result
-    # Every part is complete: now the filelists (paths relative to the filelist's folder).
-    rel = [os.path.relpath(p, list_dir) for p in result.parts]
+    # Every part is complete: now the filelists, with absolute paths (see the module doc).
     result.filelist = os.path.join(list_dir, f"{output_name}.filelist")
     result.filelist_list = os.path.join(list_dir, f"{output_name}.filelist.list")
-    _atomic_write_text(result.filelist, "".join(f"{p}\n" for p in rel * num_repeat))
-    _atomic_write_text(result.filelist_list, f"{output_name}.filelist\n")
+    _atomic_write_text(result.filelist, "".join(f"{p}\n" for p in result.parts * num_repeat))
+    _atomic_write_text(result.filelist_list, f"{result.filelist}\n")
     return result
