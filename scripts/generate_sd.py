@@ -34,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--num_images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--output_dir", default="./samples")
+    p.add_argument("--allow_pickle_weights", action="store_true",
+                   help="also load PyTorch pickle weights (.bin), which can run code: trusted files only "
+                        "(default: refused; convert them to safetensors instead)")
     args = p.parse_args(argv)
     prompts = list(args.prompt or [])
     if args.prompt_file:
@@ -53,7 +56,8 @@ def main(argv=None):
     from ldm.sd.loading import load_for_inference
     from ldm.sd.sampling import generate, make_scheduler, save_png
 
-    unet, vae, te, tok, sched_cfg = load_for_inference(args.pretrained_model_name_or_path, args.unet_path)
+    unet, vae, te, tok, sched_cfg = load_for_inference(args.pretrained_model_name_or_path, args.unet_path,
+                                                          allow_pickle=args.allow_pickle_weights)
     written = []
     for pi, prompt in enumerate(args.prompts):
         images = generate(unet, vae, te, tok, make_scheduler(args.scheduler, sched_cfg), [prompt] * args.num_images,

@@ -1,10 +1,20 @@
 """Local-only loading of Stable Diffusion v1 components (UNet, VAE, CLIP text encoder, tokenizer).
 
-Every path must be a local folder (ppdiffusers layout, or diffusers/transformers PyTorch layout,
-detected from the weight file names and converted by ppdiffusers `from_diffusers=True`), or, for
-the UNet, a config `.json` for random initialisation. Nothing is ever downloaded: a path that is
-not on disk (for example a hub id such as `CompVis/stable-diffusion-v1-4/vae`) raises a
-`FileNotFoundError` that says so.
+Every path must be a local folder (ppdiffusers layout, or diffusers/transformers PyTorch layout),
+or, for the UNet, a config `.json` for random initialisation.
+
+No pickle is executed by default. The model is built from the folder's config.json and its weights
+are assigned strictly (missing / unexpected / mis-shaped keys are one error listing them) from, in
+this order: Paddle safetensors (`diffusion_paddle_model.safetensors`, or `model.safetensors` for
+the text encoder), diffusers/transformers safetensors (`diffusion_pytorch_model.safetensors`,
+`model.safetensors` with format "pt"; Linear weights transposed as ppdiffusers' `from_diffusers`
+does), then `model_state.pdparams` read with the restricted unpickler of ldm.weights.io (numpy
+arrays and plain containers only). Sharded `*.index.json` variants are read the same way. PyTorch
+pickles (`*.bin`, `*.pt`, `*.ckpt`) are refused with an error naming the files, unless the caller
+passes allow_pickle=True (`--allow_pickle_weights` in scripts/generate_sd.py).
+
+Nothing is ever downloaded: a path that is not on disk (for example a hub id such as
+`CompVis/stable-diffusion-v1-4/vae`) raises a `FileNotFoundError` that says so.
 """
 from __future__ import annotations
 
@@ -18,7 +28,8 @@ from ldm.utils import get_logger
 logger = get_logger("ldm.sd.loading")
 
 __all__ = ["resolve_component", "is_torch_layout", "load_unet", "load_vae", "load_text_encoder", "load_tokenizer",
-           "load_scheduler_config", "load_for_inference", "load_torch_weights", "set_offline", "ComponentPaths", "resolve_paths"]
+           "load_scheduler_config", "load_for_inference", "load_torch_weights", "read_weights", "PickleRefusedError",
+           "set_offline", "ComponentPaths", "resolve_paths"]
 
 _TORCH_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin",
                 "diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
@@ -128,7 +139,125 @@ def _shipped_config_fallback(path: str) -> str:
     return path
 
 
-def load_unet(path: str):
+# Weight files, in the order they are chosen. Safetensors always wins over a pickle in the same folder;
+# `.pdparams` is read with the restricted unpickler; PyTorch pickles are refused unless allowed.
+_DIFFUSERS_WEIGHTS = (  # (file, layout) for ppdiffusers models (UNet, VAE)
+    ("diffusion_paddle_model.safetensors.index.json", "pd"), ("diffusion_paddle_model.safetensors", "pd"),
+    ("diffusion_pytorch_model.safetensors.index.json", "pt"), ("diffusion_pytorch_model.safetensors", "pt"),
+    ("model_state.pdparams.index.json", "pd"), ("model_state.pdparams", "pd"),
+)
+_TRANSFORMERS_WEIGHTS = (  # text encoder; model.safetensors: its metadata tag decides the layout
+    ("model.safetensors.index.json", None), ("model.safetensors", None),
+    ("model_state.pdparams.index.json", "pd"), ("model_state.pdparams", "pd"),
+)
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class PickleRefusedError(ValueError):
+    """A folder only offers weights that would have to be unpickled with arbitrary code execution."""
+
+
+def _pickle_files(folder: str) -> list:
+    names = sorted(os.listdir(folder))
+    return [n for n in names if n.endswith(_PICKLE_SUFFIXES) or n.endswith(".bin.index.json")]
+
+
+def _refuse_pickle(folder: str, what: str, files: list) -> PickleRefusedError:
+    listed = ", ".join(os.path.join(folder, f) for f in files)
+    return PickleRefusedError(
+        f"{what} {folder!r}: the only weights here are PyTorch pickles ({listed}). Loading them would run "
+        "arbitrary code from the file, so they are refused by default. Convert them to safetensors (e.g. in "
+        "diffusers/transformers: model.save_pretrained(folder, safe_serialization=True), which writes "
+        "diffusion_pytorch_model.safetensors / model.safetensors), or, only if you trust the file's origin, "
+        "pass allow_pickle=True (--allow_pickle_weights).")
+
+
+def _select_weights(folder: str, what: str, table) -> tuple:
+    """(path, layout) of the weights to read: the first existing entry of `table`; raises when only
+    pickles (or nothing) are there. layout None means: decided by the safetensors metadata."""
+    for name, layout in table:
+        p = os.path.join(folder, name)
+        if os.path.isfile(p):
+            return p, layout
+    pickles = _pickle_files(folder)
+    if pickles:
+        raise _refuse_pickle(folder, what, pickles)
+    raise FileNotFoundError(f"{what} {folder!r}: no weights found (expected one of {', '.join(n for n, _ in table)};"
+                            f" the folder holds {sorted(os.listdir(folder))})")
+
+
+def _weight_files(path: str) -> list:
+    """The shard files of an index .json, or [path]."""
+    if not path.endswith(".index.json"):
+        return [path]
+    folder = os.path.dirname(path)
+    with open(path, encoding="utf-8") as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    return [os.path.join(folder, s) for s in shards]
+
+
+def read_weights(path: str) -> tuple:
+    """({name: ndarray}, layout) from a safetensors file / index or a `.pdparams` file / index, never
+    executing pickle code: `.pdparams` goes through ldm.weights.io.load_pdparams (only numpy arrays
+    and plain containers). layout is the safetensors metadata format ("pt" when absent, as
+    ppdiffusers and transformers assume) or "pd" for .pdparams."""
+    from ldm.weights.io import SafetensorsReader, WeightsError, load_pdparams
+
+    state, layout = {}, None
+    for f in _weight_files(path):
+        if f.endswith(".safetensors"):
+            with SafetensorsReader(f) as r:
+                fmt = r.metadata.get("format", "pt")
+                state.update(r.items())
+        elif f.endswith(".pdparams"):
+            fmt = "pd"
+            state.update(load_pdparams(f))
+        else:
+            raise WeightsError(f"{f}: not a safetensors or .pdparams file (refusing to unpickle it)")
+        if layout is not None and fmt != layout:
+            raise WeightsError(f"{path}: shards disagree on the layout ({layout} vs {fmt})")
+        layout = fmt
+    return state, layout
+
+
+def _build_empty(cls, folder: str):
+    """A ppdiffusers model from <folder>/config.json, without spending time on random init."""
+    from ppdiffusers.utils.paddle_utils import no_init_weights
+
+    config = cls.load_config(folder)
+    with no_init_weights(_enable=True):
+        return cls.from_config(config)
+
+
+def _load_diffusers_model(cls, folder: str, what: str, allow_pickle: bool = False):
+    """UNet / VAE from a local folder; strict: missing/unexpected/mis-shaped keys are one error."""
+    from ppdiffusers.models.modeling_pytorch_paddle_utils import convert_pytorch_state_dict_to_paddle
+
+    from ldm.weights.io import assign_state_dict
+
+    _check_folder(folder, what)
+    try:
+        path, layout = _select_weights(folder, what, _DIFFUSERS_WEIGHTS)
+    except PickleRefusedError:
+        if not allow_pickle:
+            raise
+        logger.warning("%s: loading PyTorch pickle weights from %s (allow_pickle=True: trusted files only)",
+                       what, folder)
+        model = cls.from_pretrained(folder, from_diffusers=True)
+        model.eval()
+        return model
+    state, fmt = read_weights(path)
+    model = _build_empty(cls, folder)
+    model._update_deprecated_state_dict(state)
+    model._convert_deprecated_attention_blocks(state)
+    if layout == "pt" or fmt == "pt":  # torch orientation: Linear weights transposed, buffers renamed
+        convert_pytorch_state_dict_to_paddle(model, state)
+    assign_state_dict(model, list(state.items()), where=path)
+    model.eval()
+    return model
+
+
+def load_unet(path: str, allow_pickle: bool = False):
     """UNet2DConditionModel from a folder (weights) or a config .json (random init)."""
     from ppdiffusers import UNet2DConditionModel
 
@@ -141,40 +270,54 @@ def load_unet(path: str):
         return UNet2DConditionModel.from_config(config)
     _check_folder(path, "UNet")
     logger.info("UNet: loading weights from %s (fine-tuning / resuming)", path)
-    return UNet2DConditionModel.from_pretrained(path, from_diffusers=is_torch_layout(path))
+    return _load_diffusers_model(UNet2DConditionModel, path, "UNet", allow_pickle)
 
 
-def load_vae(path: str):
+def load_vae(path: str, allow_pickle: bool = False):
     from ppdiffusers import AutoencoderKL
 
-    _check_folder(path, "VAE")
-    return AutoencoderKL.from_pretrained(path, from_diffusers=is_torch_layout(path))
+    return _load_diffusers_model(AutoencoderKL, path, "VAE", allow_pickle)
 
 
-def load_text_encoder(path: str):
-    """CLIPTextModel; a transformers (PyTorch) folder is converted in memory.
+def load_text_encoder(path: str, allow_pickle: bool = False):
+    """CLIPTextModel from a local folder: transformers (PyTorch) `model.safetensors` converted in
+    memory, Paddle `model.safetensors`, or `model_state.pdparams` through the restricted unpickler.
 
     (PaddleNLP's own `from_diffusers` conversion writes a `model_state.pdparams` into the source
     folder, which then shadows the original; we never write into a model folder.)
     """
     from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel
 
+    from ldm.weights.io import assign_state_dict
+
     _check_folder(path, "text encoder")
-    if not is_torch_layout(path):
-        return CLIPTextModel.from_pretrained(path)
-    weights = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(
-            f"text encoder {path!r}: PyTorch weights must be model.safetensors (pickled .bin files are not loaded)"
-        )
-    model = CLIPTextModel(CLIPTextConfig.from_pretrained(path))
-    load_torch_weights(model, weights)
+    config = CLIPTextConfig.from_pretrained(path)
+    try:
+        weights, _ = _select_weights(path, "text encoder", _TRANSFORMERS_WEIGHTS)
+    except PickleRefusedError:
+        if not allow_pickle:
+            raise
+        logger.warning("text encoder: loading PyTorch pickle weights from %s (allow_pickle=True: trusted files only)",
+                       path)
+        model = CLIPTextModel(config)
+        from ldm.sd.pickle_weights import torch_load_trusted
+
+        load_torch_weights(model, torch_load_trusted(path, "pytorch_model.bin"), where=path)
+        model.eval()
+        return model
+    state, fmt = read_weights(weights)
+    model = CLIPTextModel(config)
+    if fmt == "pt":
+        load_torch_weights(model, state, where=weights)
+    else:
+        assign_state_dict(model, [(k, v) for k, v in state.items() if not k.endswith("position_ids")], where=weights)
     model.eval()
     return model
 
 
-def load_torch_weights(layer, safetensors_path: str) -> None:
-    """Load a PyTorch-layout safetensors file into a paddle Layer with the same parameter names.
+def load_torch_weights(layer, weights, where: Optional[str] = None) -> None:
+    """Load PyTorch-layout weights (a safetensors path, or a {name: ndarray} dict) into a paddle Layer
+    with the same parameter names.
 
     The only layout difference is nn.Linear weights: torch [out, in], paddle [in, out]; they are
     transposed. `position_ids` buffers (not weights) are ignored. Every other key must match.
@@ -183,10 +326,14 @@ def load_torch_weights(layer, safetensors_path: str) -> None:
 
     from ldm.weights.io import assign_state_dict, iter_state_dict
 
+    if isinstance(weights, (str, os.PathLike)):
+        where = where or os.fspath(weights)
+        weights = iter_state_dict(weights)
+    else:
+        weights = weights.items()
     linear = {f"{name}.weight" for name, sub in layer.named_sublayers() if isinstance(sub, nn.Linear)}
-    items = [(k, v.T if k in linear else v) for k, v in iter_state_dict(safetensors_path)
-             if not k.endswith("position_ids")]
-    assign_state_dict(layer, items, where=safetensors_path)
+    items = [(k, v.T if k in linear else v) for k, v in weights if not k.endswith("position_ids")]
+    assign_state_dict(layer, items, where=where or "weights")
 
 
 def load_tokenizer(path: str, model_max_length: Optional[int] = None):
@@ -211,12 +358,13 @@ def load_scheduler_config(folder: Optional[str]) -> dict:
         return json.load(fh)
 
 
-def load_for_inference(pretrained: Optional[str], unet_path: Optional[str] = None):
+def load_for_inference(pretrained: Optional[str], unet_path: Optional[str] = None, allow_pickle: bool = False):
     """(unet, vae, text_encoder, tokenizer, scheduler_config) for sampling, all in eval mode.
 
     The UNet comes from `unet_path` (a trained `unet/` or `unet_ema/` folder) or <pretrained>/unet.
     The scheduler config is the one saved next to the trained UNet (it carries the training
     prediction_type) if present, else <pretrained>/scheduler, else SD v1 defaults.
+    PyTorch pickle weights (.bin) are refused unless allow_pickle (trusted files only).
     """
     if not pretrained:
         raise ValueError("--pretrained_model_name_or_path (a local pipeline folder) is required")
@@ -224,9 +372,9 @@ def load_for_inference(pretrained: Optional[str], unet_path: Optional[str] = Non
     unet_dir = unet_path or os.path.join(pretrained, "unet")
     if unet_dir.endswith(".json"):
         raise ValueError(f"{unet_dir} is a config, not trained weights: sampling needs a UNet folder")
-    unet = load_unet(unet_dir)
-    vae = load_vae(os.path.join(pretrained, "vae"))
-    te = load_text_encoder(os.path.join(pretrained, "text_encoder"))
+    unet = load_unet(unet_dir, allow_pickle)
+    vae = load_vae(os.path.join(pretrained, "vae"), allow_pickle)
+    te = load_text_encoder(os.path.join(pretrained, "text_encoder"), allow_pickle)
     tok = load_tokenizer(os.path.join(pretrained, "tokenizer"))
     sched = {}
     for cand in (os.path.join(os.path.dirname(os.path.normpath(unet_dir)), "scheduler"), os.path.join(pretrained, "scheduler")):
