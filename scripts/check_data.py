@@ -7,7 +7,9 @@ Every (rank, worker) consumer is simulated in this process (no processes are spa
 line printed is a JSON object: records, valid, invalid ({reason: {count, first: "file:line"}}),
 per_consumer ([{rank, worker, records, valid}]). Exit status: 1 with --strict when any record is
 invalid, 2 when no record is valid or (file lists) a consumer gets no valid record - training's
-infinite stream would stop with an error there - and 0 otherwise.
+infinite stream would stop with an error there -, 3 when the data cannot be read at all (a missing
+or empty file list, a listed file not found, a bad listing line, a missing folder ...: the JSON
+line then has an "error" field and zero counts), and 0 otherwise.
 """
 import argparse
 import json
@@ -37,8 +39,27 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     num_workers = max(args.num_workers, 1)
+    try:
+        report = _check(args, num_workers)
+    except (ValueError, OSError) as e:  # LaionDataError is a ValueError; folder errors are both kinds
+        source = {"dataset_path": args.dataset_path} if args.dataset_path else {"file_list": args.file_list}
+        print(f"error: {e}", file=sys.stderr)
+        print(json.dumps({
+            **source, "error": f"{type(e).__name__}: {e}", "records": 0, "valid": 0, "invalid": {},
+            "per_consumer": [],
+        }, ensure_ascii=False))
+        return 3
+    print(json.dumps(report, ensure_ascii=False))
+    if report["valid"] == 0 or report.get("consumers_without_valid", 0):
+        return 2
+    if args.strict and report["invalid"]:
+        return 1
+    return 0
+
+
+def _check(args, num_workers: int) -> dict:
     if args.dataset_path:
-        report = check_folder(
+        return check_folder(
             args.dataset_path,
             world_size=args.world_size,
             num_workers=num_workers,
@@ -46,20 +67,13 @@ def main(argv=None) -> int:
             resolution=args.resolution,
             max_pixels=args.max_pixels or None,
         )
-    else:
-        report = check_file_list(
-            args.file_list,
-            world_size=args.world_size,
-            num_workers=num_workers,
-            resolution=args.resolution,
-            max_pixels=args.max_pixels or None,
-        )
-    print(json.dumps(report, ensure_ascii=False))
-    if report["valid"] == 0 or report.get("consumers_without_valid", 0):
-        return 2
-    if args.strict and report["invalid"]:
-        return 1
-    return 0
+    return check_file_list(
+        args.file_list,
+        world_size=args.world_size,
+        num_workers=num_workers,
+        resolution=args.resolution,
+        max_pixels=args.max_pixels or None,
+    )
 
 
 if __name__ == "__main__":

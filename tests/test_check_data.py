@@ -67,6 +67,19 @@ def test_strict_clean_and_starved_consumer(tmp_path, capsys):
     assert sorted(c["valid"] for c in rep["per_consumer"]) == [0, 1, 1, 1]
 
 
+def test_unreadable_data_still_ends_with_json_error(tmp_path, capsys):
+    parts = make_parts(tmp_path / "parts", [2])
+    fl = write_filelist(tmp_path / "d.filelist", [parts[0], "missing-part"])
+    for argv in (["--file_list", fl], ["--file_list", str(tmp_path / "nope.filelist.list")],
+                 ["--dataset_path", str(tmp_path / "no_such_folder")]):
+        code, rep = _run(argv + ["--resolution", "8"], capsys)
+        assert code == 3
+        assert (rep["records"], rep["valid"], rep["invalid"], rep["per_consumer"]) == (0, 0, {}, [])
+        assert rep["error"]
+    code, rep = _run(["--file_list", fl], capsys)
+    assert "LaionDataError" in rep["error"] and "missing-part" in rep["error"]
+
+
 def test_cli_subprocess_last_line_is_json(mixed_list):
     fl, _ = mixed_list
     env = dict(os.environ, OMP_NUM_THREADS="1")

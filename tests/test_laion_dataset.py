@@ -1,6 +1,7 @@
 """LAION part-file dataset: exact sharding, bad-record counters, listings, determinism, workers."""
 import collections
 import gzip
+import io
 import os
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 
 from laion_fixtures import image_bytes, make_parts, record, write_filelist, write_part
 from ldm.data.laion import LaionDataError, LaionDataset, expand_file_list, numpy_collate
-from ldm.data.transforms import ImageTransform, decode_image
+from ldm.data.transforms import ImageTransform
 
 
 def _captions(ds, worker=0, num_workers=1, epoch=None):
@@ -157,6 +158,30 @@ def test_consumer_without_records_single_pass_ends_infinite_raises(tmp_path):
         next(iter(ds))
 
 
+def test_fewer_records_than_consumers_error_says_so(tmp_path):
+    # 3 records over 2 ranks x 4 workers: 3 consumers train, 5 stop with an explicit error.
+    (part,) = make_parts(tmp_path / "parts", [3])
+    outcomes = collections.Counter()
+    for rank in range(2):
+        ds = LaionDataset(part, resolution=8, infinite=True, rank=rank, world_size=2)
+        for w in range(4):
+            it = ds.iter_consumer(w, 4)
+            try:
+                next(it)
+                outcomes["sample"] += 1
+            except LaionDataError as e:
+                msg = str(e)
+                assert "fewer records than the 8 consumers (2 rank(s) x 4 DataLoader worker(s))" in msg, msg
+                assert "fewer DataLoader workers (--dataloader_num_workers)" in msg, msg
+                outcomes["error"] += 1
+    assert outcomes == {"sample": 3, "error": 5}
+    # the consumer that gets only an invalid record names the same way out
+    bad = write_part(tmp_path / "bad", [record("ok", image_bytes(seed=1)), b"x\tNONE\t@@@\n"])
+    ds = LaionDataset(bad, resolution=8, infinite=True, rank=0, world_size=1)
+    with pytest.raises(LaionDataError, match=r"fewer valid records than the 2 consumers .*fewer DataLoader workers"):
+        next(ds.iter_consumer(1, 2))
+
+
 # ----------------------------------------------------------------------------- listings
 def test_gzip_detected_by_magic_not_name(tmp_path):
     lines = [record("a", image_bytes(seed=1)), record("b", image_bytes(seed=2))]
@@ -190,6 +215,31 @@ def test_filelist_list_resolution_cwd_first_then_own_folder(tmp_path, monkeypatc
         LaionDataset(str(lists / "train.filelist.list"), resolution=8, rank=0, world_size=1)
 
 
+def test_tab_before_weight_is_a_listing(tmp_path):
+    parts = make_parts(tmp_path / "parts", [2, 1])
+    write_filelist(tmp_path / "a.filelist", [parts[0]])
+    write_filelist(tmp_path / "b.filelist", [parts[1]])
+    fll = tmp_path / "x.filelist.list"
+    fll.write_text("a.filelist\t2\nb.filelist \t 0.5\n")
+    entries = expand_file_list(str(fll))
+    assert [(e.path, e.weight) for e in entries] == [(parts[0], 2.0), (parts[1], 0.5)]
+    ds = LaionDataset(str(fll), resolution=8, infinite=False, rank=0, world_size=1)
+    assert sorted(_captions(ds)) == ["f0-r0", "f0-r1", "f1-r0"]
+
+
+@pytest.mark.parametrize("first", [b"broken line without tabs\n", b"broken\n", b"cut\tNONE\n"])
+def test_plain_part_file_with_bad_first_line_is_a_part_file(tmp_path, first):
+    good = [record(f"ok{i}", image_bytes(seed=i)) for i in range(3)]
+    part = write_part(tmp_path / "part-00000", [first] + good)
+    fl = write_filelist(tmp_path / "d.filelist", [part])
+    for path in (part, fl):
+        assert [e.path for e in expand_file_list(path)] == [part]
+        ds = LaionDataset(path, resolution=8, infinite=False, rank=0, world_size=1)
+        assert _captions(ds) == ["ok0", "ok1", "ok2"]
+        assert ds.stats.invalid == {"too_few_columns": 1}
+        assert ds.stats.first_example == {"too_few_columns": f"{part}:1"}
+
+
 def test_zero_weight_drops_filelist_and_bad_weight_rejected(tmp_path):
     parts = make_parts(tmp_path / "parts", [1, 1])
     write_filelist(tmp_path / "a.filelist", [parts[0]])
@@ -206,14 +256,20 @@ def test_zero_weight_drops_filelist_and_bad_weight_rejected(tmp_path):
 
 # ----------------------------------------------------------------------------- samples
 def test_sample_pixels_match_direct_decode_and_transform(tmp_path):
-    data = [image_bytes(20, 12, "JPEG", seed=7), image_bytes(5, 6, "PNG", seed=8)]  # 2nd smaller than R: upscaled
+    from PIL import Image
+
+    # short sides <= R: no reduced-scale decode, so a direct full decode must match exactly
+    data = [image_bytes(20, 10, "JPEG", seed=7), image_bytes(5, 6, "PNG", seed=8)]  # 2nd smaller than R: upscaled
     part = write_part(tmp_path / "p", [record(f"c{i}", d) for i, d in enumerate(data)])
-    ds = LaionDataset(part, resolution=10, center_crop=True, infinite=False, rank=0, world_size=1)
+    ds = LaionDataset(part, resolution=10, random_flip=True, infinite=False, rank=0, world_size=1)
     samples = list(ds.iter_consumer())
-    tf = ImageTransform(10, center_crop=True)
+    assert [s["caption"] for s in samples] == ["c0", "c1"]
+    tf = ImageTransform(10, random_flip=True)
+    rng = np.random.default_rng([0, 0, 0, 1, 0, 1])  # the dataset's stream for (seed, epoch, rank, W, worker, N)
     for s, d in zip(samples, data):
         assert s["pixel_values"].dtype == np.float32 and s["pixel_values"].shape == (3, 10, 10)
-        np.testing.assert_array_equal(s["pixel_values"], tf(decode_image(d, target_short_side=10), None))
+        direct = Image.open(io.BytesIO(d)).convert("RGB")
+        np.testing.assert_array_equal(s["pixel_values"], tf(direct, rng))
         assert -1.0 <= s["pixel_values"].min() and s["pixel_values"].max() <= 1.0
 
 

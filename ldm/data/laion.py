@@ -7,9 +7,12 @@ by whitespace and a sampling weight.
 
 Design (issue 2):
 - Compression is detected from the magic bytes, never from the file name.
-- Relative paths in a listing resolve against the working directory first, then against the
-  listing's own folder (filelists written by `create_pretraining_data.py` are relative to
-  their own folder, so they work from any working directory).
+- Whether a file is a part file or a listing is sniffed from its content (`sniff_file_kind`):
+  gzip magic -> part file; a plain file is a listing only when its first non-empty lines all
+  look like `path` or `path<whitespace>weight`.
+- Relative paths in a listing resolve against the working directory first (the seed's demo
+  data is written that way), then against the listing's own folder. `create_pretraining_data.py`
+  writes absolute paths, which mean the same files from any working directory.
 - Sharding is exact: there are K = world_size * num_workers consumers, consumer
   k = rank * num_workers + worker. Per pass, the file entries are put in a deterministic order
   (the same on every consumer); the first `(n // K) * K` entries are dealt out whole
@@ -98,15 +101,58 @@ def open_part(path: str):
     return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb", buffering=_READ_BUFFER)
 
 
-def _looks_like_part_file(path: str) -> bool:
-    if is_gzip(path):
+_SNIFF_BYTES = 65536
+_SNIFF_LINES = 8
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def _listing_like(line: str, listing: str) -> bool:
+    """True for a line a listing may hold: a comment, `path`, or `path<whitespace>number`.
+
+    A path containing whitespace (no weight) only counts when it names an existing file, so a
+    broken part-file line such as `broken line without tabs` is not taken for a listing line.
+    """
+    if line.startswith("#"):
         return True
+    if line.count("\t") >= 2:
+        return False  # caption \t placeholder \t base64: a record
+    parts = line.rsplit(None, 1)
+    path = parts[0] if len(parts) == 2 and _is_number(parts[1]) else line
+    if not any(c.isspace() for c in path):
+        return True
+    candidates = [os.path.expanduser(path), os.path.join(os.path.dirname(os.path.abspath(listing)), path)]
+    return any(os.path.isfile(c) for c in candidates)
+
+
+def sniff_file_kind(path: str) -> str:
+    """The kind of a file given or listed: "part", "listing" or "empty", from the content only (never the file name).
+
+    gzip magic -> part file. Otherwise the first few non-empty lines are looked at: a listing has
+    only listing-like lines (`path`, `path<whitespace>weight`, `# comment`); anything else - a
+    record with >= 3 tab-separated columns, or a line that is neither - makes it a part file,
+    whose bad lines are then counted as `too_few_columns` like any other bad record.
+    """
+    if is_gzip(path):
+        return "part"
     with open(path, "rb") as f:
-        head = f.read(65536)
-    for line in head.split(b"\n"):
-        if line.strip():
-            return b"\t" in line
-    return False
+        head = f.read(_SNIFF_BYTES)
+    lines = head.split(b"\n")
+    if len(head) == _SNIFF_BYTES and len(lines) > 1:
+        lines = lines[:-1]  # the last line may be cut by the read size
+    sniffed = [ln.strip() for ln in lines if ln.strip()][:_SNIFF_LINES]
+    if not sniffed:
+        return "empty"
+    for raw in sniffed:
+        if not _listing_like(raw.decode("utf-8", errors="replace"), path):
+            return "part"
+    return "listing"
 
 
 def resolve_listed_path(entry: str, listing: str) -> str:
@@ -157,15 +203,14 @@ def expand_file_list(file_list: str) -> list[FileEntry]:
     """
     if not os.path.isfile(file_list):
         raise LaionDataError(f"file list {file_list!r} does not exist")
-    kinds: dict[str, bool] = {}
-
-    def is_part(p: str) -> bool:
-        if p not in kinds:
-            kinds[p] = _looks_like_part_file(p)
-        return kinds[p]
+    kinds: dict[str, str] = {}
 
     def expand(path: str, weight: float, source: str, depth: int) -> list[FileEntry]:
-        if is_part(path):
+        if path not in kinds:
+            kinds[path] = sniff_file_kind(path)
+        if kinds[path] == "empty" and depth == 0:
+            raise LaionDataError(f"file list {file_list!r} is empty")
+        if kinds[path] != "listing":  # a part file; an empty listed file is a part with no record
             return [FileEntry(path, weight, source)]
         if depth >= 2:
             raise LaionDataError(f"{path}: listings nest deeper than .filelist.list -> .filelist -> part files")
@@ -438,13 +483,26 @@ class LaionDataset(paddle.io.IterableDataset):
         if stats.valid > 0:
             return
         where = f"rank {self.rank}/{self.world_size}, worker {stats.worker}/{num_workers}"
+        consumers = self.world_size * num_workers
         if stats.records == 0 and not self.infinite:
             logger.warning("%s: no record fell to this consumer in %s", where, self.file_list)
             return
+        advice = (
+            "use fewer DataLoader workers (--dataloader_num_workers) or ranks, or more data "
+            "(scripts/check_data.py shows how the records are split)"
+        )
+        if stats.records == 0:
+            raise LaionDataError(
+                f"{where}: no record fell to this consumer in a full pass: the data set has fewer records than "
+                f"the {consumers} consumers ({self.world_size} rank(s) x {num_workers} DataLoader worker(s)), "
+                f"each record going to exactly one of them (or this consumer's files are empty); {advice}; "
+                f"file list {self.file_list}"
+            )
         raise LaionDataError(
             f"{where}: a full pass over {stats.records} record(s) gave no valid sample "
             f"(invalid: {stats.invalid}, first examples: {stats.first_example}); "
-            f"files: {stats.files or '(none fell to this consumer)'}; file list {self.file_list}"
+            f"files: {stats.files}; file list {self.file_list}. If the data set has fewer valid records than "
+            f"the {consumers} consumers ({self.world_size} rank(s) x {num_workers} DataLoader worker(s)), {advice}"
         )
 
     def _iter_pass(self, worker, num_workers, epoch, stats: ConsumerStats, decode_only: bool):
