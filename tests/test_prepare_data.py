@@ -113,7 +113,8 @@ def _smooth_jpeg(width, height):
     from PIL import Image
 
     y, x = np.mgrid[0:height, 0:width].astype(np.float64)
-    arr = np.stack([255 * x / (width - 1), 255 * y / (height - 1), 127.5 + 100 * np.sin(np.pi * (x / width + y / height))], -1)
+    wave = 127.5 + 100 * np.sin(np.pi * (x / width + y / height))
+    arr = np.stack([255 * x / (width - 1), 255 * y / (height - 1), wave], -1)
     buf = io.BytesIO()
     Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=95)
     return buf.getvalue()
