@@ -6,7 +6,7 @@ by ``ldm.cascade.pipeline``; this class only holds the settings and the componen
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import paddle

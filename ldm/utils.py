@@ -1,9 +1,11 @@
 """Small shared helpers: logging, seeding, distributed rank information, bool env flags."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+import tempfile
 
 import numpy as np
 
@@ -60,3 +62,45 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     paddle.seed(seed)
+
+
+def temp_file_next_to(path: str) -> tuple[int, str]:
+    """(fd, name) of a new temporary file in `path`'s folder (same filesystem, so os.replace onto
+    `path` is atomic), with the permissions a plain open() would give (mkstemp makes it 0600)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb"):
+    """Open a temporary file next to `path` and move it onto `path` only when the block completes
+    (fsync'd), so readers never see a partial file."""
+    fd, tmp = temp_file_next_to(path)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_png(path: str, image, meta=None) -> str:
+    """Write a uint8 HxWx3 image as PNG, atomically, with `meta` as PNG text chunks (prompt, seed...)."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in (meta or {}).items():
+        info.add_text(str(k), str(v))
+    with atomic_open(path) as f:
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(f, format="PNG", pnginfo=info)
+    return path

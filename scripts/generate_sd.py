@@ -67,7 +67,7 @@ def main(argv=None):
         for i, img in enumerate(images):
             seed = args.seed + i
             path = os.path.join(args.output_dir, f"{pi:04d}_{i:02d}_seed{seed}.png")
-            save_png(img, path, {"prompt": prompt, "seed": seed, "guidance_scale": args.guidance_scale,
+            save_png(path, img, {"prompt": prompt, "seed": seed, "guidance_scale": args.guidance_scale,
                                  "num_inference_steps": args.num_inference_steps, "scheduler": args.scheduler})
             written.append(path)
     print(json.dumps({"images": written}))

@@ -63,7 +63,7 @@ def test_png_metadata(tmp_path):
     from ldm.sd.sampling import save_png
 
     img = np.zeros((8, 8, 3), np.uint8)
-    save_png(img, str(tmp_path / "x.png"), {"prompt": "a cat", "seed": 7})
+    save_png(str(tmp_path / "x.png"), img, {"prompt": "a cat", "seed": 7})
     im = Image.open(tmp_path / "x.png")
     assert im.text == {"prompt": "a cat", "seed": "7"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]  # no temp file left

@@ -72,6 +72,15 @@ def test_truncated_and_garbage_files_are_clear_errors(tmp_path):
         load_state_dict(tmp_path / "absent.safetensors")
 
 
+def test_written_files_get_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_safetensors({"w": np.ones(2, "float32")}, tmp_path / "p.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "p.safetensors").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+
+
 def test_atomic_write_leaves_no_partial_file(tmp_path):
     target = tmp_path / "w.safetensors"
     with pytest.raises(RuntimeError):

@@ -26,6 +26,7 @@ import paddle
 import config as cfg_mod
 from config import CascadeConfig, SamplingConfig
 from ldm.utils import get_logger
+from ldm.utils import save_png as utils_save_png
 
 logger = get_logger("ldm.cascade")
 
@@ -441,19 +442,4 @@ def shared_components(cfg: CascadeConfig, preset: Optional[str], needed: Sequenc
     return comps
 
 
-def save_png(path: str, image: np.ndarray, meta: Dict[str, object]) -> str:
-    """Write a uint8 HxWx3 image as PNG with ``meta`` as text chunks, atomically (temp + rename)."""
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for k, v in meta.items():
-        info.add_text(str(k), str(v))
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+save_png = utils_save_png  # kept here for callers: pipeline.save_png(path, image, meta)

@@ -11,7 +11,6 @@ caller's global Paddle RNG state is restored afterwards.
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from typing import Callable
 

@@ -8,12 +8,12 @@ is reproducible from the seed written in its metadata, whatever the batch.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import paddle
+
+from ldm.utils import save_png as utils_save_png
 
 __all__ = ["SCHEDULERS", "make_scheduler", "generate", "save_png", "vae_scale_factor", "SD_V1_SCHEDULER_CONFIG"]
 
@@ -98,22 +98,4 @@ def generate(
     return images.astype(np.uint8)
 
 
-def save_png(image: np.ndarray, path: str, text: Optional[Dict[str, str]] = None) -> None:
-    """Write a uint8 (H, W, 3) PNG atomically, with tEXt metadata (e.g. prompt and seed)."""
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for k, v in (text or {}).items():
-        info.add_text(str(k), str(v))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(image).save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+save_png = utils_save_png  # save_png(path, image, meta)

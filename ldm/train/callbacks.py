@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import numpy as np
 import paddle

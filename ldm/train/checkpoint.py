@@ -11,12 +11,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from typing import Optional
 
 from paddlenlp.trainer import TrainerCallback
 
-from ldm.utils import get_logger
+from ldm.utils import atomic_open, get_logger
 
 logger = get_logger("ldm.train.checkpoint")
 
@@ -28,12 +27,8 @@ _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def mark_complete(checkpoint_dir: str, global_step: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=checkpoint_dir)
-    with os.fdopen(fd, "w") as f:
+    with atomic_open(os.path.join(checkpoint_dir, COMPLETE_MARKER), "w") as f:
         json.dump({"global_step": int(global_step)}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(checkpoint_dir, COMPLETE_MARKER))
 
 
 def is_complete(checkpoint_dir: str) -> bool:

@@ -1,5 +1,5 @@
 """Weight IO (safetensors, safe .pdparams) and key maps from the reference layouts."""
-from .io import (  # noqa: F401
+from .io import (
     SafetensorsReader,
     SafetensorsWriter,
     WeightsError,
@@ -11,3 +11,6 @@ from .io import (  # noqa: F401
     read_safetensors,
     save_safetensors,
 )
+
+__all__ = ["SafetensorsReader", "SafetensorsWriter", "WeightsError", "assign_state_dict", "check_state_dict",
+           "iter_state_dict", "load_pdparams", "load_state_dict", "read_safetensors", "save_safetensors"]

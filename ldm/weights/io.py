@@ -7,17 +7,17 @@ unpickler that only admits numpy arrays and plain containers.
 """
 from __future__ import annotations
 
-import io
 import json
 import mmap
 import os
 import pickle
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Callable
 
 import numpy as np
+
+from ldm.utils import temp_file_next_to
 
 __all__ = [
     "WeightsError",
@@ -179,13 +179,6 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
         return dict(r.items())
 
 
-def _atomic_target(path: str):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    return fd, tmp
-
-
 class SafetensorsWriter:
     """Streaming safetensors writer: the header is fixed from the (name, shape, dtype) plan,
     then tensors are written one by one in plan order. The file appears atomically on close."""
@@ -206,7 +199,7 @@ class SafetensorsWriter:
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        fd, self._tmp = _atomic_target(self.path)
+        fd, self._tmp = temp_file_next_to(self.path)
         self._f = os.fdopen(fd, "wb")
         self._f.write(struct.pack("<Q", len(raw)))
         self._f.write(raw)
