@@ -1,7 +1,8 @@
 """CLIP text / image conditioning for Stable Cascade, through ppdiffusers' Paddle CLIP port.
 
 - Text: `CLIPTextModelWithProjection` (ViT-bigG-14 laion2B-39B-b160k, projection 1280).
-  Stage C uses the last hidden state [B, 77, 1280] and `text_embeds` [B, 1, 1280].
+  Stage C uses `hidden_states[-1]` (the last layer's output before the final LayerNorm, as the
+  original and diffusers do) [B, 77, 1280] and `text_embeds` [B, 1, 1280].
 - Image: `CLIPVisionModelWithProjection` (ViT-L/14), `image_embeds` [B, 1, 768], on images resized
   (shorter side) to 224 with antialiased bicubic interpolation, centre-cropped to 224 and normalised
   with the CLIP mean/std (StableCascade `train/train_c.py` clip_preprocess).
