@@ -182,3 +182,49 @@ def test_generate_sd_pickle_opt_in_is_off_by_default():
     assert mod.parse_args(["--pretrained_model_name_or_path", "x", "--prompt", "p"]).allow_pickle_weights is False
     assert mod.parse_args(["--pretrained_model_name_or_path", "x", "--prompt", "p",
                            "--allow_pickle_weights"]).allow_pickle_weights is True
+
+
+def test_checkpoints_are_safetensors_and_restore_without_pickle(tmp_path, monkeypatch):
+    """What save_trained / save_ema write (no pickle anywhere), load_trained restores it exactly, and the
+    seed's section 5.2 `UNet2DConditionModel.from_pretrained(checkpoint/unet)` reads it."""
+    import paddle
+    from ppdiffusers import UNet2DConditionModel
+    from sd_tiny import build_tiny_sd
+
+    from ldm.sd.loading import load_text_encoder, load_tokenizer, load_unet, load_vae
+    from ldm.sd.model import StableDiffusionModel
+
+    root = str(tmp_path / "sd")
+    build_tiny_sd(root, unet_weights=True)
+
+    def make():
+        return StableDiffusionModel(load_unet(root + "/unet"), load_vae(root + "/vae"),
+                                    load_text_encoder(root + "/text_encoder"), load_tokenizer(root + "/tokenizer"),
+                                    train_text_encoder=True)
+
+    model = make()
+    rng = np.random.default_rng(2)
+    for p in list(model.unet.parameters()) + list(model.text_encoder.parameters()):
+        p.set_value(paddle.to_tensor(rng.standard_normal(p.shape).astype("float32")))
+    ckpt = tmp_path / "checkpoint-5"
+    model.save_trained(str(ckpt))
+    model.save_ema(str(ckpt), dict(model.ema_parameters()))
+    files = sorted(os.path.relpath(os.path.join(d, f), ckpt) for d, _, fs in os.walk(ckpt) for f in fs)
+    assert files == ["scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
+                     "unet/config.json", "unet/diffusion_paddle_model.safetensors",
+                     "unet_ema/config.json", "unet_ema/diffusion_paddle_model.safetensors"], files
+
+    def no_paddle_load(*a, **k):
+        raise AssertionError("paddle.load (plain pickle) was called")
+
+    monkeypatch.setattr(paddle, "load", no_paddle_load)
+    restored = make()
+    restored.load_trained(str(ckpt))
+    for a, b in ((model.unet, restored.unet), (model.text_encoder, restored.text_encoder)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sorted(sa) == sorted(sb)
+        for k in sa:
+            assert np.array_equal(sa[k].numpy(), sb[k].numpy()), k
+    seed_unet = UNet2DConditionModel.from_pretrained(str(ckpt / "unet"))
+    for k, v in model.unet.state_dict().items():
+        assert np.array_equal(seed_unet.state_dict()[k].numpy(), v.numpy()), k

@@ -194,9 +194,9 @@ class StableDiffusionModel(nn.Layer):
             te_dir = os.path.join(checkpoint_dir, "text_encoder")
             if not os.path.isdir(te_dir):
                 raise FileNotFoundError(f"{checkpoint_dir} has no text_encoder/ but --train_text_encoder is set")
-            from ppdiffusers.transformers import CLIPTextModel
+            from ldm.sd.loading import load_text_encoder  # strict, never unpickles by default
 
-            self.text_encoder.set_state_dict(CLIPTextModel.from_pretrained(te_dir).state_dict())
+            self.text_encoder.set_state_dict(load_text_encoder(te_dir).state_dict())
         logger.info("restored trained weights from %s", checkpoint_dir)
 
     @paddle.no_grad()
