@@ -88,6 +88,21 @@ def test_pdparams_with_torch_batchnorm_names_loads(pair, tmp_path):
         np.testing.assert_array_equal(m2(x).numpy(), model(x).numpy())
 
 
+def test_pdparams_from_paddlemix_converter_with_reversed_se_weights(pair, tmp_path):
+    """PaddleMIX's converter reversed all axes of every key containing "fc" (the SE 1x1 convs), so
+    a seed effnet_encoder.pdparams made by it holds (1, 1, in, out) SE weights: they are undone."""
+    ref, model, _ = pair
+    state = {k: v.numpy() for k, v in ref.state_dict().items()}
+    reversed_keys = [k for k in state if "fc" in k and state[k].ndim == 4]
+    assert len(reversed_keys) > 10  # every SE block has fc1 and fc2
+    state = {k: (v.transpose() if "fc" in k else v) for k, v in state.items()}
+    paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, str(tmp_path / "pm.pdparams"))
+    m2 = load_effnet(tmp_path / "pm.pdparams")
+    x = paddle.rand([1, 3, 64, 64])
+    with paddle.no_grad():
+        np.testing.assert_array_equal(m2(x).numpy(), model(x).numpy())
+
+
 def test_input_check():
     with pytest.raises(ValueError):
         EfficientNetEncoder(c_latent=0)

@@ -17,6 +17,10 @@ from __future__ import annotations
 import paddle
 import paddle.nn as nn
 
+from ldm.utils import get_logger
+
+logger = get_logger("ldm.cascade.effnet")
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -167,4 +171,22 @@ def load_effnet(path, dtype: str = "float32") -> EfficientNetEncoder:
     items, _ = read_paddle_weights(path, "effnet")
     shapes = dict((k, v.shape) for k, v in items)
     c_latent = shapes.get("mapper.0.weight", (16,))[0]
-    return finish_loading(EfficientNetEncoder(c_latent=int(c_latent)), items, path, dtype)
+    model = EfficientNetEncoder(c_latent=int(c_latent))
+    if str(path).endswith(".pdparams"):
+        items = _undo_reversed_se_weights(items, model, path)
+    return finish_loading(model, items, path, dtype)
+
+
+def _undo_reversed_se_weights(items, model, path):
+    """PaddleMIX's effnet converter reversed every axis of keys containing "fc", which turns the
+    squeeze-excitation 1x1 conv weights (out, in, 1, 1) into (1, 1, in, out). Reverse them back."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    out, fixed = [], 0
+    for k, v in items:
+        if ".fc" in k and v.ndim == 4 and k in want and tuple(v.shape) != want[k] and v.shape[::-1] == want[k]:
+            v, fixed = v.transpose(3, 2, 1, 0), fixed + 1
+        out.append((k, v))
+    if fixed:
+        logger.info("%s: %d squeeze-excitation weights stored with reversed axes (PaddleMIX converter) "
+                    "were transposed back", path, fixed)
+    return out
