@@ -96,7 +96,7 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     prior = _randomise(StableCascadeUNet(**PRIOR), 1)
     decoder = _randomise(StableCascadeUNet(**DECODER), 2)
-    vqgan = PaellaVQModel(**VQGAN).eval()
+    vqgan = _randomise(PaellaVQModel(**VQGAN), 3)  # non-zero ResBlock gammas: Stage A really runs
     # transformers CLIP text tower + the tiny byte-level tokenizer, saved as transformers does
     clip_dir = src / "clip_text"
     vocab = write_tiny_clip_tokenizer(str(clip_dir))
