@@ -141,10 +141,11 @@ def _shipped_config_fallback(path: str) -> str:
 
 # Weight files, in the order they are chosen. Safetensors always wins over a pickle in the same folder;
 # `.pdparams` is read with the restricted unpickler; PyTorch pickles are refused unless allowed.
-_DIFFUSERS_WEIGHTS = (  # (file, layout) for ppdiffusers models (UNet, VAE)
+_DIFFUSERS_WEIGHTS = (  # (file, layout) for ppdiffusers models (UNet, VAE); then the fp16 variants
     ("diffusion_paddle_model.safetensors.index.json", "pd"), ("diffusion_paddle_model.safetensors", "pd"),
     ("diffusion_pytorch_model.safetensors.index.json", "pt"), ("diffusion_pytorch_model.safetensors", "pt"),
     ("model_state.pdparams.index.json", "pd"), ("model_state.pdparams", "pd"),
+    ("diffusion_paddle_model.fp16.safetensors", "pd"), ("diffusion_pytorch_model.fp16.safetensors", "pt"),
 )
 _TRANSFORMERS_WEIGHTS = (  # text encoder; model.safetensors: its metadata tag decides the layout
     ("model.safetensors.index.json", None), ("model.safetensors", None),
@@ -253,6 +254,7 @@ def _load_diffusers_model(cls, folder: str, what: str, allow_pickle: bool = Fals
     if layout == "pt" or fmt == "pt":  # torch orientation: Linear weights transposed, buffers renamed
         convert_pytorch_state_dict_to_paddle(model, state)
     assign_state_dict(model, list(state.items()), where=path)
+    model.register_to_config(_name_or_path=folder)  # as from_pretrained does
     model.eval()
     return model
 
