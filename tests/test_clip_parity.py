@@ -51,6 +51,16 @@ def _compare_text(folder, ref):
     np.testing.assert_allclose(got.last_hidden_state.numpy(), want.last_hidden_state.numpy(), atol=1e-4, rtol=0)
     np.testing.assert_allclose(got.text_embeds.numpy(), want.text_embeds.numpy(), atol=1e-4, rtol=0)
     assert np.abs(want.text_embeds.numpy()).max() > 0.1
+    # the path Stage C uses: hidden_states[-1] (before the final LayerNorm) with the attention mask
+    mask = (np.arange(77)[None, :] <= np.array([5, 40, 76])[:, None]).astype("int64")
+    with torch.no_grad():
+        want_h = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                     output_hidden_states=True).hidden_states[-1].numpy()
+    with paddle.no_grad():
+        got_h = model(input_ids=paddle.to_tensor(ids), attention_mask=paddle.to_tensor(mask),
+                      output_hidden_states=True).hidden_states[-1].numpy()
+    np.testing.assert_allclose(got_h, want_h, atol=1e-4, rtol=0)
+    assert np.abs(want_h - want.last_hidden_state.numpy()).max() > 0.1  # really a different tensor
 
 
 def _compare_vision(folder, ref):
