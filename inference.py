@@ -1,9 +1,8 @@
 """Stable Cascade text-to-image (the seed's `python inference.py`): writes result_0.png, ...
 
-    python inference.py                                   # seed example: 2 images, seed 1
-    python inference.py --preset tiny                     # random tiny weights, fully offline
-    python inference.py --caption "a red fox" --height 768 --width 1280 --low_memory
+    python inference.py [--preset tiny]                   # seed example: 2 images, seed 1 (tiny: offline)
     python inference.py --image ref.png --caption ""      # image variation (--init_image x.png: img2img)
+    python inference.py --stage_c train_output/stage_c_finetuned.safetensors   # a fine-tuned Stage C
 """
 import argparse
 import dataclasses
@@ -30,6 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--weights_path", default=C.WEIGHTS_PATH)
     p.add_argument("--model_c_version", default=C.MODEL_C_VERSION, choices=list(C.STAGE_C_FILES))
     p.add_argument("--model_b_version", default=C.MODEL_B_VERSION, choices=list(C.STAGE_B_FILES))
+    p.add_argument("--stage_c", help="Stage C weight file instead of the folder's (e.g. a fine-tuned one)")
     p.add_argument("--preset", choices=["tiny"], default=None, help="random tiny networks, no weight files")
     p.add_argument("--image", help="image for CLIP image conditioning (variation)")
     p.add_argument("--init_image", help="image to start Stage C from (image-to-image)")
@@ -61,6 +61,8 @@ def main(argv=None):
         cfg = dataclasses.replace(cfg, stage_c=C.STAGE_C_FILES[args.model_c_version])
     if args.model_b_version != C.MODEL_B_VERSION:
         cfg = dataclasses.replace(cfg, stage_b=C.STAGE_B_FILES[args.model_b_version])
+    if args.stage_c:  # an explicit file, relative to the working directory
+        cfg = dataclasses.replace(cfg, stage_c=os.path.abspath(args.stage_c))
     if args.preset is None:  # one error listing every missing file, before any network is built
         extra = (("image_encoder",) if args.image else ()) + (("effnet",) if args.init_image else ())
         pl.resolve_weights(cfg, pl.NEEDED_C + pl.NEEDED_B + extra)

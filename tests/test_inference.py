@@ -86,6 +86,11 @@ def test_missing_weights_one_error_lists_every_file(tmp_path):
     assert "- stage_c: " + os.path.join(str(tmp_path), "stage_c.safetensors or stage_c.pdparams") in str(e.value)
     assert "- stage_b: " + os.path.join(str(tmp_path), "stage_b.safetensors or stage_b.pdparams") in str(e.value)
 
+    # --stage_c names its own file (e.g. a fine-tuned one), relative to the working directory
+    with pytest.raises(pl.MissingWeightsError) as e:
+        inference.main(["--weights_path", str(tmp_path), "--stage_c", "tuned/stage_c_ft.safetensors"])
+    assert "- stage_c: " + os.path.abspath("tuned/stage_c_ft.safetensors") in str(e.value)
+
     # on the command line: the message without a traceback, exit status 1
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "inference.py"), "--weights_path", str(tmp_path / "no")],
                           cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
