@@ -338,6 +338,9 @@ def main(argv=None) -> dict:
         "decode_only_samples_per_s": round(med["decode_only"], 2),
         "ours_vs_paddlemix": round(med["ours"] / med["paddlemix"], 3),
         "ours_vs_decode_only": round(med["ours"] / med["decode_only"], 3),
+        # both ratios compare the three pipelines run one at a time in this process (the work of one
+        # worker), per CPU second; they do not depend on --num_workers
+        "ratio_basis": "one worker's throughput per CPU second, same process, same records",
         "wall_samples_per_s": {k: round(v, 2) for k, v in med_wall.items()},
         "rounds_samples_per_s": {k: [round(v, 1) for v in r] for k, r in rates.items()},
         "pipeline": "LaionDataset" if _laion is not None else "decode_image+ImageTransform",
