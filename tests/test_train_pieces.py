@@ -137,3 +137,45 @@ def test_group_learning_rates_reach_the_optimizer():
     step_a, step_b = np.abs(a.fc.weight.numpy() - wa), np.abs(b.fc.weight.numpy() - wb)
     np.testing.assert_allclose(step_a, np.full_like(step_a, 1e-2), rtol=1e-3)
     np.testing.assert_allclose(step_b, np.full_like(step_b, 1e-3), rtol=1e-3)
+
+
+def test_checkpoint_state_is_read_without_running_pickled_code(tmp_path):
+    """Optimizer / scheduler / RNG files of a checkpoint go through the restricted unpickler."""
+    import os
+    import pickle
+
+    import paddle
+    import pytest
+
+    from ldm.train.trainer import DiffusionTrainer, restricted_paddle_load
+    from ldm.weights.io import WeightsError
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(tmp_path / "optimizer.pdopt", "wb") as f:
+        pickle.dump({"linear_0.w_0_moment1_0": Payload()}, f)
+    state = {"w": paddle.ones([2]), "LR_Scheduler": {"last_epoch": 3}}
+    paddle.save(state, str(tmp_path / "good.pdopt"))
+    paddle.seed(1)
+    paddle.save({"cpu": paddle.framework.core.default_cpu_generator().get_state()}, str(tmp_path / "rng.pth"))
+    with restricted_paddle_load():
+        with pytest.raises(WeightsError, match="refusing to unpickle .*system"):
+            paddle.load(str(tmp_path / "optimizer.pdopt"))
+        good = paddle.load(str(tmp_path / "good.pdopt"))
+        rng = paddle.load(str(tmp_path / "rng.pth"))
+    assert not marker.exists()
+    assert good["LR_Scheduler"] == {"last_epoch": 3} and good["w"].tolist() == [1.0, 1.0]
+    paddle.framework.core.default_cpu_generator().set_state(rng["cpu"])
+    a = paddle.rand([3]).numpy()
+    paddle.seed(1)
+    assert a.tolist() == paddle.rand([3]).numpy().tolist()
+    assert paddle.load.__name__ == "load"  # restored after the block
+    # the Trainer's own loaders use it
+    import inspect
+
+    for name in ("_load_optimizer_and_scheduler", "_load_rng_state"):
+        assert "restricted_paddle_load()" in inspect.getsource(getattr(DiffusionTrainer, name))

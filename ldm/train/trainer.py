@@ -8,6 +8,9 @@ Overrides (nothing else is changed):
 - `log`: merges the scalars of callbacks that have `pop_logs()` (timing, grad norm).
 - `_load_optimizer_and_scheduler`: optimizer state re-keyed by structured parameter names
   (`param_names.json`, written by `_save`), so resume does not depend on paddle's generated names.
+- `_load_optimizer_and_scheduler` / `_load_rng_state`: PaddleNLP reads these checkpoint files with
+  `paddle.load` (pickle); here they go through the restricted unpickler of `ldm.weights.io`, so a
+  foreign `--resume_from_checkpoint` folder cannot run code.
 - `_rotate_checkpoints`: a no-op; `ldm.train.checkpoint.CheckpointMarkerCallback` applies
   `save_total_limit` once the new checkpoint is complete.
 - `train` / `training_step`: on resume the python/numpy/paddle RNG states of the checkpoint are
@@ -20,6 +23,7 @@ Overrides (nothing else is changed):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -31,6 +35,7 @@ from paddle.io import DataLoader, IterableDataset
 from paddlenlp.trainer import Trainer
 
 from ldm.utils import get_logger
+from ldm.weights.io import TRAINER_STATE_GLOBALS, load_pickle_restricted
 
 logger = get_logger("ldm.train.trainer")
 
@@ -101,6 +106,23 @@ def rename_optimizer_state(state: Dict, mapping: Dict[str, str]) -> Dict:
             cut = key.rfind("_", 0, cut)
         out[new] = value
     return out
+
+
+@contextlib.contextmanager
+def restricted_paddle_load():
+    """Within the block, `paddle.load` (as PaddleNLP calls it for optimizer, scheduler and RNG
+    state) reads through the restricted unpickler: arrays, plain containers and Paddle generator
+    states only. Paddle accepts numpy arrays wherever it loads these states."""
+    original = paddle.load
+
+    def safe_load(path, **kwargs):
+        return load_pickle_restricted(path, TRAINER_STATE_GLOBALS)
+
+    paddle.load = safe_load
+    try:
+        yield
+    finally:
+        paddle.load = original
 
 
 class DiffusionTrainer(Trainer):
@@ -181,14 +203,19 @@ class DiffusionTrainer(Trainer):
         structured names saved next to the checkpoint make resume independent of that.
         """
         mapping = _param_name_map(checkpoint, self.model) if checkpoint else None
-        if not mapping:
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        original = self.optimizer.set_state_dict
-        self.optimizer.set_state_dict = lambda state: original(rename_optimizer_state(state, mapping))
-        try:
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        finally:
-            del self.optimizer.set_state_dict  # drop the instance override, back to the class method
+        with restricted_paddle_load():
+            if not mapping:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            original = self.optimizer.set_state_dict
+            self.optimizer.set_state_dict = lambda state: original(rename_optimizer_state(state, mapping))
+            try:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            finally:
+                del self.optimizer.set_state_dict  # drop the instance override, back to the class method
+
+    def _load_rng_state(self, checkpoint):
+        with restricted_paddle_load():
+            return super()._load_rng_state(checkpoint)
 
     def _rotate_checkpoints(self, use_mtime=False, output_dir=None) -> None:
         """Disabled: the Trainer's version deletes before the new checkpoint is complete (and never

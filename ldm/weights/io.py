@@ -288,18 +288,37 @@ _ALLOWED_GLOBALS = {
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, f, path):
+    def __init__(self, f, path, extra_allowed=()):
         super().__init__(f)
         self._path = path
+        self._extra = set(extra_allowed)
 
     def find_class(self, module, name):
-        if (module, name) in _ALLOWED_GLOBALS:
+        if (module, name) in _ALLOWED_GLOBALS or (module, name) in self._extra:
             return super().find_class(module, name)
         raise WeightsError(
             f"{self._path}: refusing to unpickle {module}.{name}: only numpy arrays and plain "
             "containers are allowed in a .pdparams file (convert it to safetensors, or load it "
             "with paddle.load yourself if you trust its origin)"
         )
+
+
+# Trainer checkpoints (optimizer / scheduler / RNG state written by paddle.save) may also hold
+# Paddle's random-generator state objects.
+TRAINER_STATE_GLOBALS = (("paddle.base.libpaddle", "GeneratorState"),)
+
+
+def load_pickle_restricted(path, extra_allowed=()):
+    """Unpickle a `paddle.save` file that may hold any plain containers, numpy arrays and the
+    classes in `extra_allowed`; anything else (code) is refused with a WeightsError."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            return _RestrictedUnpickler(f, path, extra_allowed).load()
+    except WeightsError:
+        raise
+    except Exception as e:
+        raise WeightsError(f"{path}: not a readable paddle.save file: {e}") from e
 
 
 def load_pdparams(path) -> dict[str, np.ndarray]:
