@@ -73,6 +73,20 @@ class worker_init_fn:  # noqa: N801 - used like a function, picklable for worker
 PARAM_NAMES_FILE = "param_names.json"
 
 
+class SeededBatchSampler(paddle.io.DistributedBatchSampler):
+    """paddle's DistributedBatchSampler shuffles with `RandomState(epoch)`, the same order for every
+    run; this one mixes the run's seed in, so `--seed` changes the sample order too (the Trainer
+    still drives it through `set_epoch`)."""
+
+    def __init__(self, *args, seed: int = 0, **kwargs):
+        self._seed = int(seed)
+        super().__init__(*args, **kwargs)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch((self._seed * 1000003 + int(epoch)) % 2**32)
+
+
 def _param_name_map(checkpoint: str, model) -> Dict[str, str]:
     """{saved paddle param name: current paddle param name}, only for names that changed."""
     path = os.path.join(str(checkpoint), PARAM_NAMES_FILE)
@@ -157,9 +171,9 @@ class DiffusionTrainer(Trainer):
         )
         if isinstance(ds, IterableDataset):
             return DataLoader(ds, drop_last=True, **common)
-        sampler = paddle.io.DistributedBatchSampler(
+        sampler = SeededBatchSampler(
             ds, batch_size=self.args.per_device_train_batch_size, shuffle=True, drop_last=True,
-            num_replicas=self.args.dataset_world_size, rank=self.args.dataset_rank,
+            num_replicas=self.args.dataset_world_size, rank=self.args.dataset_rank, seed=self.args.seed,
         )
         common.pop("batch_size")
         return DataLoader(ds, batch_sampler=sampler, **common)
