@@ -2,7 +2,6 @@
 
     python inference.py [--preset tiny]                   # seed example: 2 images, seed 1 (tiny: offline)
     python inference.py --image ref.png --caption ""      # image variation (--init_image x.png: img2img)
-    python inference.py --stage_c train_output/stage_c_finetuned.safetensors   # a fine-tuned Stage C
 """
 import argparse
 import dataclasses
@@ -53,6 +52,7 @@ def main(argv=None):
     from ldm.cascade import pipeline as pl
     from ldm.model_b import ModelB
     from ldm.model_c import ModelC
+    from ldm.utils import save_png
 
     height, width = pl.check_size(args.height, args.width)  # fail before loading anything
     cfg = dataclasses.replace(C.CascadeConfig(), weights_path=args.weights_path, dtype=pl.check_dtype(args.dtype),
@@ -86,9 +86,9 @@ def main(argv=None):
     written = []
     for i, img in enumerate(images):  # image i was sampled with seed + i
         info = {**meta, "seed": args.seed + i, "batch_seed": args.seed, "batch_index": i}
-        written.append(pl.save_png(os.path.join(args.output_dir, C.OUTPUT_PATTERN.format(i)), img, info))
+        written.append(save_png(os.path.join(args.output_dir, C.OUTPUT_PATTERN.format(i)), img, info))
         if args.save_previews:
-            pl.save_png(os.path.join(args.output_dir, f"preview_{i}.png"), preview[i], info)
+            save_png(os.path.join(args.output_dir, f"preview_{i}.png"), preview[i], info)
     print("\n".join(written))
     return written
 

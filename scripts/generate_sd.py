@@ -54,7 +54,8 @@ def main(argv=None):
     set_offline()
     args = parse_args(argv)
     from ldm.sd.loading import load_for_inference
-    from ldm.sd.sampling import generate, make_scheduler, save_png
+    from ldm.sd.sampling import generate, make_scheduler
+    from ldm.utils import save_png
 
     unet, vae, te, tok, sched_cfg = load_for_inference(args.pretrained_model_name_or_path, args.unet_path,
                                                           allow_pickle=args.allow_pickle_weights)

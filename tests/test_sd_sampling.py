@@ -60,7 +60,7 @@ def test_bad_arguments(parts):
 def test_png_metadata(tmp_path):
     from PIL import Image
 
-    from ldm.sd.sampling import save_png
+    from ldm.utils import save_png
 
     img = np.zeros((8, 8, 3), np.uint8)
     save_png(str(tmp_path / "x.png"), img, {"prompt": "a cat", "seed": 7})

@@ -26,7 +26,6 @@ import paddle
 import config as cfg_mod
 from config import CascadeConfig, SamplingConfig
 from ldm.utils import get_logger
-from ldm.utils import save_png as utils_save_png
 
 logger = get_logger("ldm.cascade")
 
@@ -442,4 +441,3 @@ def shared_components(cfg: CascadeConfig, preset: Optional[str], needed: Sequenc
     return comps
 
 
-save_png = utils_save_png  # kept here for callers: pipeline.save_png(path, image, meta)

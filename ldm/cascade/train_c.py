@@ -37,7 +37,7 @@ import paddle.nn as nn
 from paddlenlp.trainer import PdArgumentParser, TrainerCallback, TrainingArguments
 
 import config as cfg_mod
-from ldm.utils import env_bool, get_logger
+from ldm.utils import atomic_open, env_bool, get_logger
 
 logger = get_logger("ldm.cascade.train_c")
 
@@ -477,11 +477,8 @@ class TrainStateCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, STATE_FILE.format(self.layer.rank))
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(os.path.join(folder, STATE_FILE.format(self.layer.rank)), "w") as f:
             json.dump(self.layer.train_state(), f)
-        os.replace(tmp, path)
         if args.world_size > 1:  # every rank's file exists before rank 0 marks the checkpoint complete
             paddle.distributed.barrier()
 

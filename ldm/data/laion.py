@@ -316,17 +316,6 @@ class ConsumerStats:
         self.invalid[reason] = self.invalid.get(reason, 0) + 1
         self.first_example.setdefault(reason, where)
 
-    def to_dict(self) -> dict:
-        return {
-            "rank": self.rank,
-            "worker": self.worker,
-            "records": self.records,
-            "valid": self.valid,
-            "invalid": dict(self.invalid),
-            "first_example": dict(self.first_example),
-            "files": list(self.files),
-        }
-
 
 def iter_consumer_lines(
     order: list[FileEntry], consumer: int, num_consumers: int, stats: ConsumerStats

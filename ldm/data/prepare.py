@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from ldm.data.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from ldm.utils import get_logger
+from ldm.utils import atomic_open, get_logger
 
 logger = get_logger(__name__)
 
@@ -167,10 +167,8 @@ class _PartWriter:
 
 
 def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def _iter_jsonl(path: str) -> Iterator[tuple[int, bytes]]:

@@ -14,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 
+from ldm.utils import atomic_open
 from ldm.weights.io import save_safetensors
 
 __all__ = ["linear_weight_keys", "paddle_to_torch_state", "export_unet_to_diffusers"]
@@ -42,10 +43,8 @@ def export_unet_to_diffusers(unet, out_dir: str, dtype: Optional[str] = None) ->
     os.makedirs(out_dir, exist_ok=True)
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     config["_class_name"] = "UNet2DConditionModel"
-    tmp = os.path.join(out_dir, ".config.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(out_dir, "config.json"))
     path = os.path.join(out_dir, "diffusion_pytorch_model.safetensors")
     save_safetensors(paddle_to_torch_state(unet), path, dtype=dtype, metadata={"format": "pt"})
     return path

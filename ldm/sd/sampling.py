@@ -13,9 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import paddle
 
-from ldm.utils import save_png as utils_save_png
-
-__all__ = ["SCHEDULERS", "make_scheduler", "generate", "save_png", "vae_scale_factor", "SD_V1_SCHEDULER_CONFIG"]
+__all__ = ["SCHEDULERS", "make_scheduler", "generate", "vae_scale_factor", "SD_V1_SCHEDULER_CONFIG"]
 
 SD_V1_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -98,4 +96,3 @@ def generate(
     return images.astype(np.uint8)
 
 
-save_png = utils_save_png  # save_png(path, image, meta)

@@ -142,10 +142,6 @@ class SafetensorsReader:
     def dtype(self, name: str) -> str:
         return self._entries[name]["dtype"]
 
-    def nbytes(self, name: str) -> int:
-        b, e = self._entries[name]["data_offsets"]
-        return e - b
-
     def get(self, name: str, raw_bf16: bool = False) -> np.ndarray:
         e = self._entries[name]
         begin, end = e["data_offsets"]
@@ -318,19 +314,13 @@ def load_pickle_restricted(path, extra_allowed=()):
     except WeightsError:
         raise
     except Exception as e:
-        raise WeightsError(f"{path}: not a readable paddle.save file: {e}") from e
+        raise WeightsError(f"{path}: not a readable paddle.save (.pdparams) file: {e}") from e
 
 
 def load_pdparams(path) -> dict[str, np.ndarray]:
     """Read a `paddle.save` state dict without executing arbitrary pickle code."""
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            obj = _RestrictedUnpickler(f, path).load()
-    except WeightsError:
-        raise
-    except Exception as e:  # truncated or not a pickle
-        raise WeightsError(f"{path}: not a readable .pdparams file: {e}") from e
+    obj = load_pickle_restricted(path)
     if not isinstance(obj, dict):
         raise WeightsError(f"{path}: expected a state dict, found {type(obj).__name__}")
     obj.pop("StructuredToParameterName@@", None)

@@ -21,7 +21,7 @@ import shutil
 
 import numpy as np
 
-from ldm.utils import get_logger
+from ldm.utils import atomic_open, get_logger
 from ldm.weights.io import (
     SafetensorsReader,
     SafetensorsWriter,
@@ -353,10 +353,8 @@ def convert_clip_dir(src_dir, dst_dir, part: str, dtype: str | None = None) -> d
 
 
 def _write_json_atomic(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
