@@ -489,8 +489,7 @@ def build_stage_c_trainer(model_args, data_args, training_args, components=None,
     components / config: custom networks and their Stage C config (benchmarks, tests); default:
     `build_components(model_args)` and the preset of `--model_version`."""
     from ldm.data.folder import FolderDataset
-    from ldm.train.callbacks import EMACallback, ImageLoggingCallback, TimingCallback
-    from ldm.train.checkpoint import CheckpointMarkerCallback
+    from ldm.train.callbacks import standard_callbacks
     from ldm.train.trainer import DiffusionTrainer
 
     if components is None:
@@ -507,17 +506,11 @@ def build_stage_c_trainer(model_args, data_args, training_args, components=None,
     dataset = FolderDataset(data_args.dataset_path, resolution=data_args.resolution, center_crop=data_args.center_crop,
                             random_flip=data_args.random_flip, normalize="zero_one", seed=training_args.seed,
                             skip_missing_captions=data_args.skip_missing_captions) if training_args.do_train else None
-    samples = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-    callbacks = [TimingCallback(samples * max(training_args.dataset_world_size, 1))]
-    ema = EMACallback(training_args.ema_decay) if training_args.use_ema else None
-    if ema is not None:
-        callbacks.append(ema)
-    if training_args.image_logging_steps > 0:
-        kwargs = dict(prompts=tuple(training_args.preview_prompts or DEFAULT_PREVIEW_PROMPTS), ema=ema,
-                      num_inference_steps=model_args.num_inference_steps, seed=training_args.seed,
-                      latent_size=data_args.resolution // cfg_mod.EFFNET_STRIDE)
-        callbacks.append(ImageLoggingCallback(training_args.image_logging_steps, kwargs))
-    callbacks += [TrainStateCallback(layer, dataset), CheckpointMarkerCallback()]  # marker last
+    image_kwargs = dict(prompts=tuple(training_args.preview_prompts or DEFAULT_PREVIEW_PROMPTS),
+                        num_inference_steps=model_args.num_inference_steps, seed=training_args.seed,
+                        latent_size=data_args.resolution // cfg_mod.EFFNET_STRIDE)
+    callbacks, ema = standard_callbacks(training_args, image_kwargs, extra=[TrainStateCallback(layer, dataset)],
+                                        ema_to_images=True)  # previews with the EMA weights
     trainer = DiffusionTrainer(model=layer, args=training_args, train_dataset=dataset, callbacks=callbacks)
     # a flat list of the Stage C parameters: weight decay on all of them, as the original's AdamW
     # (bitsandbytes AdamW8bit, weight_decay 0.01 everywhere); the frozen encoders get no optimiser

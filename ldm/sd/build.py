@@ -9,8 +9,7 @@ import paddle
 from ldm.sd.loading import (load_scheduler_config, load_text_encoder, load_tokenizer, load_unet, load_vae,
                             resolve_paths)
 from ldm.sd.model import DEFAULT_VALIDATION_PROMPTS, StableDiffusionModel
-from ldm.train.callbacks import EMACallback, ImageLoggingCallback, TimingCallback
-from ldm.train.checkpoint import CheckpointMarkerCallback
+from ldm.train.callbacks import standard_callbacks
 from ldm.train.optim import build_param_groups
 from ldm.utils import get_logger
 
@@ -78,15 +77,7 @@ def build_param_groups_for(model, training_args):
 
 
 def build_callbacks(model_args, data_args, training_args):
-    samples = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-    cbs = [TimingCallback(samples * max(training_args.world_size, 1))]
-    ema = EMACallback(training_args.ema_decay) if training_args.use_ema else None
-    if ema:
-        cbs.append(ema)
-    if training_args.image_logging_steps > 0:
-        kwargs = dict(prompts=tuple(training_args.validation_prompts or DEFAULT_VALIDATION_PROMPTS),
-                      num_inference_steps=model_args.num_inference_steps, seed=training_args.seed,
-                      resolution=data_args.resolution)
-        cbs.append(ImageLoggingCallback(training_args.image_logging_steps, kwargs))
-    cbs.append(CheckpointMarkerCallback())  # last: marks a checkpoint complete after every on_save hook
-    return cbs, ema
+    image_kwargs = dict(prompts=tuple(training_args.validation_prompts or DEFAULT_VALIDATION_PROMPTS),
+                        num_inference_steps=model_args.num_inference_steps, seed=training_args.seed,
+                        resolution=data_args.resolution)
+    return standard_callbacks(training_args, image_kwargs)

@@ -68,9 +68,8 @@ class EMACallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         w = 1.0 - self.decay
         with paddle.no_grad():
-            for k, p in self._params(model).items():
-                s = self.shadow[k]
-                s.set_value(s * self.decay + p.detach().astype(s.dtype) * w)
+            for k, p in self._params(model).items():  # in place: shadow = decay * shadow + w * param
+                self.shadow[k].scale_(self.decay).add_(p.detach().astype("float32") * w)
         self.num_updates += 1
 
     def on_save(self, args, state, control, model=None, **kwargs):
@@ -175,13 +174,9 @@ class TimingCallback(TrainerCallback):
     def on_optimizer_begin(self, args, state, control, model=None, scaler=None, **kwargs):
         if args.logging_steps <= 0 or (state.global_step + 1) % args.logging_steps:
             return
-        sq = 0.0
-        for p in model.parameters():
-            if p.stop_gradient or p.grad is None:
-                continue
-            g = p.grad.astype("float32")
-            sq += float((g * g).sum())
-        norm = sq ** 0.5
+        squares = [(p.grad.astype("float32") ** 2).sum() for p in model.parameters()
+                   if not p.stop_gradient and p.grad is not None]
+        norm = float(paddle.add_n(squares)) ** 0.5 if squares else 0.0  # one host sync
         if scaler is not None:
             norm /= float(scaler._scale)
         self.grad_norm = norm
@@ -204,3 +199,22 @@ class TimingCallback(TrainerCallback):
             self.grad_norm = None
         self._reset()
         return out
+
+
+def standard_callbacks(args, image_kwargs: Optional[dict] = None, extra=(), ema_to_images: bool = False):
+    """The callback list both trainers use, in order: timing (samples/s over every data-parallel
+    rank), EMA (`args.use_ema`), image logging every `args.image_logging_steps` with
+    `image_kwargs` (plus `ema=` the EMA callback when `ema_to_images`), `extra`, and the checkpoint
+    marker LAST (it marks a checkpoint complete after every other on_save hook).
+    Returns (callbacks, ema_callback_or_None)."""
+    from ldm.train.checkpoint import CheckpointMarkerCallback
+
+    samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.dataset_world_size, 1)
+    callbacks = [TimingCallback(samples)]
+    ema = EMACallback(args.ema_decay) if args.use_ema else None
+    if ema is not None:
+        callbacks.append(ema)
+    if args.image_logging_steps > 0:
+        kwargs = dict(image_kwargs or {}, **({"ema": ema} if ema_to_images else {}))
+        callbacks.append(ImageLoggingCallback(args.image_logging_steps, kwargs))
+    return callbacks + list(extra) + [CheckpointMarkerCallback()], ema
