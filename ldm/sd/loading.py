@@ -324,8 +324,7 @@ def load_torch_weights(layer, weights, where: Optional[str] = None) -> None:
     The only layout difference is nn.Linear weights: torch [out, in], paddle [in, out]; they are
     transposed. `position_ids` buffers (not weights) are ignored. Every other key must match.
     """
-    import paddle.nn as nn
-
+    from ldm.sd.export import linear_weight_keys
     from ldm.weights.io import assign_state_dict, iter_state_dict
 
     if isinstance(weights, (str, os.PathLike)):
@@ -333,20 +332,17 @@ def load_torch_weights(layer, weights, where: Optional[str] = None) -> None:
         weights = iter_state_dict(weights)
     else:
         weights = weights.items()
-    linear = {f"{name}.weight" for name, sub in layer.named_sublayers() if isinstance(sub, nn.Linear)}
+    linear = linear_weight_keys(layer)
     items = [(k, v.T if k in linear else v) for k, v in weights if not k.endswith("position_ids")]
     assign_state_dict(layer, items, where=where or "weights")
 
 
 def load_tokenizer(path: str, model_max_length: Optional[int] = None):
-    from ppdiffusers.transformers import CLIPTokenizer
+    from ldm.cascade.clip import CLIP_MAX_LENGTH
+    from ldm.cascade.clip import load_tokenizer as load_clip_tokenizer
 
     _check_folder(path, "tokenizer")
-    for f in ("vocab.json", "merges.txt"):
-        if not os.path.isfile(os.path.join(path, f)):
-            raise FileNotFoundError(f"tokenizer folder {path!r} has no {f}")
-    kwargs = {"model_max_length": model_max_length} if model_max_length else {}
-    return CLIPTokenizer.from_pretrained(path, **kwargs)
+    return load_clip_tokenizer(path, model_max_length or CLIP_MAX_LENGTH)
 
 
 def load_scheduler_config(folder: Optional[str]) -> dict:
