@@ -46,7 +46,6 @@ __all__ = ["StageCModelArguments", "StageCDataArguments", "StageCTrainingArgumen
            "DEFAULT_PREVIEW_PROMPTS", "enable_recompute", "write_stage_c"]
 
 MODEL_VERSIONS = ("1B", "3.6B", "tiny")
-STAGE_C_FILES = {"1B": "stage_c_lite", "3.6B": "stage_c"}  # names inside WEIGHTS_PATH (config.py)
 STAGE_C_FILE = "stage_c.safetensors"
 STAGE_C_EMA_FILE = "stage_c_ema.safetensors"
 STATE_FILE = "train_c_state_rank{}.json"
@@ -163,7 +162,7 @@ def build_components(model_args: StageCModelArguments):
 
     cfg = dataclasses.replace(
         cfg_mod.CascadeConfig(), weights_path=model_args.weights_path, effnet=model_args.effnet,
-        stage_c=model_args.stage_c or STAGE_C_FILES[model_args.model_version], previewer=model_args.previewer,
+        stage_c=model_args.stage_c or cfg_mod.STAGE_C_FILES[model_args.model_version], previewer=model_args.previewer,
         clip_text=model_args.clip_text, clip_image=model_args.clip_image if want_image else None,
         model_c_version=model_args.model_version, dtype="float32")
     needed = ["tokenizer", "text_encoder", "stage_c", "effnet", "previewer"]
