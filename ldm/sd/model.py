@@ -12,6 +12,7 @@ and `log_images()`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Dict, List, Optional, Sequence
@@ -21,6 +22,7 @@ import paddle
 import paddle.nn as nn
 
 from ldm.sd.diffusion import DDPMSchedule, training_terms, weighted_mse
+from ldm.sd.sampling import SD_SCALING_FACTOR, SD_V1_SCHEDULER_CONFIG, vae_scaling_factor
 from ldm.utils import get_logger
 from ldm.weights.io import assign_state_dict, iter_state_dict, save_safetensors
 
@@ -28,7 +30,6 @@ logger = get_logger("ldm.sd.model")
 
 __all__ = ["StableDiffusionModel", "DEFAULT_VALIDATION_PROMPTS", "SD_SCALING_FACTOR", "UNET_WEIGHTS", "UNET_EMA_DIR"]
 
-SD_SCALING_FACTOR = 0.18215  # AutoencoderKL kl-f8 of SD v1 (vae/config.json `scaling_factor`)
 UNET_WEIGHTS = "diffusion_paddle_model.safetensors"  # ppdiffusers' Paddle safetensors file name
 UNET_EMA_DIR = "unet_ema"
 # a full checkpoint (only_save_updated_model=False) is a StableDiffusionPipeline folder
@@ -93,7 +94,7 @@ class StableDiffusionModel(nn.Layer):
         self.prediction_type = prediction_type
         self.noise_offset, self.input_perturbation, self.snr_gamma = noise_offset, input_perturbation, snr_gamma
         self.train_text_encoder = train_text_encoder
-        self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or SD_SCALING_FACTOR)
+        self.scaling_factor = vae_scaling_factor(vae)
         for p in self.vae.parameters():
             p.stop_gradient = True
         for p in self.text_encoder.parameters():
@@ -179,10 +180,8 @@ class StableDiffusionModel(nn.Layer):
                 json.dump(PIPELINE_INDEX, f, indent=2)
         sched = os.path.join(output_dir, "scheduler")
         os.makedirs(sched, exist_ok=True)
-        cfg = {"_class_name": "DDPMScheduler", "beta_start": self.schedule.beta_start,
-               "beta_end": self.schedule.beta_end, "beta_schedule": self.schedule.beta_schedule,
-               "num_train_timesteps": self.schedule.num_train_timesteps, "prediction_type": self.prediction_type,
-               "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+        cfg = {"_class_name": "DDPMScheduler", **SD_V1_SCHEDULER_CONFIG, **dataclasses.asdict(self.schedule),
+               "prediction_type": self.prediction_type}
         with open(os.path.join(sched, "scheduler_config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2)
 

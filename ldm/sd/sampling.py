@@ -13,7 +13,15 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import paddle
 
-__all__ = ["SCHEDULERS", "make_scheduler", "generate", "vae_scale_factor", "SD_V1_SCHEDULER_CONFIG"]
+__all__ = ["SCHEDULERS", "make_scheduler", "generate", "vae_scaling_factor", "SD_SCALING_FACTOR", "vae_scale_factor", "SD_V1_SCHEDULER_CONFIG"]
+
+SD_SCALING_FACTOR = 0.18215  # AutoencoderKL kl-f8 of SD v1 (vae/config.json `scaling_factor`)
+
+
+def vae_scaling_factor(vae) -> float:
+    """The latent scaling factor of `vae` (its config's `scaling_factor`, else SD v1's 0.18215)."""
+    return float(getattr(vae.config, "scaling_factor", None) or SD_SCALING_FACTOR)
+
 
 SD_V1_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -90,8 +98,7 @@ def generate(
         latents = scheduler.step(eps, t, latents, **kwargs).prev_sample
         if callback is not None:
             callback(i, t, latents)
-    sf = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
-    images = vae.decode(latents / sf).sample  # (N, 3, H, W) in ~[-1, 1]
+    images = vae.decode(latents / vae_scaling_factor(vae)).sample  # (N, 3, H, W) in ~[-1, 1]
     images = ((images.clip(-1, 1) + 1) * 127.5).round().numpy().transpose(0, 2, 3, 1)
     return images.astype(np.uint8)
 
