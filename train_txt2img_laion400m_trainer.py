@@ -20,8 +20,8 @@ from ldm.sd.loading import set_offline  # noqa: E402
 def main(argv=None):
     set_offline()
     model_args, data_args, training_args = parse_sd_args(argv)
-    from ldm.sd.build import (build_callbacks, build_dataset, build_model, build_param_groups_for,
-                              check_precision, resume_step)
+    from ldm.sd.build import build_callbacks, build_dataset, build_model, build_param_groups_for, resume_step
+    from ldm.train.args import check_precision
     from ldm.train.checkpoint import resolve_resume
     from ldm.train.trainer import DiffusionTrainer
     from ldm.utils import set_seed

@@ -245,7 +245,7 @@ def test_fp16_on_cpu_is_refused_up_front(tmp_path):
     import paddle
 
     from ldm.sd.args import parse_sd_args
-    from ldm.sd.build import check_precision
+    from ldm.train.args import check_precision
 
     _, _, t = parse_sd_args(["--output_dir", str(tmp_path), "--fp16", "False", "--bf16", "False"])
     check_precision(t)  # fp32: fine anywhere

@@ -128,6 +128,7 @@ def test_sd_pretraining_end_to_end(tmp_path, monkeypatch):
     assert ema_cb.num_updates == 5
     final_w, final_e = _unet_state(out / "unet"), _unet_state(out / "unet_ema")
     assert np.abs(final_w[k] - w20[k]).max() > 0  # trained on after resuming
+    assert np.abs(final_e[k] - final_w[k]).max() > 0  # the EMA folder holds the average, not a copy
 
     # sampling CLI: PNGs with prompt and seed metadata
     gen = _load_script("scripts/generate_sd.py")

@@ -1,8 +1,6 @@
 """Safetensors streaming IO (bf16 included), the restricted .pdparams reader and key checks."""
-import json
 import os
 import pickle
-import struct
 
 import numpy as np
 import pytest

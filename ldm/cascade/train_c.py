@@ -34,10 +34,11 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import paddle
 import paddle.nn as nn
-from paddlenlp.trainer import PdArgumentParser, TrainerCallback, TrainingArguments
+from paddlenlp.trainer import TrainerCallback
 
 import config as cfg_mod
-from ldm.utils import atomic_open, env_bool, get_logger
+from ldm.train.args import DiffusionTrainingArguments, check_precision, parse_with_env_defaults
+from ldm.utils import atomic_open, get_logger
 
 logger = get_logger("ldm.cascade.train_c")
 
@@ -114,31 +115,19 @@ class StageCDataArguments:
 
 
 @dataclass
-class StageCTrainingArguments(TrainingArguments):
-    image_logging_steps: int = field(default=1000, metadata={"help": "Log preview images every N steps (<=0: off)."})
-    use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of Stage C (default from FLAG_USE_EMA)."})
+class StageCTrainingArguments(DiffusionTrainingArguments):
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay per optimiser step."})
     preview_prompts: Optional[List[str]] = field(default=None, metadata={
         "help": "Prompts of the logged previews (default: a fixed list of 4)."})
-    record_log_dir: Optional[str] = field(default=None, metadata={
-        "help": "Debug: append the captions each rank trains on to <dir>/rank<k>.txt."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 def parse_stage_c_args(argv=None):
     """(model, data, training) arguments; FLAG_USE_EMA / FLAG_RECOMPUTE set the flags' defaults."""
-    parser = PdArgumentParser((StageCModelArguments, StageCDataArguments, StageCTrainingArguments))
-    parser.set_defaults(**{dest: env_bool(env) for env, dest in ENV_FLAG_DEFAULTS.items() if env in os.environ})
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parse_with_env_defaults(
+        (StageCModelArguments, StageCDataArguments, StageCTrainingArguments), ENV_FLAG_DEFAULTS, argv)
     if training_args.do_train and not data_args.dataset_path:
         raise ValueError("--dataset_path is required with --do_train (a folder of NAME.jpg + NAME.txt pairs)")
-    if training_args.fp16 and not paddle.device.is_compiled_with_cuda():
-        raise ValueError("--fp16 needs a GPU build of paddle (fp16 loss scaling fails on CPU); "
-                         "on CPU train in fp32 (USE_AMP=False), on a GPU prefer --bf16")
+    check_precision(training_args)
     return model_args, data_args, training_args
 
 

@@ -9,13 +9,10 @@ The flags follow section 4 of the seed README (PaddleMIX `ppdiffusers/examples/s
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from paddlenlp.trainer import PdArgumentParser, TrainingArguments
-
-from ldm.utils import env_bool
+from ldm.train.args import DiffusionTrainingArguments, parse_with_env_defaults
 
 __all__ = ["SDModelArguments", "SDDataArguments", "SDTrainingArguments", "parse_sd_args", "ENV_FLAG_DEFAULTS"]
 
@@ -87,10 +84,7 @@ class SDDataArguments:
 
 
 @dataclass
-class SDTrainingArguments(TrainingArguments):
-    image_logging_steps: int = field(default=1000, metadata={"help": "Log validation samples every N steps (<=0: off)."})
-    use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of the UNet (default from FLAG_USE_EMA)."})
-    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimiser step."})
+class SDTrainingArguments(DiffusionTrainingArguments):
     enable_xformers_memory_efficient_attention: bool = field(
         default=False, metadata={"help": "Memory-efficient attention (default from FLAG_XFORMERS)."}
     )
@@ -104,9 +98,6 @@ class SDTrainingArguments(TrainingArguments):
     validation_prompts: Optional[List[str]] = field(
         default=None, metadata={"help": "Prompts of the logged samples (default: a fixed list of 4)."}
     )
-    record_log_dir: Optional[str] = field(
-        default=None, metadata={"help": "Debug: append the captions each rank trains on to <dir>/rank<k>.txt."}
-    )
     ignore_data_skip: bool = field(
         default=True,
         metadata={"help": "On resume, do not replay the consumed batches: the data stream is re-seeded instead."},
@@ -114,8 +105,6 @@ class SDTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.unet_learning_rate is None:
             self.unet_learning_rate = self.learning_rate
         if self.text_encoder_learning_rate is None:
@@ -126,11 +115,4 @@ class SDTrainingArguments(TrainingArguments):
 
 def parse_sd_args(argv=None):
     """Parse (model, data, training) arguments; env flags become defaults of their explicit flags."""
-    parser = PdArgumentParser((SDModelArguments, SDDataArguments, SDTrainingArguments))
-    defaults = {}
-    for env_name, dest in ENV_FLAG_DEFAULTS.items():
-        if env_name in os.environ:
-            defaults[dest] = env_bool(env_name)
-    parser.set_defaults(**defaults)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    return model_args, data_args, training_args
+    return parse_with_env_defaults((SDModelArguments, SDDataArguments, SDTrainingArguments), ENV_FLAG_DEFAULTS, argv)

@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import os
 
-import paddle
-
 from ldm.sd.loading import (load_scheduler_config, load_text_encoder, load_tokenizer, load_unet, load_vae,
                             resolve_paths)
 from ldm.sd.model import DEFAULT_VALIDATION_PROMPTS, StableDiffusionModel
@@ -15,13 +13,7 @@ from ldm.utils import get_logger
 
 logger = get_logger("ldm.sd.build")
 
-__all__ = ["build_model", "build_dataset", "build_callbacks", "build_param_groups_for", "check_precision", "resume_step"]
-
-
-def check_precision(training_args) -> None:
-    """fp16 needs a GPU: paddle's GradScaler crashes on CPU, so say so before building anything."""
-    if training_args.fp16 and not paddle.device.is_compiled_with_cuda():
-        raise ValueError("--fp16 needs a GPU build of paddle (fp16 loss scaling fails on CPU); use fp32 or --bf16")
+__all__ = ["build_model", "build_dataset", "build_callbacks", "build_param_groups_for", "resume_step"]
 
 
 def build_model(model_args, training_args) -> StableDiffusionModel:
