@@ -30,7 +30,7 @@ from diffusers.pipelines.wuerstchen.modeling_paella_vq_model import PaellaVQMode
 from diffusers.schedulers import scheduling_ddpm_wuerstchen  # noqa: E402
 
 import config as C  # noqa: E402
-from ldm.cascade.clip import write_tiny_clip_tokenizer  # noqa: E402
+from ldm.clip import write_tiny_clip_tokenizer  # noqa: E402
 from ldm.cascade.previewer import Previewer_tiny  # noqa: E402
 from ldm.model_b import ModelB  # noqa: E402
 from ldm.model_c import ModelC  # noqa: E402

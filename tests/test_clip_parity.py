@@ -1,6 +1,6 @@
 """CLIP text/vision towers (with projection): transformers 4.x tiny random models saved with
 save_pretrained (safetensors), converted by scripts/convert_other_weight.py, loaded by
-ldm.cascade.clip through ppdiffusers, compared in fp32 on CPU. Also the transformers 5.x layout
+ldm.clip through ppdiffusers, compared in fp32 on CPU. Also the transformers 5.x layout
 (no `text_model.` prefix), a full CLIPModel folder, and loud failures on missing keys."""
 import os
 
@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 import paddle  # noqa: E402
 
-from ldm.cascade.clip import clip_image_preprocess, load_clip_text, load_clip_vision  # noqa: E402
+from ldm.clip import clip_image_preprocess, load_clip_text, load_clip_vision  # noqa: E402
 from ldm.weights.io import SafetensorsReader, WeightsError, save_safetensors  # noqa: E402
 from scripts.convert_other_weight import main as convert_main  # noqa: E402
 

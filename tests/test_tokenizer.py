@@ -1,5 +1,5 @@
 """The CLIP BPE tokenizer, rebuilt offline from OpenAI's merges file (tests/data, from the
-open_clip_torch wheel), loaded the way ModelC loads it (`ldm.cascade.clip.load_tokenizer`), gives
+open_clip_torch wheel), loaded the way ModelC loads it (`ldm.clip.load_tokenizer`), gives
 the same ids as transformers' CLIPTokenizer on tricky captions, including truncation and padding
 to 77. Also the tiny offline tokenizer used by the tiny presets."""
 import hashlib
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from ldm.cascade.clip import load_tokenizer, write_clip_bpe_tokenizer, write_tiny_clip_tokenizer
+from ldm.clip import load_tokenizer, write_clip_bpe_tokenizer, write_tiny_clip_tokenizer
 
 BPE = os.path.join(os.path.dirname(__file__), "data", "bpe_simple_vocab_16e6.txt.gz")
 BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"

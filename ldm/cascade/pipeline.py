@@ -134,7 +134,8 @@ def file_components(cfg: CascadeConfig, needed: Sequence[str]) -> Components:
     """Components read from ``cfg.weights_path``; checks every needed file up front."""
     dtype = check_dtype(cfg.dtype)
     paths = resolve_weights(cfg, needed)
-    from ldm.cascade import clip, effnet, previewer, stage_a, stage_b, stage_c  # the networks
+    from ldm import clip
+    from ldm.cascade import effnet, previewer, stage_a, stage_b, stage_c  # the networks
 
     def lazy(comp, fn):
         return lambda: fn(paths[comp]) if comp in paths else fn(resolve_weights(cfg, [comp])[comp])
@@ -233,7 +234,7 @@ def encode_text(tokenizer, text_encoder, captions: List[str]) -> Tuple[paddle.Te
 def encode_image(image_encoder, images) -> paddle.Tensor:
     """CLIP ViT-L/14 ``image_embeds`` [B, 1, 768] of PIL images (``clip.clip_image_preprocess``:
     bicubic short-side resize to 224, centre crop, CLIP mean/std)."""
-    from ldm.cascade.clip import clip_image_preprocess
+    from ldm.clip import clip_image_preprocess
 
     dtype = next(iter(image_encoder.parameters())).dtype
     pix = paddle.concat([clip_image_preprocess(_pil_to_tensor(im)) for im in images], axis=0)

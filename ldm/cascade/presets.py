@@ -54,7 +54,7 @@ def _fill_zero_init(net, offset: int, std: float = 0.05):
 def tiny_tokenizer():
     """The 514-token byte-level CLIP tokenizer (``clip.write_tiny_clip_tokenizer``), via a
     temporary folder that is removed once the tokenizer has read it."""
-    from ldm.cascade.clip import load_tokenizer, write_tiny_clip_tokenizer
+    from ldm.clip import load_tokenizer, write_tiny_clip_tokenizer
 
     with tempfile.TemporaryDirectory() as d:
         write_tiny_clip_tokenizer(d, max_length=TINY_MAX_LENGTH)

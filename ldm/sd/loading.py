@@ -338,8 +338,8 @@ def load_torch_weights(layer, weights, where: Optional[str] = None) -> None:
 
 
 def load_tokenizer(path: str, model_max_length: Optional[int] = None):
-    from ldm.cascade.clip import CLIP_MAX_LENGTH
-    from ldm.cascade.clip import load_tokenizer as load_clip_tokenizer
+    from ldm.clip import CLIP_MAX_LENGTH
+    from ldm.clip import load_tokenizer as load_clip_tokenizer
 
     _check_folder(path, "tokenizer")
     return load_clip_tokenizer(path, model_max_length or CLIP_MAX_LENGTH)

@@ -1,4 +1,5 @@
-"""CLIP text / image conditioning for Stable Cascade, through ppdiffusers' Paddle CLIP port.
+"""CLIP text / image encoders and the CLIP tokenizer, through ppdiffusers' Paddle CLIP port (used by
+Stable Cascade and by Stable Diffusion).
 
 - Text: `CLIPTextModelWithProjection` (ViT-bigG-14 laion2B-39B-b160k, projection 1280).
   Stage C uses `hidden_states[-1]` (the last layer's output before the final LayerNorm, as the
