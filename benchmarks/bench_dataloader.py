@@ -206,14 +206,19 @@ def decode_only(raw: bytes):
     return Image.open(io.BytesIO(base64.b64decode(img_b64))).convert("RGB"), caption
 
 
+def _laion_dataset(file_list: str, resolution: int, seed: int):
+    """Our LAION stream as the SD trainer builds it (ldm.data.build_dataset, kind "laion")."""
+    from ldm.data import DatasetSpec, build_dataset
+
+    spec = DatasetSpec("laion", file_list, resolution=resolution, random_flip=True, seed=seed,
+                       options={"infinite": True})
+    return build_dataset(spec, rank=0, world_size=1)
+
+
 def ours_iterator(file_list: str, resolution: int, seed: int):
     """Samples of our pipeline, in this process, forever."""
     if _laion is not None:
-        ds = _laion.LaionDataset(
-            file_list, resolution=resolution, caption_dropout=0.1, random_flip=True, seed=seed,
-            infinite=True, rank=0, world_size=1,
-        )
-        return ds.iter_consumer(0, 1)
+        return _laion_dataset(file_list, resolution, seed).iter_consumer(0, 1)
     transform = ImageTransform(resolution, random_flip=True)  # pragma: no cover - fallback
     rng = np.random.default_rng(seed)
 
@@ -245,12 +250,11 @@ def time_samples(next_sample, n: int) -> tuple[float, float]:
 def measure_dataloader(file_list: str, resolution: int, num_workers: int, samples: int, batch_size: int, seed: int):
     import paddle
 
-    ds = _laion.LaionDataset(
-        file_list, resolution=resolution, caption_dropout=0.1, random_flip=True, seed=seed, infinite=True,
-        rank=0, world_size=1,
-    )
+    from ldm.data import collate
+
     loader = paddle.io.DataLoader(
-        ds, batch_size=batch_size, num_workers=num_workers, collate_fn=_laion.numpy_collate, use_shared_memory=False
+        _laion_dataset(file_list, resolution, seed), batch_size=batch_size, num_workers=num_workers,
+        collate_fn=collate, use_shared_memory=False,
     )
     it = iter(loader)
     next(it)  # worker start-up is not part of the rate

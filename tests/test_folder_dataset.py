@@ -6,7 +6,8 @@ import paddle
 import pytest
 from PIL import Image
 
-from ldm.data.folder import FolderDataset, collate_samples, scan_folder
+from ldm.data import collate
+from ldm.data.folder import FolderDataset, scan_folder
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
 
@@ -100,10 +101,10 @@ def test_mixed_sizes_collate(tmp_path):
         write_image(tmp_path / f"{name}.png", size, COLOURS["green"])
         write_caption(tmp_path / f"{name}.txt", name)
     ds = FolderDataset(str(tmp_path), resolution=24, random_flip=True)
-    batch = collate_samples([ds[i] for i in range(len(ds))])
+    batch = collate([ds[i] for i in range(len(ds))])
     assert batch["pixel_values"].shape == (4, 3, 24, 24) and batch["pixel_values"].dtype == np.float32
     assert batch["caption"] == ["square", "tall", "tiny", "wide"]
-    loader = paddle.io.DataLoader(ds, batch_size=4, shuffle=False, num_workers=0, collate_fn=collate_samples)
+    loader = paddle.io.DataLoader(ds, batch_size=4, shuffle=False, num_workers=0, collate_fn=collate)
     got = next(iter(loader))
     assert tuple(got["pixel_values"].shape) == (4, 3, 24, 24)
 
@@ -185,10 +186,10 @@ def test_demo_dataset_loads():
 def test_dataloader_workers_match_main_process():
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo_dataset")
     ds = FolderDataset(root, resolution=32, random_flip=True, seed=3)
-    loader = paddle.io.DataLoader(ds, batch_size=4, num_workers=2, shuffle=False, collate_fn=collate_samples)
+    loader = paddle.io.DataLoader(ds, batch_size=4, num_workers=2, shuffle=False, collate_fn=collate)
     batches = list(loader)
     assert len(batches) == 2
     for b, batch in enumerate(batches):
-        ref = collate_samples([ds[i] for i in range(4 * b, 4 * b + 4)])
+        ref = collate([ds[i] for i in range(4 * b, 4 * b + 4)])
         np.testing.assert_array_equal(np.asarray(batch["pixel_values"]), ref["pixel_values"])
         assert batch["caption"] == ref["caption"]

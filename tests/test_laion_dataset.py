@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from laion_fixtures import image_bytes, make_parts, record, write_filelist, write_part
-from ldm.data.laion import LaionDataError, LaionDataset, expand_file_list, numpy_collate
+from ldm.data import collate
+from ldm.data.laion import LaionDataError, LaionDataset, expand_file_list
 from ldm.data.transforms import ImageTransform
 
 
@@ -68,13 +69,13 @@ class _PidLaion(LaionDataset):
             yield s
 
 
-def test_real_dataloader_two_workers_numpy_collate(tmp_path):
+def test_real_dataloader_two_workers_collate(tmp_path):
     import paddle
 
     parts = make_parts(tmp_path / "parts", [5, 2])
     fl = write_filelist(tmp_path / "d.filelist", parts)
     ds = _PidLaion(fl, resolution=8, infinite=False, rank=0, world_size=1)
-    loader = paddle.io.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=numpy_collate)
+    loader = paddle.io.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate)
     captions, shapes, pids, workers = [], set(), set(), set()
     for batch in loader:
         pv = batch["pixel_values"]
@@ -317,11 +318,11 @@ def test_deterministic_and_infinite(tmp_path):
     assert [s["caption"] for s in e0] != [s["caption"] for s in e1]
 
 
-def test_numpy_collate_shapes():
+def test_collate_shapes():
     batch = [
         {"pixel_values": np.zeros((3, 4, 4), np.float32), "caption": "a", "input_ids": np.arange(5)},
         {"pixel_values": np.ones((3, 4, 4), np.float32), "caption": "b", "input_ids": np.arange(5)},
     ]
-    out = numpy_collate(batch)
+    out = collate(batch)
     assert out["pixel_values"].shape == (2, 3, 4, 4) and out["input_ids"].shape == (2, 5)
     assert out["caption"] == ["a", "b"]

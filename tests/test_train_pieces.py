@@ -108,10 +108,10 @@ def test_param_groups_lr_scale_and_no_decay():
         build_param_groups({"x": []}, {}, 1e-4, 0.0)
 
 
-def test_numpy_collate_keeps_strings():
-    from ldm.train.trainer import numpy_collate
+def test_collate_keeps_strings():
+    from ldm.data import collate
 
-    batch = numpy_collate([{"pixel_values": np.zeros((3, 2, 2), "float32"), "input_ids": np.arange(4), "caption": "a"},
+    batch = collate([{"pixel_values": np.zeros((3, 2, 2), "float32"), "input_ids": np.arange(4), "caption": "a"},
                            {"pixel_values": np.ones((3, 2, 2), "float32"), "input_ids": np.arange(4), "caption": "b"}])
     assert batch["pixel_values"].shape == (2, 3, 2, 2) and batch["input_ids"].dtype == np.int64
     assert batch["caption"] == ["a", "b"]

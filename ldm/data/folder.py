@@ -20,13 +20,15 @@ pairs (``0001.jpg`` / ``0001.txt`` ...). Rules:
   colour mode to RGB) and resized + cropped to the training resolution, so every sample has the
   same shape and batches always collate.
 
-Sample: ``{"pixel_values": float32 [3, H, W], "caption": str}``. ``normalize="minus_one_one"``
-(x / 127.5 - 1) is the diffusion convention; ``normalize="zero_one"`` (x / 255) is what Stage C's
-EfficientNet encoder takes before its ImageNet mean/std normalisation.
+Sample (the schema of `ldm.data.spec`): ``{"pixel_values": float32 [3, H, W], "caption": str}``.
+``normalize="minus_one_one"`` (x / 127.5 - 1) is the diffusion convention; ``normalize="zero_one"``
+(x / 255) is what Stage C's EfficientNet encoder takes before its ImageNet mean/std normalisation.
 
 Randomness (crop offset, flip) comes from ``numpy.random.default_rng([seed, epoch, index])``:
 the same (seed, epoch, index) gives the same sample in any process or DataLoader worker. Call
 `set_epoch` at each epoch to get fresh crops (otherwise every epoch repeats epoch 0's).
+
+Registered as dataset kind "folder" (`build_dataset(DatasetSpec("folder", root, ...))`).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from typing import Sequence
 import numpy as np
 import paddle
 
+from ldm.data.spec import DatasetSpec, check_options, register_dataset_kind
 from ldm.data.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTransform, decode_image
 from ldm.utils import get_logger
 
@@ -210,17 +213,19 @@ class FolderDataset(paddle.io.Dataset):
         return {"pixel_values": self.transform(img, rng), "caption": caption}
 
 
-def collate_samples(samples: Sequence[dict]) -> dict:
-    """Stack ``pixel_values`` into one float32 [B, 3, H, W] array; keep captions as a list.
-
-    A plain numpy collator (paddlenlp's default collator crashes in DataLoader workers).
-    """
-    if not samples:
-        raise ValueError("cannot collate an empty batch")
-    return {
-        "pixel_values": np.stack([s["pixel_values"] for s in samples]).astype(np.float32, copy=False),
-        "caption": [s["caption"] for s in samples],
-    }
+FOLDER_OPTIONS = ("skip_missing_captions", "verify_images", "skip_corrupt_images", "max_pixels")
 
 
-__all__ = ["IMAGE_EXTENSIONS", "FolderDataset", "collate_samples", "scan_folder"]
+def build_folder_dataset(spec: DatasetSpec, rank: int | None = None, world_size: int | None = None) -> FolderDataset:
+    """Dataset kind "folder": `spec.path` is the folder; `spec.options` may hold FOLDER_OPTIONS
+    (FolderDataset's arguments of those names). Map-style: the Trainer's sampler shards it over
+    ranks, so rank / world_size are not used here."""
+    return FolderDataset(
+        spec.path, resolution=spec.size, center_crop=spec.center_crop, random_flip=spec.random_flip,
+        normalize=spec.normalize, seed=spec.seed, **check_options(spec, FOLDER_OPTIONS),
+    )
+
+
+register_dataset_kind("folder", build_folder_dataset)
+
+__all__ = ["IMAGE_EXTENSIONS", "FOLDER_OPTIONS", "FolderDataset", "build_folder_dataset", "scan_folder"]

@@ -45,6 +45,7 @@ from typing import Iterator, Optional
 import numpy as np
 import paddle
 
+from ldm.data.spec import DatasetSpec, check_options, register_dataset_kind
 from ldm.data.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTransform, decode_image
 from ldm.utils import dist_info, get_logger
 
@@ -365,8 +366,9 @@ class LaionDataset(paddle.io.IterableDataset):
 
     Args:
         file_list: a `.filelist.list`, a `.filelist`, or a single part file.
-        resolution: output side R; images are short-side resized (small ones upscaled),
-            cropped to R x R and normalised to [-1, 1].
+        resolution: output side R; images are short-side resized (small ones upscaled) and
+            cropped to R x R.
+        normalize: "minus_one_one" (default, [-1, 1]) or "zero_one" ([0, 1]); see ldm.data.transforms.
         tokenizer: optional; when given, samples get `input_ids` (int64 [model_max_length],
             padding="max_length", truncation=True).
         caption_dropout: probability of replacing the caption by "" (the SD trainer passes 0.1).
@@ -381,7 +383,7 @@ class LaionDataset(paddle.io.IterableDataset):
 
     Yields dicts: "pixel_values" float32 ndarray [3, R, R] in [-1, 1], "caption" str (after
     dropout), and with a tokenizer "input_ids" int64 ndarray [model_max_length]. Batch them with
-    `numpy_collate`. Inside a DataLoader, worker id / count come from paddle.io.get_worker_info();
+    `ldm.data.collate`. Inside a DataLoader, worker id / count come from paddle.io.get_worker_info();
     `iter_consumer(worker, num_workers)` runs one consumer explicitly (tests, check_data).
     `self.stats` holds the counts of the latest pass run in this process.
 
@@ -396,6 +398,7 @@ class LaionDataset(paddle.io.IterableDataset):
         resolution: int = 256,
         tokenizer=None,
         caption_dropout: float = 0.0,
+        normalize: str = "minus_one_one",
         center_crop: bool = False,
         random_flip: bool = False,
         seed: int = 0,
@@ -432,7 +435,9 @@ class LaionDataset(paddle.io.IterableDataset):
         self.max_pixels = max_pixels
         self.shuffle_files = bool(shuffle_files)
         self.shuffle_buffer = int(shuffle_buffer)
-        self.transform = ImageTransform(self.resolution, center_crop=center_crop, random_flip=random_flip)
+        self.transform = ImageTransform(
+            self.resolution, center_crop=center_crop, random_flip=random_flip, normalize=normalize
+        )
         self.epoch = 0
         self.stats: Optional[ConsumerStats] = None  # the latest pass of this process's consumer
 
@@ -519,7 +524,7 @@ class LaionDataset(paddle.io.IterableDataset):
             yield self._make_sample(img, caption, rng)
 
     def _make_sample(self, img, caption: str, rng: np.random.Generator) -> dict:
-        pixel_values = self.transform(img, rng)  # float32 [3, R, R] in [-1, 1]
+        pixel_values = self.transform(img, rng)  # float32 [3, R, R]
         if self.caption_dropout > 0 and rng.random() < self.caption_dropout:
             caption = ""
         sample = {"pixel_values": pixel_values, "caption": caption}
@@ -547,21 +552,24 @@ def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Ite
         yield buf.pop(int(rng.integers(len(buf))))
 
 
-def numpy_collate(batch: list[dict]) -> dict:
-    """Stack a list of sample dicts into numpy arrays (strings stay lists).
+LAION_OPTIONS = ("infinite", "max_pixels", "shuffle_files", "shuffle_buffer")
 
-    paddlenlp's default_data_collator segfaults with DataLoader workers; this one does not.
-    """
-    if not batch:
-        raise ValueError("numpy_collate got an empty batch")
-    out = {}
-    for key in batch[0]:
-        values = [sample[key] for sample in batch]
-        if isinstance(values[0], np.ndarray) or np.isscalar(values[0]) and not isinstance(values[0], str):
-            out[key] = np.stack([np.asarray(v) for v in values])
-        else:
-            out[key] = values
-    return out
+
+def build_laion_dataset(spec: DatasetSpec, rank: Optional[int] = None, world_size: Optional[int] = None) -> LaionDataset:
+    """Dataset kind "laion": `spec.path` is a `.filelist.list`, a `.filelist` or a part file;
+    `spec.options` may hold LAION_OPTIONS (LaionDataset's arguments of those names). The dataset
+    shards itself over rank x DataLoader worker (rank / world_size default to dist_info())."""
+    height, width = spec.size
+    if height != width:
+        raise ValueError(f"dataset kind 'laion' makes square crops; got resolution {spec.resolution}")
+    return LaionDataset(
+        spec.path, resolution=height, normalize=spec.normalize, center_crop=spec.center_crop,
+        random_flip=spec.random_flip, seed=spec.seed, rank=rank, world_size=world_size,
+        **check_options(spec, LAION_OPTIONS),
+    )
+
+
+register_dataset_kind("laion", build_laion_dataset)
 
 
 def check_file_list(

@@ -2,9 +2,9 @@
 
 Overrides (nothing else is changed):
 - `compute_loss`: `loss = model(**inputs)`.
-- `get_train_dataloader`: a paddle DataLoader with a numpy-stacking collate (PaddleNLP's default
-  collator segfaults with worker processes) and per-worker/per-rank seeding. The dataset shards
-  itself by rank (no IterableDatasetShard wrapper).
+- `get_train_dataloader`: a paddle DataLoader with the one collator `ldm.data.collate` (numpy
+  stacking; PaddleNLP's default collator segfaults with worker processes) and per-worker/per-rank
+  seeding. The dataset shards itself by rank (no IterableDatasetShard wrapper).
 - `log`: merges the scalars of callbacks that have `pop_logs()` (timing, grad norm).
 - `_load_optimizer_and_scheduler`: optimizer state re-keyed by structured parameter names
   (`param_names.json`, written by `_save`), so resume does not depend on paddle's generated names.
@@ -27,35 +27,20 @@ import contextlib
 import json
 import os
 import random
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 import paddle
 from paddle.io import DataLoader, IterableDataset
 from paddlenlp.trainer import Trainer
 
+from ldm.data import collate
 from ldm.utils import get_logger
 from ldm.weights.io import TRAINER_STATE_GLOBALS, load_pickle_restricted
 
 logger = get_logger("ldm.train.trainer")
 
-__all__ = ["DiffusionTrainer", "numpy_collate", "worker_init_fn", "rename_optimizer_state", "PARAM_NAMES_FILE"]
-
-
-def numpy_collate(samples: List[Dict]) -> Dict:
-    """Stack numeric fields with numpy; keep strings (and other objects) as lists."""
-    if not samples:
-        raise ValueError("empty batch")
-    out = {}
-    for key in samples[0]:
-        vals = [s[key] for s in samples]
-        if isinstance(vals[0], (np.ndarray, np.generic, int, float, bool)):
-            out[key] = np.stack([np.asarray(v) for v in vals])
-        elif isinstance(vals[0], paddle.Tensor):
-            out[key] = paddle.stack(vals)
-        else:
-            out[key] = vals
-    return out
+__all__ = ["DiffusionTrainer", "worker_init_fn", "rename_optimizer_state", "PARAM_NAMES_FILE"]
 
 
 class worker_init_fn:  # noqa: N801 - used like a function, picklable for worker processes
@@ -159,10 +144,6 @@ class DiffusionTrainer(Trainer):
         ds = self.train_dataset
         if ds is None:
             raise ValueError("DiffusionTrainer needs a train_dataset")
-        from paddlenlp.data import DataCollatorWithPadding, default_data_collator
-
-        builtin = self.data_collator is default_data_collator or isinstance(self.data_collator, DataCollatorWithPadding)
-        collate = numpy_collate if builtin else self.data_collator
         common = dict(
             batch_size=self.args.per_device_train_batch_size,
             collate_fn=collate,
