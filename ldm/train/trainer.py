@@ -1,7 +1,8 @@
 """A PaddleNLP `Trainer` for diffusion models whose `forward(**batch)` returns the loss.
 
 Overrides (nothing else is changed):
-- `compute_loss`: `loss = model(**inputs)`.
+- `compute_loss`: `loss = model(**inputs)`; with `--record_log_dir` the batch's captions are appended
+  to `rank<k>.txt` (the model's `last_captions` when it has them: captions after its dropout).
 - `get_train_dataloader`: a paddle DataLoader with the one collator `ldm.data.collate` (numpy
   stacking; PaddleNLP's default collator segfaults with worker processes) and per-worker/per-rank
   seeding. The dataset shards itself by rank (no IterableDatasetShard wrapper).
@@ -128,9 +129,11 @@ class DiffusionTrainer(Trainer):
     """Trainer for `loss = model(**batch)` models; see the module docstring for the hooks."""
 
     def compute_loss(self, model, inputs, return_outputs=False):
-        if getattr(self.args, "record_log_dir", None) and "caption" in inputs:
-            self._record(inputs["caption"])
         loss = model(**inputs)
+        if getattr(self.args, "record_log_dir", None) and "caption" in inputs:
+            # what the step trained on: a model that drops captions itself says so in `last_captions`
+            seen = getattr(self.model, "last_captions", None)
+            self._record(inputs["caption"] if seen is None else seen)
         return (loss, None) if return_outputs else loss
 
     def _record(self, captions) -> None:
