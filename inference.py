@@ -23,11 +23,11 @@ def parse_args(argv=None):
         p.add_argument(f"--cfg_{s}", type=float, default=d.cfg, help=f"Stage {s.upper()} guidance scale")
         p.add_argument(f"--shift_{s}", type=float, default=d.shift, help=f"Stage {s.upper()} schedule shift")
     p.add_argument("--cfg_rho", type=float, default=C.STAGE_C_SAMPLING.cfg_rho, help="guidance std rescale, both stages")
-    p.add_argument("--dtype", default=C.DTYPE, choices=C.DTYPES, help="bfloat16 needs a GPU; float16 is refused (overflows, use bfloat16)")
+    p.add_argument("--dtype", default=C.CASCADE.dtype, choices=C.DTYPES, help="bfloat16 needs a GPU; float16 is refused (overflows, use bfloat16)")
     p.add_argument("--output_dir", default=".")
-    p.add_argument("--weights_path", default=C.WEIGHTS_PATH)
-    p.add_argument("--model_c_version", default=C.MODEL_C_VERSION, choices=list(C.STAGE_C_FILES))
-    p.add_argument("--model_b_version", default=C.MODEL_B_VERSION, choices=list(C.STAGE_B_FILES))
+    p.add_argument("--weights_path", default=C.CASCADE.weights_path)
+    p.add_argument("--model_c_version", default=C.CASCADE.model_c_version, choices=list(C.STAGE_C_FILES))
+    p.add_argument("--model_b_version", default=C.CASCADE.model_b_version, choices=list(C.STAGE_B_FILES))
     p.add_argument("--stage_c", help="Stage C weight file instead of the folder's (e.g. a fine-tuned one)")
     p.add_argument("--preset", choices=["tiny"], default=None, help="random tiny networks, no weight files")
     p.add_argument("--image", help="image for CLIP image conditioning (variation)")
@@ -49,23 +49,24 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from PIL import Image
+    from ldm.cascade import components as cp
     from ldm.cascade import pipeline as pl
     from ldm.model_b import ModelB
     from ldm.model_c import ModelC
     from ldm.utils import save_png
 
     height, width = pl.check_size(args.height, args.width)  # fail before loading anything
-    cfg = dataclasses.replace(C.CascadeConfig(), weights_path=args.weights_path, dtype=pl.check_dtype(args.dtype),
+    cfg = dataclasses.replace(C.CASCADE, weights_path=args.weights_path, dtype=pl.check_dtype(args.dtype),
                               model_c_version=args.model_c_version, model_b_version=args.model_b_version)
-    if args.model_c_version != C.MODEL_C_VERSION:  # the other version's file (config.py keeps custom names)
+    if args.model_c_version != C.CASCADE.model_c_version:  # the other version's file (config.py keeps custom names)
         cfg = dataclasses.replace(cfg, stage_c=C.STAGE_C_FILES[args.model_c_version])
-    if args.model_b_version != C.MODEL_B_VERSION:
+    if args.model_b_version != C.CASCADE.model_b_version:
         cfg = dataclasses.replace(cfg, stage_b=C.STAGE_B_FILES[args.model_b_version])
     if args.stage_c:  # an explicit file, relative to the working directory
         cfg = dataclasses.replace(cfg, stage_c=os.path.abspath(args.stage_c))
     if args.preset is None:  # one error listing every missing file, before any network is built
         extra = (("image_encoder",) if args.image else ()) + (("effnet",) if args.init_image else ())
-        pl.resolve_weights(cfg, pl.NEEDED_C + pl.NEEDED_B + extra)
+        cp.resolve_weights(cfg, cp.NEEDED_C + cp.NEEDED_B + extra)
     opts = dict(preset=args.preset, low_memory=args.low_memory, progress=not args.no_progress)
     model, model_b = ModelC(cfg, **opts).eval(), ModelB(cfg, **opts).eval()
     image, init_image = [Image.open(f) if f else None for f in (args.image, args.init_image)]

@@ -19,7 +19,9 @@ from ldm.cascade.train_c import parse_stage_c_args  # noqa: E402
 
 
 def main(argv=None):
-    model_args, data_args, training_args = parse_stage_c_args(argv)
+    import config
+
+    model_args, data_args, training_args = parse_stage_c_args(argv, cascade=config.CASCADE)
     from ldm.cascade.train_c import build_stage_c_trainer
     from ldm.train.checkpoint import resolve_resume
     from ldm.utils import set_seed

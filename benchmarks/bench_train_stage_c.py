@@ -35,7 +35,7 @@ def run(name, args, out_dir):
     import numpy as np
     import paddle
 
-    from ldm.cascade.presets import tiny_components
+    from ldm.cascade.components import tiny_components
     from ldm.cascade.stage_c import StageC
     from ldm.cascade.train_c import build_stage_c_trainer, parse_stage_c_args
     from ldm.train.callbacks import TimingCallback
@@ -50,7 +50,7 @@ def run(name, args, out_dir):
     comps = tiny_components()
     if config is not None:
         paddle.seed(1)
-        comps.builders["stage_c"] = lambda: StageC(**config)
+        comps.builders["stage_c"] = lambda: StageC(config)
     trainer, layer, _ = build_stage_c_trainer(m, d, t, components=comps, config=config)
     timing = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TimingCallback))
     trainer.train()

@@ -11,8 +11,9 @@ from typing import Optional, Tuple
 import numpy as np
 import paddle
 
-import config as cfg_mod
-from config import CascadeConfig, SamplingConfig
+from ldm.cascade import settings as cfg_mod
+from ldm.cascade.settings import CascadeConfig, SamplingConfig
+from ldm.cascade import components as cp
 from ldm.cascade import pipeline as pl
 from ldm.cascade.gdf import stable_cascade_gdf
 from ldm.model_c import Captions
@@ -23,11 +24,11 @@ class ModelB:
     Arguments as ``ModelC``; a ModelC and a ModelB with the same config share one text encoder."""
 
     def __init__(self, config: Optional[CascadeConfig] = None, preset: Optional[str] = None,
-                 low_memory: bool = False, progress: bool = True, components: Optional[pl.Components] = None):
+                 low_memory: bool = False, progress: bool = True, components: Optional[cp.Components] = None):
         self.config = config or CascadeConfig()
         self.low_memory = bool(low_memory)
         self.progress = bool(progress)
-        self.components = components or pl.shared_components(self.config, preset, pl.NEEDED_B)
+        self.components = components or cp.shared_components(self.config, preset, cp.NEEDED_B)
         self.gdf = stable_cascade_gdf()
 
     def eval(self) -> "ModelB":

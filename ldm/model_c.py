@@ -11,8 +11,9 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import paddle
 
-import config as cfg_mod
-from config import CascadeConfig, SamplingConfig
+from ldm.cascade import settings as cfg_mod
+from ldm.cascade.settings import CascadeConfig, SamplingConfig
+from ldm.cascade import components as cp
 from ldm.cascade import pipeline as pl
 from ldm.cascade.gdf import stable_cascade_gdf
 
@@ -24,20 +25,22 @@ class ModelC:
     EfficientNet (img2img only), Previewer and the GDF.
 
     Args:
-        config: where the weights are and which versions/dtype (default ``config.CascadeConfig()``).
+        config: where the weights are and which versions/dtype (default
+            ``ldm.cascade.settings.CascadeConfig()``; ``inference.py`` passes the one of the
+            top-level ``config.py``).
         preset: None (weights from ``config.weights_path``) or "tiny" (random tiny networks,
             offline, for a first run and tests).
         low_memory: build each network when needed and free it right after its stage.
         progress: show a tqdm bar while sampling.
-        components: a ready ``pipeline.Components`` (tests, custom networks).
+        components: a ready ``components.Components`` (tests, custom networks).
     """
 
     def __init__(self, config: Optional[CascadeConfig] = None, preset: Optional[str] = None,
-                 low_memory: bool = False, progress: bool = True, components: Optional[pl.Components] = None):
+                 low_memory: bool = False, progress: bool = True, components: Optional[cp.Components] = None):
         self.config = config or CascadeConfig()
         self.low_memory = bool(low_memory)
         self.progress = bool(progress)
-        self.components = components or pl.shared_components(self.config, preset, pl.NEEDED_C)
+        self.components = components or cp.shared_components(self.config, preset, cp.NEEDED_C)
         self.gdf = stable_cascade_gdf()
 
     def eval(self) -> "ModelC":

@@ -29,7 +29,7 @@ from diffusers.models import StableCascadeUNet  # noqa: E402
 from diffusers.pipelines.wuerstchen.modeling_paella_vq_model import PaellaVQModel  # noqa: E402
 from diffusers.schedulers import scheduling_ddpm_wuerstchen  # noqa: E402
 
-import config as C  # noqa: E402
+from ldm.cascade import settings as C  # noqa: E402
 from ldm.clip import write_tiny_clip_tokenizer  # noqa: E402
 from ldm.cascade.previewer import Previewer_tiny  # noqa: E402
 from ldm.model_b import ModelB  # noqa: E402
@@ -238,7 +238,7 @@ def test_seed_pdparams_folder_gives_the_same_latents(setup, tmp_path):
     `.safetensors` wins when both exist."""
     import shutil
 
-    from ldm.cascade import pipeline as pl
+    from ldm.cascade import components as cp
     from ldm.cascade.stage_b import load_stage_b
     from ldm.cascade.stage_c import load_stage_c
 
@@ -250,7 +250,7 @@ def test_seed_pdparams_folder_gives_the_same_latents(setup, tmp_path):
     for name in ("stage_a", "previewer"):
         shutil.copy(os.path.join(src, f"{name}.safetensors"), tmp_path / f"{name}.safetensors")
     cfg_pd = C.CascadeConfig(weights_path=str(tmp_path), model_c_version="tiny", model_b_version="tiny")
-    assert pl.resolve_weights(cfg_pd, ["stage_c", "stage_b"]) == {
+    assert cp.resolve_weights(cfg_pd, ["stage_c", "stage_b"]) == {
         "stage_c": str(tmp_path / "stage_c_lite.pdparams"), "stage_b": str(tmp_path / "stage_b_lite.pdparams")}
 
     def run(c):
@@ -262,7 +262,7 @@ def test_seed_pdparams_folder_gives_the_same_latents(setup, tmp_path):
     for a, b in zip(run(cfg), run(cfg_pd)):
         assert np.array_equal(a, b)
     shutil.copy(os.path.join(src, "stage_c_lite.safetensors"), tmp_path / "stage_c_lite.safetensors")
-    assert pl.resolve_weights(cfg_pd, ["stage_c"])["stage_c"] == str(tmp_path / "stage_c_lite.safetensors")
+    assert cp.resolve_weights(cfg_pd, ["stage_c"])["stage_c"] == str(tmp_path / "stage_c_lite.safetensors")
 
 
 def _reference_gdf_sample(prior, cond, uncond, noise, steps, cfg, cfg_rho, shift):

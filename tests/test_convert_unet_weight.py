@@ -116,11 +116,11 @@ def test_full_size_presets_match_reference(cls, preset, cfg, stage):
 # ---------------------------------------------------------------------------------------------
 def _tiny_c(tmp_path, seed=0):
     paddle.seed(seed)
-    model = StageC(**STAGE_C_PRESETS["tiny"])
+    model = StageC(STAGE_C_PRESETS["tiny"])
     for p in model.parameters():
         p.set_value(paddle.randn(p.shape) * 0.1)
     path = str(tmp_path / "tiny_c.safetensors")
-    save_safetensors(model.state_dict(), path, metadata={"format": "ldm-cascade-paddle", "stage": "c", "config": json.dumps(STAGE_C_PRESETS["tiny"])})
+    save_safetensors(model.state_dict(), path, metadata={"format": "ldm-cascade-paddle", "stage": "c", "config": STAGE_C_PRESETS["tiny"].to_json()})
     return model, path
 
 
@@ -268,7 +268,7 @@ def test_transpose_table_is_exactly_the_linear_weights(cls, cfg):
     from ldm.weights.cascade_keys import is_linear_weight
 
     with paddle.LazyGuard():
-        model = cls(**cfg)
+        model = cls(cfg)
     linear = {f"{name}.weight" for name, layer in model.named_sublayers() if isinstance(layer, paddle.nn.Linear)}
     table = {k for k in model.state_dict() if is_linear_weight(k)}
     assert table == linear

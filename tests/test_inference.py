@@ -16,8 +16,9 @@ import paddle
 import pytest
 from PIL import Image
 
-import config as C
+from ldm.cascade import settings as C
 import inference
+from ldm.cascade import components as cp
 from ldm.cascade import pipeline as pl
 from ldm.model_b import ModelB
 from ldm.model_c import ModelC
@@ -61,7 +62,7 @@ def test_cli_tiny_files_metadata_and_reproducibility(tmp_path):
 
 def test_missing_weights_one_error_lists_every_file(tmp_path):
     (tmp_path / "stage_c_lite.pdparams").write_bytes(b"")  # present: must not be listed
-    with pytest.raises(pl.MissingWeightsError) as e:
+    with pytest.raises(cp.MissingWeightsError) as e:
         inference.main(["--weights_path", str(tmp_path), "--output_dir", str(tmp_path / "o")])
     msg = str(e.value)
     for missing in ("previewer.safetensors or previewer.pdparams", "stage_b_lite.safetensors",
@@ -75,19 +76,19 @@ def test_missing_weights_one_error_lists_every_file(tmp_path):
     # a CLIP folder without its tokenizer files
     (tmp_path / "clip_text").mkdir()
     (tmp_path / "clip_text" / "config.json").write_text("{}")
-    with pytest.raises(pl.MissingWeightsError) as e:
+    with pytest.raises(cp.MissingWeightsError) as e:
         inference.main(["--weights_path", str(tmp_path)])
     assert "- tokenizer: " + os.path.join(str(tmp_path), "clip_text", "vocab.json") + " and " in str(e.value)
     assert "- clip_text:" not in str(e.value)
 
     # the full-size versions look for their own files
-    with pytest.raises(pl.MissingWeightsError) as e:
+    with pytest.raises(cp.MissingWeightsError) as e:
         inference.main(["--weights_path", str(tmp_path), "--model_c_version", "3.6B", "--model_b_version", "3B"])
     assert "- stage_c: " + os.path.join(str(tmp_path), "stage_c.safetensors or stage_c.pdparams") in str(e.value)
     assert "- stage_b: " + os.path.join(str(tmp_path), "stage_b.safetensors or stage_b.pdparams") in str(e.value)
 
     # --stage_c names its own file (e.g. a fine-tuned one), relative to the working directory
-    with pytest.raises(pl.MissingWeightsError) as e:
+    with pytest.raises(cp.MissingWeightsError) as e:
         inference.main(["--weights_path", str(tmp_path), "--stage_c", "tuned/stage_c_ft.safetensors"])
     assert "- stage_c: " + os.path.abspath("tuned/stage_c_ft.safetensors") in str(e.value)
 
@@ -99,10 +100,10 @@ def test_missing_weights_one_error_lists_every_file(tmp_path):
 
     # the seed's API: ModelC() lists only what Stage C needs
     cfg = C.CascadeConfig(weights_path=str(tmp_path / "empty"))
-    with pytest.raises(pl.MissingWeightsError, match=r"Missing 3 file\(s\)") as e:
+    with pytest.raises(cp.MissingWeightsError, match=r"Missing 3 file\(s\)") as e:
         ModelC(cfg)
     assert "stage_c_lite.safetensors or stage_c_lite.pdparams" in str(e.value) and "- clip_text: " in str(e.value)
-    with pytest.raises(pl.MissingWeightsError, match="stage_b_lite"):
+    with pytest.raises(cp.MissingWeightsError, match="stage_b_lite"):
         ModelB(cfg)
 
 
@@ -143,7 +144,7 @@ def test_models_shapes_low_memory_img2img_variation():
     assert np.array_equal(img_pos, img)
 
     low = ModelC(preset="tiny", low_memory=True, progress=False,
-                 components=pl.Components(model.components.builders))
+                 components=cp.Components(model.components.builders))
     prev2, lat_c2 = low.log_image("a cat", height=128, width=192, batch_size=1, seed=3, steps=3)
     assert np.array_equal(lat_c2.numpy(), lat_c.numpy()) and np.array_equal(prev2, prev)
     assert low.components._cache == {}  # every network freed after its stage

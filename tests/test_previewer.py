@@ -50,7 +50,7 @@ def test_published_layout_converts_and_runs(tmp_path):
     with SafetensorsReader(tmp_path / "out" / "previewer.safetensors") as r:
         assert len(r.keys()) == 50 and r.dtype("blocks.0.weight") == "F16"
     model = load_previewer(tmp_path / "out" / "previewer.safetensors")
-    assert model.config == dict(c_in=16, c_hidden=512, c_out=3)
+    assert model.config.to_dict() == dict(c_in=16, c_hidden=512, c_out=3)
     got = model.blocks[2]._variance.numpy()
     np.testing.assert_allclose(got, state["blocks.2.running_var"], rtol=1e-3)
     with paddle.no_grad():

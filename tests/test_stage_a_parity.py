@@ -114,7 +114,7 @@ def test_original_layout_uses_043(converted, tmp_path):
         state = dict(r.items())
     paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, str(tmp_path / "stage_a.pdparams"))
     m2 = load_stage_a(tmp_path / "stage_a.pdparams")
-    assert m2.scale_factor == SCALE_FACTOR_ORIGINAL and m2.config["bottleneck_blocks"] == 2
+    assert m2.scale_factor == SCALE_FACTOR_ORIGINAL and m2.config.bottleneck_blocks == 2
     with paddle.no_grad():
         np.testing.assert_array_equal(m2.decode(m2.encode(paddle.to_tensor(x))[0]).numpy(), img.numpy())
 
@@ -123,7 +123,7 @@ def test_original_layout_uses_043(converted, tmp_path):
     state.pop("vquantizer.codebook.weight")
     paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, str(tmp_path / "no_codebook.pdparams"))
     m3 = load_stage_a(tmp_path / "no_codebook.pdparams")
-    assert not m3.codebook_loaded and m3.config["codebook_size"] == 8192
+    assert not m3.codebook_loaded and m3.config.codebook_size == 8192
     with paddle.no_grad():
         np.testing.assert_array_equal(m3.decode(m3.encode(paddle.to_tensor(x))[0]).numpy(), img.numpy())
     with pytest.raises(RuntimeError, match="codebook"):

@@ -153,7 +153,7 @@ def test_stage_c_matches_diffusers_and_original(tmp_path):
     assert _max_diff(bad, want) > 10 * TOL
     # the converted config is exactly our tiny preset
     with open(folder / "config.json") as f:
-        assert json.load(f)["block_out_channels"] == STAGE_C_PRESETS["tiny"]["c_hidden"]
+        assert json.load(f)["block_out_channels"] == list(STAGE_C_PRESETS["tiny"].c_hidden)
     assert load_stage_c(path_o, preset="tiny") is not None
 
 
@@ -191,4 +191,4 @@ def test_stage_b_matches_diffusers_and_original(tmp_path):
             got_default = model(_t(x[:1]), _t(r[:1]), _t(effnet[:1]), _t(pooled[:1])).numpy()
         assert _max_diff(got, want) <= TOL, _max_diff(got, want)
         assert _max_diff(got_default, want_default) <= TOL
-    assert STAGE_B_PRESETS["tiny"]["c_hidden"] == DECODER_TINY["block_out_channels"]
+    assert list(STAGE_B_PRESETS["tiny"].c_hidden) == DECODER_TINY["block_out_channels"]

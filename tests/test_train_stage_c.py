@@ -76,7 +76,7 @@ def test_seed_flags_parse(tmp_path):
 
 @pytest.fixture(scope="module")
 def layer():
-    from ldm.cascade.presets import tiny_components
+    from ldm.cascade.components import tiny_components
 
     paddle.seed(0)
     return train_c.StageCTrainer(tiny_components(), train_c.stage_c_config_of("tiny"), seed=5)
@@ -244,7 +244,7 @@ def test_resume_on_epoch_boundary_restores_rng_for_dropout(tmp_path, monkeypatch
     from ldm.cascade import stage_c
     from ldm.train import trainer as trainer_mod
 
-    tiny = dict(stage_c.STAGE_C_PRESETS["tiny"], dropout=[0.1, 0.1])
+    tiny = stage_c.STAGE_C_PRESETS["tiny"].replace(dropout=(0.1, 0.1))
     monkeypatch.setitem(stage_c.STAGE_C_PRESETS, "tiny", tiny)
     common = ["--max_steps", "6", "--save_steps", "4"]
     script.main(tiny_argv(tmp_path / "straight", *common))
@@ -282,7 +282,7 @@ def _check_visualdl(out):
 
 def _check_extract(tmp_path, out, ema):
     from scripts.extract_unet_weights import main as extract
-    from ldm.cascade.presets import tiny_components
+    from ldm.cascade.components import tiny_components
     from ldm.cascade.stage_c import load_stage_c
     from ldm.model_c import ModelC
 
@@ -378,7 +378,7 @@ def test_train_sh_commands(tmp_path):
 
 
 def test_missing_weights_error_lists_files(tmp_path):
-    from ldm.cascade.pipeline import MissingWeightsError
+    from ldm.cascade.components import MissingWeightsError
 
     m, _, _ = train_c.parse_stage_c_args(SEED_FLAGS + ["--output_dir", str(tmp_path), "--weights_path", str(tmp_path)])
     with pytest.raises(MissingWeightsError) as e:

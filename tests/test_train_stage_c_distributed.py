@@ -38,7 +38,7 @@ def worker(out, extra):
 
 @pytest.mark.parametrize("extra", [[], ["--sharding", "stage1", "--recompute", "True"]], ids=["dp", "zero1_recompute"])
 def test_two_process_gloo(tmp_path, extra):
-    from ldm.cascade.presets import tiny_components
+    from ldm.cascade.components import tiny_components
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",

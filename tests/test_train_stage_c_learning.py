@@ -28,7 +28,7 @@ def draw(color, shape):
 
 
 def test_heldout_denoising_loss_drops():
-    from ldm.cascade.presets import tiny_components
+    from ldm.cascade.components import tiny_components
 
     paddle.seed(0)
     layer = train_c.StageCTrainer(tiny_components(), train_c.stage_c_config_of("tiny"), seed=0)

@@ -14,9 +14,12 @@ ImageNet mean/std (`imagenet_normalize`); output stride 32 (768 px -> 24x24).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import paddle
 import paddle.nn as nn
 
+from ldm.configs import NetworkConfig, build_config, preset
 from ldm.utils import get_logger
 
 logger = get_logger("ldm.cascade.effnet")
@@ -137,14 +140,26 @@ def efficientnet_v2_s_features(stages=V2_S_STAGES, last_channels=V2_S_LAST_CHANN
     return nn.Sequential(*layers)
 
 
+@dataclass(frozen=True)
+class EfficientNetConfig(NetworkConfig):
+    """EfficientNetEncoder constructor arguments (modules/effnet.py): the backbone is fixed
+    (torchvision efficientnet_v2_s), only the latent width varies."""
+
+    c_latent: int
+
+
+EFFNET_PRESETS = {"full": EfficientNetConfig(c_latent=16)}  # effnet_encoder.safetensors
+
+
 class EfficientNetEncoder(nn.Layer):
     """(B, 3, H, W) ImageNet-normalised -> (B, c_latent, H/32, W/32)."""
 
-    def __init__(self, c_latent: int = 16):
+    def __init__(self, config: EfficientNetConfig | None = None, **overrides):
         super().__init__()
+        self.config = config = build_config(EfficientNetConfig, config, overrides, default=EFFNET_PRESETS["full"])
+        c_latent = config.c_latent
         if c_latent < 1:
             raise ValueError(f"c_latent must be >= 1, got {c_latent}")
-        self.config = dict(c_latent=c_latent)
         self.backbone = efficientnet_v2_s_features()
         self.mapper = nn.Sequential(nn.Conv2D(V2_S_LAST_CHANNELS, c_latent, 1, bias_attr=False),
                                     _bn(c_latent, eps=1e-5, affine=False))
@@ -157,7 +172,7 @@ class EfficientNetEncoder(nn.Layer):
 
 
 def EfficientNetEncoder_full(**kw):
-    return EfficientNetEncoder(**kw)
+    return EfficientNetEncoder(preset(EFFNET_PRESETS, "full", "EfficientNet", **kw))
 
 
 EfficientNetEncoder_models = {"full": EfficientNetEncoder_full}

@@ -248,27 +248,28 @@ def _default_dtype(dtype):
 def expected_shapes(cls, cfg: dict) -> dict[str, tuple]:
     """Our parameter names and shapes for a config, without allocating parameters."""
     with paddle.LazyGuard():
-        model = cls(**cfg)
+        model = cls(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def resolve_config(source: WeightSource, stage: str, preset: str | None, plan) -> dict:
-    """Config from (in order): an explicit preset, our metadata, a diffusers config.json, or the
-    one preset whose manifest equals the converted shapes."""
+def resolve_config(source: WeightSource, stage: str, preset: str | None, plan):
+    """Config (StageCConfig / StageBConfig) from (in order): an explicit preset, our metadata, a
+    diffusers config.json, or the one preset whose manifest equals the converted shapes."""
     cls, presets = _network(stage)
+    config_cls = type(next(iter(presets.values())))
     if preset not in (None, "auto"):
         if preset not in presets:
             raise WeightsError(f"unknown Stage {stage.upper()} preset {preset!r}; choose one of {sorted(presets)}")
-        return json.loads(json.dumps(presets[preset]))
+        return presets[preset]
     if "config" in source.metadata:
-        return json.loads(source.metadata["config"])
+        return config_cls.from_json(source.metadata["config"])
     if source.config is not None:
-        return config_from_diffusers(source.config, stage)
+        return config_cls.from_dict(config_from_diffusers(source.config, stage))
     got = {k: op.shape for k, op in plan.items()}
     for name, cfg in presets.items():
         if expected_shapes(cls, cfg) == got:
             logger.info("%s: matches the %s preset", source.description, name)
-            return json.loads(json.dumps(cfg))
+            return cfg
     raise WeightsError(f"{source.description}: matches no Stage {stage.upper()} preset {sorted(presets)}; "
                        "pass --preset or a config")
 
@@ -306,7 +307,7 @@ def build_model(cls, cfg: dict, dtype: str = "float32", weights=None, stage: str
     """Eager random init when `weights` is None; otherwise lazy build + streaming load."""
     _check_dtype(dtype)
     if weights is None:
-        model = cls(**cfg)
+        model = cls(cfg)
         if dtype != "float32":
             model.to(dtype=dtype)
         return model
@@ -314,7 +315,7 @@ def build_model(cls, cfg: dict, dtype: str = "float32", weights=None, stage: str
         stage = resolve_stage(source, stage)
         plan = plan_for(source, stage, resolve_layout(source, layout))
         with _default_dtype(dtype), paddle.LazyGuard():
-            model = cls(**cfg)
+            model = cls(cfg)
         stream_into(model, source, plan)
     model.eval()
     return model
@@ -325,13 +326,13 @@ def load_model(cls, presets: dict, stage: str, path, preset, dtype: str):
     if path is None:
         if preset not in presets:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
-        return build_model(cls, json.loads(json.dumps(presets[preset])), dtype)
+        return build_model(cls, presets[preset], dtype)
     with WeightSource(path) as source:
         stage = resolve_stage(source, stage)
         plan = plan_for(source, stage, resolve_layout(source))
         cfg = resolve_config(source, stage, preset, plan)
         with _default_dtype(dtype), paddle.LazyGuard():
-            model = cls(**cfg)
+            model = cls(cfg)
         stream_into(model, source, plan)
     model.eval()
     return model
@@ -357,7 +358,7 @@ def convert_unet_weights(inputs, output, stage=None, preset=None, dtype="float32
         for name in order:  # storage tag per tensor without reading data
             probe = np.zeros((0,), np.float32)
             tags[name] = to_storage(probe, dtype)[1]
-        meta = {"format": FORMAT_TAG, "stage": stage, "config": json.dumps(cfg), "source_layout": layout}
+        meta = {"format": FORMAT_TAG, "stage": stage, "config": cfg.to_json(), "source_layout": layout}
         n_params = 0
         with SafetensorsWriter(output, [(k, plan[k].shape, tags[k]) for k in order], meta) as w:
             for name in order:

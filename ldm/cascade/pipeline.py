@@ -9,148 +9,27 @@ text_to_image.ipynb``, ``train/base.py`` ``get_conditions``, ``train/train_b.py`
   Stage C; for Stage B the pooled empty caption and a zero ``effnet`` (Stage C latent);
 - the sampler yields (x0, x, pred); the result is the last x0, as in the notebook.
 
-What ModelC / ModelB share lives here; the networks come from a ``Components`` object (the seam
-between this module and the weight files or the offline tiny preset, ``ldm.cascade.presets``).
+What ModelC / ModelB share lives here; the networks come from a ``Components`` object
+(``ldm.cascade.components``: built from weight files or the offline tiny preset).
 """
 from __future__ import annotations
 
-import gc
 import math
-import os
-import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
 
-import config as cfg_mod
-from config import CascadeConfig, SamplingConfig
+from ldm.cascade import settings as cfg_mod
+from ldm.cascade.gdf import make_sampler
+from ldm.cascade.settings import SamplingConfig
 from ldm.utils import get_logger
 
 logger = get_logger("ldm.cascade")
 
-COMPONENT_NAMES = ("tokenizer", "text_encoder", "image_encoder", "stage_c", "stage_b", "stage_a",
-                   "effnet", "previewer")
 STAGE_C_CHANNELS = 16
 STAGE_B_CHANNELS = 4
 NOISE_TAG_C, NOISE_TAG_B, NOISE_TAG_IMG2IMG = 0xC, 0xB, 0x1
-WEIGHT_EXTS = (".safetensors", ".pdparams")
-
-
-# ---------------------------------------------------------------------------- weights on disk
-class MissingWeightsError(FileNotFoundError):
-    """Raised once, listing every missing file, before anything is loaded."""
-
-
-def resolve_weight_file(folder: str, name: str) -> Optional[str]:
-    """``<folder>/<name>`` if it has an extension, else ``<name>.safetensors`` (preferred) or
-    ``<name>.pdparams``; None when absent."""
-    base = os.path.join(folder, name)
-    if name.endswith(WEIGHT_EXTS):
-        return base if os.path.isfile(base) else None
-    for ext in WEIGHT_EXTS:
-        if os.path.isfile(base + ext):
-            return base + ext
-    return None
-
-
-def _file_field(component: str) -> str:
-    return {"tokenizer": "clip_text", "text_encoder": "clip_text", "image_encoder": "clip_image"}.get(component, component)
-
-
-def resolve_weights(cfg: CascadeConfig, components: Sequence[str]) -> Dict[str, str]:
-    """Map each needed component to its file or folder; raise ``MissingWeightsError`` naming
-    every missing one and the README section that explains how to get them."""
-    found, missing = {}, []
-    for comp in components:
-        name = getattr(cfg, _file_field(comp))
-        if comp in ("tokenizer", "text_encoder", "image_encoder"):
-            path = os.path.join(cfg.weights_path, name or "")
-            need = ("vocab.json", "merges.txt") if comp == "tokenizer" else ("config.json",)
-            absent = [f for f in need if not (name and os.path.isfile(os.path.join(path, f)))]
-            if not absent:
-                found[comp] = path
-            elif not os.path.isdir(path):
-                if f"{path}/" not in [m[1] for m in missing]:
-                    missing.append((_file_field(comp), f"{path}/", "a folder with config.json, the weights "
-                                    "and, for the text model, the tokenizer files"))
-            else:
-                missing.append((comp, " and ".join(os.path.join(path, f) for f in absent), ""))
-        else:
-            path = resolve_weight_file(cfg.weights_path, name)
-            if path:
-                found[comp] = path
-            else:
-                alts = name if name.endswith(WEIGHT_EXTS) else f"{name}.safetensors or {name}.pdparams"
-                missing.append((comp, os.path.join(cfg.weights_path, alts), ""))
-    if missing:
-        lines = [f"  - {comp}: {path}" + (f" ({what})" if what else "") for comp, path, what in missing]
-        raise MissingWeightsError(
-            f"Stable Cascade weights not found in '{os.path.abspath(cfg.weights_path)}' "
-            f"(WEIGHTS_PATH in config.py, the STABLE_CASCADE_WEIGHTS environment variable or "
-            f"--weights_path). Missing {len(missing)} file(s):\n" + "\n".join(lines) +
-            f"\nSee the README section \"{cfg.readme_section}\" to download the seed's archive or "
-            f"convert the official weights. (Or try `python inference.py --preset tiny`, which "
-            f"needs no files.)")
-    return found
-
-
-# ---------------------------------------------------------------------------- components
-class Components:
-    """Lazily built, cached networks. ``builders[name]()`` returns the network (eval mode);
-    ``release(name)`` drops it (low-memory mode frees each stage before the next)."""
-
-    def __init__(self, builders: Dict[str, Callable[[], object]], dtype: str = "float32"):
-        unknown = set(builders) - set(COMPONENT_NAMES)
-        if unknown:
-            raise ValueError(f"unknown components {sorted(unknown)}; known: {COMPONENT_NAMES}")
-        self.builders = dict(builders)
-        self.dtype = dtype
-        self._cache: Dict[str, object] = {}
-
-    def has(self, name: str) -> bool:
-        return name in self.builders
-
-    def get(self, name: str):
-        if name not in self._cache:
-            if name not in self.builders:
-                raise ValueError(f"component '{name}' is not configured (known: {sorted(self.builders)})")
-            logger.info("loading %s", name)
-            net = self.builders[name]()
-            if hasattr(net, "eval"):
-                net.eval()
-            self._cache[name] = net
-        return self._cache[name]
-
-    def release(self, *names: str) -> None:
-        dropped = [n for n in names if self._cache.pop(n, None) is not None]
-        if dropped:
-            gc.collect()
-            if paddle.device.is_compiled_with_cuda():
-                paddle.device.cuda.empty_cache()
-
-
-def file_components(cfg: CascadeConfig, needed: Sequence[str]) -> Components:
-    """Components read from ``cfg.weights_path``; checks every needed file up front."""
-    dtype = check_dtype(cfg.dtype)
-    paths = resolve_weights(cfg, needed)
-    from ldm import clip
-    from ldm.cascade import effnet, previewer, stage_a, stage_b, stage_c  # the networks
-
-    def lazy(comp, fn):
-        return lambda: fn(paths[comp]) if comp in paths else fn(resolve_weights(cfg, [comp])[comp])
-
-    builders = {
-        "tokenizer": lazy("tokenizer", clip.load_tokenizer),
-        "text_encoder": lazy("text_encoder", lambda p: clip.load_clip_text(p, dtype=dtype)),
-        "image_encoder": lazy("image_encoder", lambda p: clip.load_clip_vision(p, dtype=dtype)),
-        "stage_c": lazy("stage_c", lambda p: stage_c.load_stage_c(p, cfg.model_c_version, dtype=dtype)),
-        "stage_b": lazy("stage_b", lambda p: stage_b.load_stage_b(p, cfg.model_b_version, dtype=dtype)),
-        "stage_a": lazy("stage_a", lambda p: stage_a.load_stage_a(p, dtype="float32")),
-        "effnet": lazy("effnet", lambda p: effnet.load_effnet(p, dtype="float32")),
-        "previewer": lazy("previewer", lambda p: previewer.load_previewer(p, dtype="float32")),
-    }
-    return Components(builders, dtype)
 
 
 def check_dtype(dtype: str) -> str:
@@ -288,7 +167,8 @@ def run_gdf(gdf, model: Callable, cond: dict, uncond: dict, sampling: SamplingCo
     sample after the last update, what diffusers' pipelines return)."""
     if final not in ("x0", "x"):
         raise ValueError(f"final must be 'x0' or 'x', got {final!r}")
-    it = gdf.sample(model, cond, shape, uncond, x_init=x_init, timesteps=sampling.steps,
+    it = gdf.sample(model, cond, shape, uncond, sampler=make_sampler(sampling.sampler, gdf), x_init=x_init,
+                    timesteps=sampling.steps,
                     t_start=sampling.t_start if t_start is None else t_start, cfg=sampling.cfg,
                     cfg_rho=sampling.cfg_rho, cfg_rho_per_sample=sampling.per_sample_rho,
                     shift=sampling.shift, noise=noise, model_dtype=model_dtype)
@@ -413,32 +293,3 @@ def decode_stage_a(comps: Components, latent_b: paddle.Tensor, low_memory: bool 
     if low_memory:
         comps.release("stage_a")
     return img
-
-
-# ---------------------------------------------------------------------------- shared components
-NEEDED_C = ("tokenizer", "text_encoder", "stage_c", "previewer")
-NEEDED_B = ("tokenizer", "text_encoder", "stage_b", "stage_a")
-PRESETS = (None, "tiny")
-_SHARED: "weakref.WeakValueDictionary[str, Components]" = weakref.WeakValueDictionary()
-
-
-def shared_components(cfg: CascadeConfig, preset: Optional[str], needed: Sequence[str]) -> Components:
-    """One ``Components`` per (config, preset) while any model uses it, so a ModelC and a ModelB
-    built separately (the seed's example) share one CLIP text encoder. Checks ``needed`` files."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-    key = f"{preset}|{cfg!r}"
-    comps = _SHARED.get(key)
-    if comps is None:
-        if preset == "tiny":
-            from ldm.cascade.presets import tiny_components
-
-            comps = tiny_components(check_dtype(cfg.dtype))
-        else:
-            comps = file_components(cfg, needed)
-        _SHARED[key] = comps
-    elif preset is None:
-        resolve_weights(cfg, needed)
-    return comps
-
-

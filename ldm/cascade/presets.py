@@ -17,7 +17,9 @@ from typing import Callable
 import numpy as np
 import paddle
 
-from ldm.cascade.pipeline import Components
+from ldm.cascade import effnet, previewer, stage_a, stage_b, stage_c
+from ldm.clip import load_tokenizer, write_tiny_clip_tokenizer
+from ldm.utils import get_logger
 
 TINY_SEED = 1234
 TINY_WIDTH = 32  # CLIP hidden/projection size = Stage B/C tiny c_clip_* (ldm.cascade.stage_c/stage_b)
@@ -54,8 +56,6 @@ def _fill_zero_init(net, offset: int, std: float = 0.05):
 def tiny_tokenizer():
     """The 514-token byte-level CLIP tokenizer (``clip.write_tiny_clip_tokenizer``), via a
     temporary folder that is removed once the tokenizer has read it."""
-    from ldm.clip import load_tokenizer, write_tiny_clip_tokenizer
-
     with tempfile.TemporaryDirectory() as d:
         write_tiny_clip_tokenizer(d, max_length=TINY_MAX_LENGTH)
         return load_tokenizer(d, max_length=TINY_MAX_LENGTH)
@@ -75,13 +75,11 @@ def tiny_image_encoder():
     return CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP, **TINY_VISION))
 
 
-def tiny_components(dtype: str = "float32") -> Components:
-    """All eight components of the tiny preset (built lazily, each from its own seed)."""
+def tiny_builders(dtype: str = "float32") -> dict:
+    """Builders of all eight components of the tiny preset (each network from its own seed), for
+    ``ldm.cascade.components.Components``."""
     if dtype != "float32":
         raise ValueError(f"the tiny preset runs in float32 only, got {dtype}")
-    from ldm.cascade import effnet, previewer, stage_a, stage_b, stage_c
-    from ldm.utils import get_logger
-
     get_logger("ldm.cascade").warning("preset 'tiny': random weights, the images are noise (a smoke test; "
                                       "see the README's weights section for the real model)")
 
@@ -89,10 +87,10 @@ def tiny_components(dtype: str = "float32") -> Components:
         "tokenizer": tiny_tokenizer,
         "text_encoder": _seeded(1, tiny_text_encoder),
         "image_encoder": _seeded(2, tiny_image_encoder),
-        "stage_c": _seeded(3, lambda: _fill_zero_init(stage_c.load_stage_c(None, "tiny"), 3)),
-        "stage_b": _seeded(4, lambda: _fill_zero_init(stage_b.load_stage_b(None, "tiny"), 4)),
+        "stage_c": _seeded(3, lambda: _fill_zero_init(stage_c.StageC_tiny(), 3)),
+        "stage_b": _seeded(4, lambda: _fill_zero_init(stage_b.StageB_tiny(), 4)),
         "stage_a": _seeded(5, lambda: _fill_zero_init(stage_a.StageA_tiny(), 5)),
         "effnet": _seeded(6, effnet.EfficientNetEncoder),
         "previewer": _seeded(7, lambda: _fill_zero_init(previewer.Previewer_tiny(), 7)),
     }
-    return Components(builders, dtype)
+    return builders

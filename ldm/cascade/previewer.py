@@ -8,10 +8,29 @@ conv/GELU/BatchNorm triples with three 2x2 stride-2 transposed convolutions. Par
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import paddle.nn as nn
 
-__all__ = ["Previewer", "Previewer_full", "Previewer_tiny", "Previewer_models", "previewer_config_from_shapes",
+from ldm.configs import NetworkConfig, build_config, preset
+
+__all__ = ["Previewer", "PreviewerConfig", "PREVIEWER_PRESETS", "Previewer_full", "Previewer_tiny", "Previewer_models", "previewer_config_from_shapes",
            "load_previewer"]
+
+
+@dataclass(frozen=True)
+class PreviewerConfig(NetworkConfig):
+    """Previewer constructor arguments (modules/previewer.py names)."""
+
+    c_in: int
+    c_hidden: int
+    c_out: int
+
+
+PREVIEWER_PRESETS = {
+    "full": PreviewerConfig(c_in=16, c_hidden=512, c_out=3),  # previewer.safetensors (~4M parameters)
+    "tiny": PreviewerConfig(c_in=16, c_hidden=32, c_out=3),  # tests and the tiny preset
+}
 
 
 class Previewer(nn.Layer):
@@ -19,11 +38,12 @@ class Previewer(nn.Layer):
     0 conv1x1, 3 conv3x3, 6 convT, 9 conv3x3, 12 convT, 15 conv3x3, 18 convT, 21 conv3x3, 24 conv1x1;
     each conv but the last is followed by GELU (i+1) and BatchNorm (i+2)."""
 
-    def __init__(self, c_in: int = 16, c_hidden: int = 512, c_out: int = 3):
+    def __init__(self, config: PreviewerConfig | None = None, **overrides):
         super().__init__()
+        self.config = config = build_config(PreviewerConfig, config, overrides, default=PREVIEWER_PRESETS["full"])
+        c_in, c_hidden, c_out = config.c_in, config.c_hidden, config.c_out
         if c_hidden % 4 != 0:
             raise ValueError(f"c_hidden must be divisible by 4, got {c_hidden}")
-        self.config = dict(c_in=c_in, c_hidden=c_hidden, c_out=c_out)
         h, h2, h4 = c_hidden, c_hidden // 2, c_hidden // 4
         convs = [
             nn.Conv2D(c_in, h, 1),
@@ -42,19 +62,17 @@ class Previewer(nn.Layer):
         self.blocks = nn.Sequential(*layers)
 
     def forward(self, x):
-        if x.ndim != 4 or x.shape[1] != self.config["c_in"]:
-            raise ValueError(f"Previewer expects (B, {self.config['c_in']}, h, w), got {list(x.shape)}")
+        if x.ndim != 4 or x.shape[1] != self.config.c_in:
+            raise ValueError(f"Previewer expects (B, {self.config.c_in}, h, w), got {list(x.shape)}")
         return self.blocks(x)  # (B, c_out, 8h, 8w)
 
 
 def Previewer_full(**kw):
-    return Previewer(**kw)
+    return Previewer(preset(PREVIEWER_PRESETS, "full", "Previewer", **kw))
 
 
 def Previewer_tiny(**kw):
-    cfg = dict(c_in=16, c_hidden=32, c_out=3)
-    cfg.update(kw)
-    return Previewer(**cfg)
+    return Previewer(preset(PREVIEWER_PRESETS, "tiny", "Previewer", **kw))
 
 
 Previewer_models = {"full": Previewer_full, "tiny": Previewer_tiny}

@@ -25,16 +25,19 @@ The converter stores it in the safetensors metadata and `load_stage_a` reads it 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import paddle
 import paddle.nn as nn
 
+from ldm.configs import NetworkConfig, build_config, preset
 from ldm.utils import get_logger
 
 __all__ = [
     "SCALE_FACTOR_ORIGINAL",
     "SCALE_FACTOR_DIFFUSERS",
     "StageAConfig",
+    "STAGE_A_PRESETS",
     "ResBlock",
     "VectorQuantizer",
     "StageA",
@@ -51,11 +54,26 @@ LN_EPS = 1e-6
 CODEBOOK_KEY = "vquantizer.codebook.weight"
 
 
-def StageAConfig(levels=2, bottleneck_blocks=12, c_hidden=384, c_latent=4, codebook_size=8192,
-                 scale_factor=SCALE_FACTOR_ORIGINAL) -> dict:
-    """The constructor arguments of `StageA` as a plain dict (what the converter stores)."""
-    return dict(levels=levels, bottleneck_blocks=bottleneck_blocks, c_hidden=c_hidden, c_latent=c_latent,
-                codebook_size=codebook_size, scale_factor=scale_factor)
+@dataclass(frozen=True)
+class StageAConfig(NetworkConfig):
+    """StageA constructor arguments (modules/stage_a.py names); numbers live in STAGE_A_PRESETS."""
+
+    levels: int
+    bottleneck_blocks: int
+    c_hidden: int
+    c_latent: int
+    codebook_size: int
+    scale_factor: float  # latent = encoder output / scale_factor (see the module docstring)
+
+
+STAGE_A_PRESETS = {
+    # stage_a.safetensors (~18M parameters)
+    "full": StageAConfig(levels=2, bottleneck_blocks=12, c_hidden=384, c_latent=4, codebook_size=8192,
+                         scale_factor=SCALE_FACTOR_ORIGINAL),
+    # tests and the tiny preset (~60k parameters)
+    "tiny": StageAConfig(levels=2, bottleneck_blocks=2, c_hidden=32, c_latent=4, codebook_size=64,
+                         scale_factor=SCALE_FACTOR_ORIGINAL),
+}
 
 
 class ResBlock(nn.Layer):
@@ -119,16 +137,18 @@ class StageA(nn.Layer):
     code indices or None, vq loss or None); `decode(latent)` multiplies by `scale_factor` first.
     """
 
-    def __init__(self, levels=2, bottleneck_blocks=12, c_hidden=384, c_latent=4, codebook_size=8192,
-                 scale_factor=SCALE_FACTOR_ORIGINAL):
+    def __init__(self, config: StageAConfig | None = None, **overrides):
         super().__init__()
+        config = build_config(StageAConfig, config, overrides, default=STAGE_A_PRESETS["full"])
+        levels, bottleneck_blocks, c_hidden = config.levels, config.bottleneck_blocks, config.c_hidden
+        c_latent, codebook_size, scale_factor = config.c_latent, config.codebook_size, config.scale_factor
         if levels < 1 or bottleneck_blocks < 1:
             raise ValueError(f"levels and bottleneck_blocks must be >= 1, got {levels}, {bottleneck_blocks}")
         if c_hidden % (2 ** (levels - 1)) != 0:
             raise ValueError(f"c_hidden={c_hidden} must be divisible by 2**(levels-1)={2 ** (levels - 1)}")
         if not scale_factor or scale_factor <= 0:
             raise ValueError(f"scale_factor must be > 0, got {scale_factor}")
-        self.config = StageAConfig(levels, bottleneck_blocks, c_hidden, c_latent, codebook_size, float(scale_factor))
+        self.config = config.replace(scale_factor=float(scale_factor))
         self.c_latent = c_latent
         self.codebook_size = codebook_size
         self.codebook_loaded = True
@@ -191,14 +211,12 @@ class StageA(nn.Layer):
 
 
 def StageA_full(**kw):
-    return StageA(**kw)
+    return StageA(preset(STAGE_A_PRESETS, "full", "Stage A", **kw))
 
 
 def StageA_tiny(**kw):
     """~60k parameters; for tests and the pipeline's tiny preset."""
-    cfg = dict(levels=2, bottleneck_blocks=2, c_hidden=32, c_latent=4, codebook_size=64)
-    cfg.update(kw)
-    return StageA(**cfg)
+    return StageA(preset(STAGE_A_PRESETS, "tiny", "Stage A", **kw))
 
 
 StageA_models = {"full": StageA_full, "tiny": StageA_tiny}

@@ -6,14 +6,17 @@ Parameter names and shapes equal PaddleMIX's Paddle port (the seed's `stage_b_li
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from .common import CascadeUNet, LayerNorm2d, layer_norm_channels_last, preset_config
+from ..configs import NetworkConfig, build_config, preset
+from .common import CascadeUNet, LayerNorm2d, layer_norm_channels_last
 from .loading import build_model, load_model
 
-__all__ = ["StageB", "STAGE_B_PRESETS", "STAGE_B_MODELS", "StageB_3B", "StageB_700M", "StageB_tiny", "stage_b_config",
+__all__ = ["StageB", "StageBConfig", "STAGE_B_PRESETS", "STAGE_B_MODELS", "StageB_3B", "StageB_700M", "StageB_tiny", "stage_b_config",
            "build_stage_b", "load_stage_b"]
 
 PIXELS_DEFAULT_SIZE = 8  # the reference feeds zeros (B, 3, 8, 8) when no pixels are given
@@ -22,6 +25,30 @@ PIXELS_DEFAULT_SIZE = 8  # the reference feeds zeros (B, 3, 8, 8) when no pixels
 def _cond_mapper(c_in: int, c: int) -> nn.Sequential:
     # names: .0 / .2 are 1x1 convs, .3 the non-affine LayerNorm2d
     return nn.Sequential(nn.Conv2D(c_in, c * 4, 1), nn.GELU(), nn.Conv2D(c * 4, c, 1), LayerNorm2d(c))
+
+
+@dataclass(frozen=True)
+class StageBConfig(NetworkConfig):
+    """StageB constructor arguments (modules/stage_b.py names); numbers live in STAGE_B_PRESETS."""
+
+    c_in: int
+    c_out: int
+    c_r: int  # width of each sinusoidal r / t_cond embedding
+    patch_size: int
+    c_cond: int  # width of the conditioning tokens
+    c_hidden: tuple  # per level
+    nhead: tuple  # per level (-1: no attention at that level)
+    blocks: tuple  # (down per level, up per level)
+    block_repeat: tuple  # (down per level, up per level)
+    level_config: tuple  # per level, letters C (ResBlock), T (TimestepBlock), A (AttnBlock), F (FeedForward)
+    c_clip: int  # pooled text embedding width
+    c_clip_seq: int  # tokens per pooled text embedding
+    c_effnet: int  # Stage C / EfficientNet latent channels
+    c_pixels: int
+    kernel_size: int
+    dropout: tuple  # per level
+    self_attn: bool
+    t_conds: tuple
 
 
 class StageB(CascadeUNet):
@@ -35,12 +62,13 @@ class StageB(CascadeUNet):
       t_conds: per-sample (B,) values for the names in `t_conds` (default 'sca'), zeros when absent.
     """
 
-    def __init__(self, c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=1280, c_hidden=(320, 640, 1280, 1280),
-                 nhead=(-1, -1, 20, 20), blocks=((2, 6, 28, 6), (6, 28, 6, 2)),
-                 block_repeat=((1, 1, 1, 1), (3, 3, 2, 2)), level_config=("CT", "CT", "CTA", "CTA"), c_clip=1280,
-                 c_clip_seq=4, c_effnet=16, c_pixels=3, kernel_size=3, dropout=(0, 0, 0.1, 0.1), self_attn=True,
-                 t_conds=("sca",)):
+    def __init__(self, config: "StageBConfig | None" = None, **overrides):
         super().__init__()
+        config = build_config(StageBConfig, config, overrides, default=STAGE_B_PRESETS["3B"])
+        self.config = config
+        (c_in, c_out, c_r, patch_size, c_cond, c_hidden, nhead, blocks, block_repeat, level_config, c_clip,
+         c_clip_seq, c_effnet, c_pixels, kernel_size, dropout, self_attn,
+         t_conds) = (getattr(config, f) for f in StageBConfig.field_names())
         if patch_size < 1 or c_r < 4:
             raise ValueError(f"bad patch_size={patch_size} or c_r={c_r}")
         self.c_r, self.t_conds, self.c_clip_seq = c_r, list(t_conds), c_clip_seq
@@ -109,39 +137,40 @@ class StageB(CascadeUNet):
 # ---------------------------------------------------------------------------------------------
 STAGE_B_PRESETS = {
     # stage_b.safetensors (modules/stage_b.py defaults; 1.56B parameters)
-    "3B": dict(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=1280, c_hidden=[320, 640, 1280, 1280],
+    "3B": StageBConfig(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=1280, c_hidden=[320, 640, 1280, 1280],
                nhead=[-1, -1, 20, 20], blocks=[[2, 6, 28, 6], [6, 28, 6, 2]],
                block_repeat=[[1, 1, 1, 1], [3, 3, 2, 2]], level_config=["CT", "CT", "CTA", "CTA"], c_clip=1280,
                c_clip_seq=4, c_effnet=16, c_pixels=3, kernel_size=3, dropout=[0, 0, 0.1, 0.1], self_attn=True,
                t_conds=["sca"]),
     # stage_b_lite.safetensors
-    "700M": dict(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=1280, c_hidden=[320, 576, 1152, 1152],
+    "700M": StageBConfig(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=1280, c_hidden=[320, 576, 1152, 1152],
                  nhead=[-1, 9, 18, 18], blocks=[[2, 4, 14, 4], [4, 14, 4, 2]],
                  block_repeat=[[1, 1, 1, 1], [2, 2, 2, 2]], level_config=["CT", "CT", "CTA", "CTA"], c_clip=1280,
                  c_clip_seq=4, c_effnet=16, c_pixels=3, kernel_size=3, dropout=[0, 0, 0.1, 0.1], self_attn=True,
                  t_conds=["sca"]),
     # tests and offline demos: CT and CTA levels, repeat mappers, patch size 2, effnet + pixels
-    "tiny": dict(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=32, c_hidden=[16, 32], nhead=[-1, 2],
+    "tiny": StageBConfig(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=32, c_hidden=[16, 32], nhead=[-1, 2],
                  blocks=[[1, 2], [2, 1]], block_repeat=[[2, 1], [1, 2]], level_config=["CT", "CTA"], c_clip=32,
                  c_clip_seq=4, c_effnet=16, c_pixels=3, kernel_size=3, dropout=[0.0, 0.0], self_attn=True,
                  t_conds=["sca"]),
 }
 
 
-def stage_b_config(preset: str, **overrides) -> dict:
-    return preset_config(STAGE_B_PRESETS, preset, "Stage B", **overrides)
+def stage_b_config(name: str, **overrides) -> StageBConfig:
+    """The named preset, with `overrides` applied."""
+    return preset(STAGE_B_PRESETS, name, "Stage B", **overrides)
 
 
 def StageB_3B(**kw):
-    return StageB(**stage_b_config("3B", **kw))
+    return StageB(stage_b_config("3B", **kw))
 
 
 def StageB_700M(**kw):
-    return StageB(**stage_b_config("700M", **kw))
+    return StageB(stage_b_config("700M", **kw))
 
 
 def StageB_tiny(**kw):
-    return StageB(**stage_b_config("tiny", **kw))
+    return StageB(stage_b_config("tiny", **kw))
 
 
 STAGE_B_MODELS = {"3B": StageB_3B, "700M": StageB_700M, "tiny": StageB_tiny}

@@ -6,14 +6,17 @@ Parameter names and shapes equal PaddleMIX's Paddle port (the seed's `stage_c_li
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from .common import CascadeUNet, LayerNorm2d, layer_norm_channels_last, preset_config
+from ..configs import NetworkConfig, build_config, preset
+from .common import CascadeUNet, LayerNorm2d, layer_norm_channels_last
 from .loading import build_model, load_model
 
-__all__ = ["StageC", "UpDownBlock2d", "STAGE_C_PRESETS", "STAGE_C_MODELS", "StageC_3_6B", "StageC_1B", "StageC_tiny",
+__all__ = ["StageC", "StageCConfig", "UpDownBlock2d", "STAGE_C_PRESETS", "STAGE_C_MODELS", "StageC_3_6B", "StageC_1B", "StageC_tiny",
            "stage_c_config", "build_stage_c", "load_stage_c"]
 
 
@@ -44,6 +47,31 @@ class _Resize(nn.Layer):
         return F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=True)
 
 
+@dataclass(frozen=True)
+class StageCConfig(NetworkConfig):
+    """StageC constructor arguments (modules/stage_c.py names); numbers live in STAGE_C_PRESETS."""
+
+    c_in: int
+    c_out: int
+    c_r: int  # width of each sinusoidal r / t_cond embedding
+    patch_size: int
+    c_cond: int  # width of the conditioning tokens
+    c_hidden: tuple  # per level
+    nhead: tuple  # per level
+    blocks: tuple  # (down per level, up per level)
+    block_repeat: tuple  # (down per level, up per level)
+    level_config: tuple  # per level, letters C (ResBlock), T (TimestepBlock), A (AttnBlock), F (FeedForward)
+    c_clip_text: int
+    c_clip_text_pooled: int
+    c_clip_img: int
+    c_clip_seq: int  # tokens per pooled text / image embedding
+    kernel_size: int
+    dropout: tuple  # per level
+    self_attn: bool
+    t_conds: tuple
+    switch_level: tuple
+
+
 class StageC(CascadeUNet):
     """Stage C network.
 
@@ -55,11 +83,13 @@ class StageC(CascadeUNet):
       zeros when absent.
     """
 
-    def __init__(self, c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=2048, c_hidden=(2048, 2048), nhead=(32, 32),
-                 blocks=((8, 24), (24, 8)), block_repeat=((1, 1), (1, 1)), level_config=("CTA", "CTA"),
-                 c_clip_text=1280, c_clip_text_pooled=1280, c_clip_img=768, c_clip_seq=4, kernel_size=3,
-                 dropout=(0.1, 0.1), self_attn=True, t_conds=("sca", "crp"), switch_level=(False,)):
+    def __init__(self, config: "StageCConfig | None" = None, **overrides):
         super().__init__()
+        config = build_config(StageCConfig, config, overrides, default=STAGE_C_PRESETS["3.6B"])
+        self.config = config
+        (c_in, c_out, c_r, patch_size, c_cond, c_hidden, nhead, blocks, block_repeat, level_config, c_clip_text,
+         c_clip_text_pooled, c_clip_img, c_clip_seq, kernel_size, dropout, self_attn, t_conds,
+         switch_level) = (getattr(config, f) for f in StageCConfig.field_names())
         n = len(c_hidden)
         if switch_level is None or len(switch_level) < n - 1:
             raise ValueError(f"switch_level needs {n - 1} entries for {n} levels, got {switch_level}")
@@ -129,37 +159,38 @@ class StageC(CascadeUNet):
 # ---------------------------------------------------------------------------------------------
 STAGE_C_PRESETS = {
     # stage_c.safetensors (modules/stage_c.py defaults)
-    "3.6B": dict(c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=2048, c_hidden=[2048, 2048], nhead=[32, 32],
+    "3.6B": StageCConfig(c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=2048, c_hidden=[2048, 2048], nhead=[32, 32],
                  blocks=[[8, 24], [24, 8]], block_repeat=[[1, 1], [1, 1]], level_config=["CTA", "CTA"],
                  c_clip_text=1280, c_clip_text_pooled=1280, c_clip_img=768, c_clip_seq=4, kernel_size=3,
                  dropout=[0.1, 0.1], self_attn=True, t_conds=["sca", "crp"], switch_level=[False]),
     # stage_c_lite.safetensors
-    "1B": dict(c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=1536, c_hidden=[1536, 1536], nhead=[24, 24],
+    "1B": StageCConfig(c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=1536, c_hidden=[1536, 1536], nhead=[24, 24],
                blocks=[[4, 12], [12, 4]], block_repeat=[[1, 1], [1, 1]], level_config=["CTA", "CTA"],
                c_clip_text=1280, c_clip_text_pooled=1280, c_clip_img=768, c_clip_seq=4, kernel_size=3,
                dropout=[0.1, 0.1], self_attn=True, t_conds=["sca", "crp"], switch_level=[False]),
     # tests and offline demos: two levels (CT and CTA), repeat mappers, self-attention, t_conds
-    "tiny": dict(c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=32, c_hidden=[32, 64], nhead=[2, 4],
+    "tiny": StageCConfig(c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=32, c_hidden=[32, 64], nhead=[2, 4],
                  blocks=[[1, 2], [2, 1]], block_repeat=[[2, 1], [1, 2]], level_config=["CT", "CTA"],
                  c_clip_text=32, c_clip_text_pooled=32, c_clip_img=32, c_clip_seq=4, kernel_size=3,
                  dropout=[0.0, 0.0], self_attn=True, t_conds=["sca", "crp"], switch_level=[False]),
 }
 
 
-def stage_c_config(preset: str, **overrides) -> dict:
-    return preset_config(STAGE_C_PRESETS, preset, "Stage C", **overrides)
+def stage_c_config(name: str, **overrides) -> StageCConfig:
+    """The named preset, with `overrides` applied."""
+    return preset(STAGE_C_PRESETS, name, "Stage C", **overrides)
 
 
 def StageC_3_6B(**kw):
-    return StageC(**stage_c_config("3.6B", **kw))
+    return StageC(stage_c_config("3.6B", **kw))
 
 
 def StageC_1B(**kw):
-    return StageC(**stage_c_config("1B", **kw))
+    return StageC(stage_c_config("1B", **kw))
 
 
 def StageC_tiny(**kw):
-    return StageC(**stage_c_config("tiny", **kw))
+    return StageC(stage_c_config("tiny", **kw))
 
 
 STAGE_C_MODELS = {"3.6B": StageC_3_6B, "1B": StageC_1B, "tiny": StageC_tiny}

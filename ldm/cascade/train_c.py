@@ -36,7 +36,9 @@ import paddle
 import paddle.nn as nn
 from paddlenlp.trainer import TrainerCallback
 
-import config as cfg_mod
+from ldm.cascade import settings as cfg_mod
+from ldm.cascade.settings import CascadeConfig, SamplingConfig
+from ldm.cascade.stage_c import StageCConfig
 from ldm.train.args import DiffusionTrainingArguments, check_precision, parse_with_env_defaults
 from ldm.utils import atomic_open, get_logger
 
@@ -46,7 +48,7 @@ __all__ = ["StageCModelArguments", "StageCDataArguments", "StageCTrainingArgumen
            "StageCTrainer", "build_stage_c_trainer", "TrainStateCallback", "STAGE_C_FILE", "STAGE_C_EMA_FILE",
            "DEFAULT_PREVIEW_PROMPTS", "enable_recompute", "write_stage_c"]
 
-MODEL_VERSIONS = ("1B", "3.6B", "tiny")
+MODEL_VERSIONS = (*cfg_mod.STAGE_C_FILES, "tiny")
 STAGE_C_FILE = "stage_c.safetensors"
 STAGE_C_EMA_FILE = "stage_c_ema.safetensors"
 STATE_FILE = "train_c_state_rank{}.json"
@@ -70,16 +72,16 @@ NO_IMAGE_ENCODER = ("", "none")
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class StageCModelArguments:
-    model_version: str = field(default=cfg_mod.MODEL_C_VERSION, metadata={
+    model_version: str = field(default=CascadeConfig.model_c_version, metadata={
         "help": "Stage C size: 1B (lite), 3.6B, or tiny (random tiny networks, offline, for tests/demos)."})
     weights_path: str = field(default=cfg_mod.WEIGHTS_PATH, metadata={"help": "Folder of the weight files (config.py)."})
     stage_c: Optional[str] = field(default=None, metadata={
         "help": "Stage C weights to fine-tune (name in weights_path or a path); default stage_c_lite (1B) / stage_c "
                 "(3.6B). With tiny: optional weights of a tiny Stage C."})
-    effnet: str = field(default=cfg_mod.EFFNET, metadata={"help": "EfficientNet encoder weights."})
-    previewer: str = field(default=cfg_mod.PREVIEWER, metadata={"help": "Previewer weights (preview images)."})
-    clip_text: str = field(default=cfg_mod.CLIP_TEXT, metadata={"help": "CLIP bigG text folder (model + tokenizer)."})
-    clip_image: str = field(default=cfg_mod.CLIP_IMAGE, metadata={
+    effnet: str = field(default=CascadeConfig.effnet, metadata={"help": "EfficientNet encoder weights."})
+    previewer: str = field(default=CascadeConfig.previewer, metadata={"help": "Previewer weights (preview images)."})
+    clip_text: str = field(default=CascadeConfig.clip_text, metadata={"help": "CLIP bigG text folder (model + tokenizer)."})
+    clip_image: str = field(default=CascadeConfig.clip_image, metadata={
         "help": "CLIP ViT-L/14 vision folder for the 10% image embeddings; 'none' disables (zeros). The default "
                 "folder is optional: when it is absent, zeros are used with a warning."})
     adaptive_loss_weight: bool = field(default=False, metadata={"help": "AdaptiveLossWeight instead of P2."})
@@ -121,10 +123,18 @@ class StageCTrainingArguments(DiffusionTrainingArguments):
         "help": "Prompts of the logged previews (default: a fixed list of 4)."})
 
 
-def parse_stage_c_args(argv=None):
-    """(model, data, training) arguments; FLAG_USE_EMA / FLAG_RECOMPUTE set the flags' defaults."""
+def cascade_defaults(cascade: CascadeConfig) -> dict:
+    """Argument defaults taken from a CascadeConfig (the entry point passes the one of config.py)."""
+    return dict(model_version=cascade.model_c_version, weights_path=cascade.weights_path, effnet=cascade.effnet,
+                previewer=cascade.previewer, clip_text=cascade.clip_text, clip_image=cascade.clip_image or "none")
+
+
+def parse_stage_c_args(argv=None, cascade: Optional[CascadeConfig] = None):
+    """(model, data, training) arguments; FLAG_USE_EMA / FLAG_RECOMPUTE set the flags' defaults, and
+    `cascade` (config.py's CASCADE, passed by the entry point) the defaults of the weight flags."""
     model_args, data_args, training_args = parse_with_env_defaults(
-        (StageCModelArguments, StageCDataArguments, StageCTrainingArguments), ENV_FLAG_DEFAULTS, argv)
+        (StageCModelArguments, StageCDataArguments, StageCTrainingArguments), ENV_FLAG_DEFAULTS, argv,
+        defaults=cascade_defaults(cascade) if cascade is not None else None)
     if training_args.do_train and not data_args.dataset_path:
         raise ValueError("--dataset_path is required with --do_train (a folder of NAME.jpg + NAME.txt pairs)")
     check_precision(training_args)
@@ -136,21 +146,20 @@ def parse_stage_c_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 def build_components(model_args: StageCModelArguments):
     """(Components, has_image_encoder): the tiny preset or the files of config.py / the flags."""
-    from ldm.cascade import pipeline as pl
+    from ldm.cascade import components as cp
 
     want_image = str(model_args.clip_image).lower() not in NO_IMAGE_ENCODER
     if model_args.model_version == "tiny":
-        from ldm.cascade.presets import tiny_components
         from ldm.cascade.stage_c import load_stage_c
 
-        comps = tiny_components()
+        comps = cp.tiny_components()
         if model_args.stage_c:
             comps.builders["stage_c"] = lambda: load_stage_c(model_args.stage_c, "tiny")
         return comps, want_image
     import dataclasses
 
     cfg = dataclasses.replace(
-        cfg_mod.CascadeConfig(), weights_path=model_args.weights_path, effnet=model_args.effnet,
+        CascadeConfig(), weights_path=model_args.weights_path, effnet=model_args.effnet,
         stage_c=model_args.stage_c or cfg_mod.STAGE_C_FILES[model_args.model_version], previewer=model_args.previewer,
         clip_text=model_args.clip_text, clip_image=model_args.clip_image if want_image else None,
         model_c_version=model_args.model_version, dtype="float32")
@@ -159,7 +168,7 @@ def build_components(model_args: StageCModelArguments):
         folder = os.path.join(cfg.weights_path, cfg.clip_image)
         if os.path.isfile(os.path.join(folder, "config.json")):
             needed.append("image_encoder")
-        elif model_args.clip_image != cfg_mod.CLIP_IMAGE:
+        elif model_args.clip_image != CascadeConfig.clip_image:
             raise FileNotFoundError(f"--clip_image {folder}: no config.json there (pass --clip_image none to train "
                                     f"without image embeddings)")
         else:
@@ -167,13 +176,13 @@ def build_components(model_args: StageCModelArguments):
                            "samples of the original recipe are skipped)", folder, round(100 * model_args.image_embed_prob))
             want_image = False
     try:
-        return pl.file_components(cfg, needed), want_image
-    except pl.MissingWeightsError as e:
-        raise pl.MissingWeightsError(f"{e}\nFor an offline demo without weights: --model_version tiny "
+        return cp.file_components(cfg, needed), want_image
+    except cp.MissingWeightsError as e:
+        raise cp.MissingWeightsError(f"{e}\nFor an offline demo without weights: --model_version tiny "
                                      f"(MODEL_VERSION=tiny sh train.sh).") from None
 
 
-def stage_c_config_of(model_version: str) -> dict:
+def stage_c_config_of(model_version: str) -> StageCConfig:
     """The StageC constructor arguments of a preset (stored in the checkpoint files). Stage C is
     always loaded with its preset, so a file of another size fails with the mismatched keys."""
     from ldm.cascade.stage_c import stage_c_config
@@ -202,7 +211,7 @@ def enable_recompute(net: nn.Layer) -> None:
     net._run_block = run_block
 
 
-def write_stage_c(items, path: str, config: dict, dtype: Optional[str] = None) -> None:
+def write_stage_c(items, path: str, config, dtype: Optional[str] = None) -> None:
     """Stream (name, array|Tensor) pairs into our Stage C safetensors layout (config in metadata)."""
     from ldm.cascade.loading import FORMAT_TAG
     from ldm.weights.io import SafetensorsWriter, to_storage
@@ -213,7 +222,7 @@ def write_stage_c(items, path: str, config: dict, dtype: Optional[str] = None) -
 
     items = list(items)
     probe = {k: to_storage(np.zeros((0,), np.float32), dtype)[1] for k, _ in items}
-    meta = {"format": FORMAT_TAG, "stage": "c", "config": json.dumps(config)}
+    meta = {"format": FORMAT_TAG, "stage": "c", "config": StageCConfig.from_dict(config).to_json()}
     with SafetensorsWriter(path, [(k, tuple(v.shape), probe[k]) for k, v in items], meta) as w:
         for k, v in items:
             w.write(k, to_storage(arr(v).astype(np.float32, copy=False), dtype)[0])
@@ -237,7 +246,7 @@ class StageCTrainer(nn.Layer):
         from ldm.cascade.gdf import stable_cascade_gdf
 
         self.components = components
-        self.config = dict(config)
+        self.config = StageCConfig.from_dict(config)
         self.stage_c = components.get("stage_c")
         self.effnet = components.get("effnet")
         self.text_encoder = components.get("text_encoder")
@@ -368,7 +377,7 @@ class StageCTrainer(nn.Layer):
     def save_trained(self, output_dir: str, only_updated: bool = True) -> None:
         write_stage_c(self.stage_c.state_dict().items(), os.path.join(output_dir, STAGE_C_FILE), self.config)
         with open(os.path.join(output_dir, TRAIN_CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump({"stage_c_config": self.config, "adaptive_loss_weight": self.adaptive}, f, indent=1)
+            json.dump({"stage_c_config": self.config.to_dict(), "adaptive_loss_weight": self.adaptive}, f, indent=1)
 
     def load_trained(self, checkpoint_dir: str) -> None:
         from ldm.weights.io import assign_state_dict, iter_state_dict
@@ -398,7 +407,6 @@ class StageCTrainer(nn.Layer):
         """{tag: uint8 [H, W, 3]}: Previewer images of Stage C samples for the fixed `prompts`
         (side by side; with the EMA weights when `ema` (an EMACallback) has them), and of the
         EfficientNet latents of the current batch (a reconstruction check)."""
-        from config import SamplingConfig
         from ldm.cascade import pipeline as pl
 
         shadow = getattr(ema, "shadow", None) or None

@@ -124,12 +124,13 @@ def resolve_paths(model_args) -> ComponentPaths:
     return paths
 
 
-SHIPPED_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "sd")
+SHIPPED_CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))  # ldm/sd: unet_config.json (SD v1 UNet)
 
 
 def _shipped_config_fallback(path: str) -> str:
-    """The seed's multi-GPU command passes `./unet_config.json`; the config ships as sd/unet_config.json.
-    A missing *.json whose file name is shipped in sd/ resolves to the shipped one (logged)."""
+    """The seed's commands pass `./sd/unet_config.json` or `./unet_config.json`; the config ships
+    inside the package (ldm/sd/unet_config.json), so it is found from any working directory.
+    A missing *.json whose file name is shipped there resolves to the shipped one (logged)."""
     if not path.endswith(".json") or os.path.isfile(path):
         return path
     shipped = os.path.join(SHIPPED_CONFIG_DIR, os.path.basename(path))

@@ -30,10 +30,12 @@ class DiffusionTrainingArguments(TrainingArguments):
             raise ValueError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
-def parse_with_env_defaults(classes, env_defaults: Dict[str, str], argv=None):
-    """Parse `classes` (PdArgumentParser dataclasses); each environment variable of `env_defaults`
-    (name -> argument) that is set becomes the default of its argument (0/1/true/false)."""
+def parse_with_env_defaults(classes, env_defaults: Dict[str, str], argv=None, defaults: Optional[dict] = None):
+    """Parse `classes` (PdArgumentParser dataclasses); `defaults` (argument -> value, e.g. from the
+    entry point's config.py) replace the dataclass defaults, and each environment variable of
+    `env_defaults` (name -> argument) that is set becomes the default of its argument (0/1/true/false)."""
     parser = PdArgumentParser(classes)
+    parser.set_defaults(**(defaults or {}))
     parser.set_defaults(**{dest: env_bool(env) for env, dest in env_defaults.items() if env in os.environ})
     return parser.parse_args_into_dataclasses(args=argv)
 

@@ -394,7 +394,7 @@ def save_paddle_weights(model, path, kind: str, dtype: str | None = None) -> Non
 
     if kind not in _KIND_RULES:
         raise ValueError(f"kind must be one of {sorted(_KIND_RULES)}, got {kind!r}")
-    meta = {"format": "np", "model": kind, "config": json.dumps(model.config)}
+    meta = {"format": "np", "model": kind, "config": model.config.to_json()}
     save_safetensors(model.state_dict(), path, dtype=dtype, metadata=meta)
 
 

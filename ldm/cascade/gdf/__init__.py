@@ -10,8 +10,8 @@ See ``stable_cascade_gdf()``.
 from .gdf import GDF, Diffused
 from .loss_weights import AdaptiveLossWeight, BaseLossWeight, ConstantLossWeight, P2LossWeight
 from .noise_conditions import BaseNoiseCond, CosineTNoiseCond
-from .samplers import (DDIMSampler, DDPMSampler, SimpleSampler, global_noise_fn, make_noise_fn,
-                       per_sample_noise_fn, seeded_noise_fn)
+from .samplers import (SAMPLERS, DDIMSampler, DDPMSampler, SimpleSampler, global_noise_fn, make_noise_fn,
+                       make_sampler, per_sample_noise_fn, seeded_noise_fn)
 from .scalers import BaseScaler, VPScaler
 from .schedules import BaseSchedule, CosineSchedule, shift_offset
 from .targets import EpsilonTarget, VTarget, X0Target
@@ -33,6 +33,6 @@ __all__ = [
     "EpsilonTarget", "X0Target", "VTarget",
     "BaseNoiseCond", "CosineTNoiseCond",
     "BaseLossWeight", "ConstantLossWeight", "P2LossWeight", "AdaptiveLossWeight",
-    "SimpleSampler", "DDIMSampler", "DDPMSampler",
+    "SimpleSampler", "DDIMSampler", "DDPMSampler", "SAMPLERS", "make_sampler",
     "make_noise_fn", "seeded_noise_fn", "per_sample_noise_fn", "global_noise_fn",
 ]

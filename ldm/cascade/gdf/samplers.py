@@ -110,3 +110,13 @@ class DDPMSampler(DDIMSampler):
 
     def __init__(self, gdf, eta: float = 1.0):
         super().__init__(gdf, eta=eta)
+
+
+# Samplers by the name a SamplingConfig gives (ldm.cascade.settings); a new sampler is one class here.
+SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler}
+
+
+def make_sampler(name: str, gdf):
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    return SAMPLERS[name](gdf)

@@ -1,0 +1,173 @@
+"""The networks of a Stable Cascade run, built lazily: from the files of a weights folder
+(``file_components``) or from a named offline preset (``ldm.cascade.presets``), shared between a
+ModelC and a ModelB of the same settings (``shared_components``).
+
+This is the seam between the sampling code (``ldm.cascade.pipeline``, which only calls
+``components.get(name)``) and the weight files: a new way of providing networks (another preset,
+networks held in memory by a test) is a new ``Components(builders)``.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import weakref
+from typing import Callable, Dict, Optional, Sequence
+
+import paddle
+
+from ldm import clip
+from ldm.cascade import effnet, previewer, stage_a, stage_b, stage_c
+from ldm.cascade.pipeline import check_dtype
+from ldm.cascade.presets import tiny_builders
+from ldm.cascade.settings import CascadeConfig
+from ldm.utils import get_logger
+
+logger = get_logger("ldm.cascade")
+
+COMPONENT_NAMES = ("tokenizer", "text_encoder", "image_encoder", "stage_c", "stage_b", "stage_a",
+                   "effnet", "previewer")
+WEIGHT_EXTS = (".safetensors", ".pdparams")
+
+
+# ---------------------------------------------------------------------------- weights on disk
+class MissingWeightsError(FileNotFoundError):
+    """Raised once, listing every missing file, before anything is loaded."""
+
+
+def resolve_weight_file(folder: str, name: str) -> Optional[str]:
+    """``<folder>/<name>`` if it has an extension, else ``<name>.safetensors`` (preferred) or
+    ``<name>.pdparams``; None when absent."""
+    base = os.path.join(folder, name)
+    if name.endswith(WEIGHT_EXTS):
+        return base if os.path.isfile(base) else None
+    for ext in WEIGHT_EXTS:
+        if os.path.isfile(base + ext):
+            return base + ext
+    return None
+
+
+def _file_field(component: str) -> str:
+    return {"tokenizer": "clip_text", "text_encoder": "clip_text", "image_encoder": "clip_image"}.get(component, component)
+
+
+def resolve_weights(cfg: CascadeConfig, components: Sequence[str]) -> Dict[str, str]:
+    """Map each needed component to its file or folder; raise ``MissingWeightsError`` naming
+    every missing one and the README section that explains how to get them."""
+    found, missing = {}, []
+    for comp in components:
+        name = getattr(cfg, _file_field(comp))
+        if comp in ("tokenizer", "text_encoder", "image_encoder"):
+            path = os.path.join(cfg.weights_path, name or "")
+            need = ("vocab.json", "merges.txt") if comp == "tokenizer" else ("config.json",)
+            absent = [f for f in need if not (name and os.path.isfile(os.path.join(path, f)))]
+            if not absent:
+                found[comp] = path
+            elif not os.path.isdir(path):
+                if f"{path}/" not in [m[1] for m in missing]:
+                    missing.append((_file_field(comp), f"{path}/", "a folder with config.json, the weights "
+                                    "and, for the text model, the tokenizer files"))
+            else:
+                missing.append((comp, " and ".join(os.path.join(path, f) for f in absent), ""))
+        else:
+            path = resolve_weight_file(cfg.weights_path, name)
+            if path:
+                found[comp] = path
+            else:
+                alts = name if name.endswith(WEIGHT_EXTS) else f"{name}.safetensors or {name}.pdparams"
+                missing.append((comp, os.path.join(cfg.weights_path, alts), ""))
+    if missing:
+        lines = [f"  - {comp}: {path}" + (f" ({what})" if what else "") for comp, path, what in missing]
+        raise MissingWeightsError(
+            f"Stable Cascade weights not found in '{os.path.abspath(cfg.weights_path)}' "
+            f"(WEIGHTS_PATH in config.py, the STABLE_CASCADE_WEIGHTS environment variable or "
+            f"--weights_path). Missing {len(missing)} file(s):\n" + "\n".join(lines) +
+            f"\nSee the README section \"{cfg.readme_section}\" to download the seed's archive or "
+            f"convert the official weights. (Or try `python inference.py --preset tiny`, which "
+            f"needs no files.)")
+    return found
+
+
+# ---------------------------------------------------------------------------- components
+class Components:
+    """Lazily built, cached networks. ``builders[name]()`` returns the network (eval mode);
+    ``release(name)`` drops it (low-memory mode frees each stage before the next)."""
+
+    def __init__(self, builders: Dict[str, Callable[[], object]], dtype: str = "float32"):
+        unknown = set(builders) - set(COMPONENT_NAMES)
+        if unknown:
+            raise ValueError(f"unknown components {sorted(unknown)}; known: {COMPONENT_NAMES}")
+        self.builders = dict(builders)
+        self.dtype = dtype
+        self._cache: Dict[str, object] = {}
+
+    def has(self, name: str) -> bool:
+        return name in self.builders
+
+    def get(self, name: str):
+        if name not in self._cache:
+            if name not in self.builders:
+                raise ValueError(f"component '{name}' is not configured (known: {sorted(self.builders)})")
+            logger.info("loading %s", name)
+            net = self.builders[name]()
+            if hasattr(net, "eval"):
+                net.eval()
+            self._cache[name] = net
+        return self._cache[name]
+
+    def release(self, *names: str) -> None:
+        dropped = [n for n in names if self._cache.pop(n, None) is not None]
+        if dropped:
+            gc.collect()
+            if paddle.device.is_compiled_with_cuda():
+                paddle.device.cuda.empty_cache()
+
+
+def file_components(cfg: CascadeConfig, needed: Sequence[str]) -> Components:
+    """Components read from ``cfg.weights_path``; checks every needed file up front."""
+    dtype = check_dtype(cfg.dtype)
+    paths = resolve_weights(cfg, needed)
+
+    def lazy(comp, fn):
+        return lambda: fn(paths[comp]) if comp in paths else fn(resolve_weights(cfg, [comp])[comp])
+
+    builders = {
+        "tokenizer": lazy("tokenizer", clip.load_tokenizer),
+        "text_encoder": lazy("text_encoder", lambda p: clip.load_clip_text(p, dtype=dtype)),
+        "image_encoder": lazy("image_encoder", lambda p: clip.load_clip_vision(p, dtype=dtype)),
+        "stage_c": lazy("stage_c", lambda p: stage_c.load_stage_c(p, cfg.model_c_version, dtype=dtype)),
+        "stage_b": lazy("stage_b", lambda p: stage_b.load_stage_b(p, cfg.model_b_version, dtype=dtype)),
+        "stage_a": lazy("stage_a", lambda p: stage_a.load_stage_a(p, dtype="float32")),
+        "effnet": lazy("effnet", lambda p: effnet.load_effnet(p, dtype="float32")),
+        "previewer": lazy("previewer", lambda p: previewer.load_previewer(p, dtype="float32")),
+    }
+    return Components(builders, dtype)
+
+
+# ---------------------------------------------------------------------------- shared components
+NEEDED_C = ("tokenizer", "text_encoder", "stage_c", "previewer")
+NEEDED_B = ("tokenizer", "text_encoder", "stage_b", "stage_a")
+PRESETS = (None, "tiny")
+_SHARED: "weakref.WeakValueDictionary[str, Components]" = weakref.WeakValueDictionary()
+
+
+def shared_components(cfg: CascadeConfig, preset: Optional[str], needed: Sequence[str]) -> Components:
+    """One ``Components`` per (config, preset) while any model uses it, so a ModelC and a ModelB
+    built separately (the seed's example) share one CLIP text encoder. Checks ``needed`` files."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    key = f"{preset}|{cfg!r}"
+    comps = _SHARED.get(key)
+    if comps is None:
+        if preset == "tiny":
+            comps = tiny_components(check_dtype(cfg.dtype))
+        else:
+            comps = file_components(cfg, needed)
+        _SHARED[key] = comps
+    elif preset is None:
+        resolve_weights(cfg, needed)
+    return comps
+
+
+def tiny_components(dtype: str = "float32") -> Components:
+    """All eight networks of the offline tiny preset (``ldm.cascade.presets``), built lazily."""
+    return Components(tiny_builders(dtype), dtype)
