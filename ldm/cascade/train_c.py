@@ -484,7 +484,7 @@ def build_stage_c_trainer(model_args, data_args, training_args, components=None,
 
     components / config: custom networks and their Stage C config (benchmarks, tests); default:
     `build_components(model_args)` and the preset of `--model_version`."""
-    from ldm.data.folder import FolderDataset
+    from ldm.data import DatasetSpec, build_dataset
     from ldm.train.callbacks import standard_callbacks
     from ldm.train.trainer import DiffusionTrainer
 
@@ -499,9 +499,10 @@ def build_stage_c_trainer(model_args, data_args, training_args, components=None,
     if training_args.recompute:
         enable_recompute(layer.stage_c)
         logger.info("recompute: activation checkpointing on every Stage C block")
-    dataset = FolderDataset(data_args.dataset_path, resolution=data_args.resolution, center_crop=data_args.center_crop,
-                            random_flip=data_args.random_flip, normalize="zero_one", seed=training_args.seed,
-                            skip_missing_captions=data_args.skip_missing_captions) if training_args.do_train else None
+    dataset = build_dataset(DatasetSpec(  # [0, 1]: what EfficientNet takes
+        "folder", data_args.dataset_path, resolution=data_args.resolution, normalize="zero_one",
+        center_crop=data_args.center_crop, random_flip=data_args.random_flip, seed=training_args.seed,
+        options={"skip_missing_captions": data_args.skip_missing_captions})) if training_args.do_train else None
     image_kwargs = dict(prompts=tuple(training_args.preview_prompts or DEFAULT_PREVIEW_PROMPTS),
                         num_inference_steps=model_args.num_inference_steps, seed=training_args.seed,
                         latent_size=data_args.resolution // cfg_mod.EFFNET_STRIDE)
