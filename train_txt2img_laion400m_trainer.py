@@ -28,11 +28,11 @@ def main(argv=None):
 
     check_precision(training_args)
     set_seed(training_args.seed)
-    model = build_model(model_args, training_args)
+    model = build_model(model_args, training_args, data_args.caption_drop_prob)
     resume = resolve_resume(training_args.output_dir, training_args.resume_from_checkpoint,
                             training_args.overwrite_output_dir) if training_args.do_train else None
     training_args.resume_from_checkpoint = resume
-    dataset = build_dataset(data_args, training_args, model.tokenizer, resume_step(resume))
+    dataset = build_dataset(data_args, training_args, resume_step(resume))
     callbacks, ema = build_callbacks(model_args, data_args, training_args)
     trainer = DiffusionTrainer(model=model, args=training_args, train_dataset=dataset, callbacks=callbacks)
     trainer.set_optimizer_grouped_parameters(build_param_groups_for(model, training_args))

@@ -147,7 +147,16 @@ class _Squares(paddle.io.Dataset):
 def test_registered_kind_plugs_into_the_trainer_unchanged(tmp_path, scoped_registry):
     from paddlenlp.trainer import TrainingArguments
 
+    from ldm.train.task import TrainingTask
     from ldm.train.trainer import DiffusionTrainer
+
+    class Task(TrainingTask):
+        def __init__(self):
+            super().__init__()
+            self.add_trained("net", paddle.nn.Linear(1, 1))
+
+        def forward(self, pixel_values, caption):
+            return self.net(pixel_values.mean().reshape([1, 1])).sum()
 
     def factory(spec, rank, world_size):
         return _Squares(spec, **spec_mod.check_options(spec, ("n",)))
@@ -163,7 +172,7 @@ def test_registered_kind_plugs_into_the_trainer_unchanged(tmp_path, scoped_regis
     ds = build_dataset(DatasetSpec("squares", "-", resolution=4, options={"n": 6}))
     args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=3,
                              dataloader_num_workers=0, seed=1)
-    trainer = DiffusionTrainer(model=paddle.nn.Linear(1, 1), args=args, train_dataset=ds)
+    trainer = DiffusionTrainer(model=Task(), args=args, train_dataset=ds)
     batches = list(trainer.get_train_dataloader())
     assert len(batches) == 2
     captions = sorted(c for b in batches for c in b["caption"])

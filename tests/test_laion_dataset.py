@@ -274,25 +274,7 @@ def test_sample_pixels_match_direct_decode_and_transform(tmp_path):
         assert -1.0 <= s["pixel_values"].min() and s["pixel_values"].max() <= 1.0
 
 
-class _FakeTokenizer:
-    model_max_length = 6
-
-    def __call__(self, text, padding, truncation, max_length):
-        assert (padding, truncation, max_length) == ("max_length", True, 6)
-        ids = [ord(c) for c in text][:max_length]
-        return {"input_ids": ids + [0] * (max_length - len(ids))}
-
-
-def test_tokenizer_ids_and_caption_dropout(tmp_path):
-    parts = make_parts(tmp_path / "parts", [4])
-    ds = LaionDataset(parts[0], resolution=8, tokenizer=_FakeTokenizer(), infinite=False, rank=0, world_size=1)
-    s = next(iter(ds))
-    assert s["input_ids"].dtype == np.int64 and s["input_ids"].shape == (6,)
-    assert s["input_ids"].tolist() == [ord(c) for c in s["caption"]] + [0]
-    ds = LaionDataset(parts[0], resolution=8, caption_dropout=1.0, infinite=False, rank=0, world_size=1)
-    assert _captions(ds) == [""] * 4
-    with pytest.raises(ValueError, match="caption_dropout"):
-        LaionDataset(parts[0], caption_dropout=1.5, rank=0, world_size=1)
+# tokenization and caption dropout moved to the SD training step: tests/test_sd_captions.py
 
 
 def test_deterministic_and_infinite(tmp_path):

@@ -19,28 +19,31 @@ def _images(rng, n, size=16):
     return out, labels
 
 
-def test_heldout_denoising_loss_drops():
+def test_heldout_denoising_loss_drops(tmp_path):
     import paddle
     from ppdiffusers import AutoencoderKL, UNet2DConditionModel
     from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel
-    from sd_tiny import TINY_CLIP, TINY_UNET, TINY_VAE
+    from sd_tiny import TINY_CLIP, TINY_UNET, TINY_VAE, write_tokenizer
 
     from ldm.sd.diffusion import training_terms, weighted_mse
+    from ldm.sd.loading import load_tokenizer
     from ldm.sd.model import StableDiffusionModel
 
+    write_tokenizer(str(tmp_path))
     t0 = time.time()
     paddle.seed(0)
     rng = np.random.default_rng(0)
     model = StableDiffusionModel(UNet2DConditionModel(**TINY_UNET), AutoencoderKL(**TINY_VAE),
-                                 CLIPTextModel(CLIPTextConfig(**TINY_CLIP)), prediction_type="epsilon")
+                                 CLIPTextModel(CLIPTextConfig(**TINY_CLIP)), load_tokenizer(str(tmp_path), 16),
+                                 prediction_type="epsilon")
     train_x, train_y = _images(rng, 64)
     test_x, test_y = _images(rng, 16)
-    ids = lambda y: paddle.to_tensor(np.stack([[512, 10 + int(c), 513, 513] for c in y]).astype("int64"))  # noqa: E731
+    captions = lambda y: [f"colour pair {int(c)}" for c in y]  # noqa: E731
 
     # fixed held-out evaluation: same latents, noise and (stratified) timesteps before and after
     with paddle.no_grad():
         z = model.encode_latents(paddle.to_tensor(test_x), sample=False)
-        ctx = model.encode_text(ids(test_y))
+        ctx = model.encode_text(model.tokenize(captions(test_y)))
     noise = paddle.to_tensor(rng.standard_normal(z.shape).astype("float32"))
     t = paddle.to_tensor(np.linspace(0, 999, z.shape[0]).astype("int64"))
     terms = training_terms(z, noise, t, model.alphas_cumprod, "epsilon")
@@ -58,7 +61,7 @@ def test_heldout_denoising_loss_drops():
     opt = paddle.optimizer.AdamW(learning_rate=2e-3, parameters=params, weight_decay=0.0)
     for step in range(STEPS):
         idx = rng.integers(0, len(train_x), size=BATCH)
-        loss = model(input_ids=ids(train_y[idx]), pixel_values=paddle.to_tensor(train_x[idx]))
+        loss = model(pixel_values=paddle.to_tensor(train_x[idx]), caption=captions(train_y[idx]))
         loss.backward()
         opt.step()
         opt.clear_grad()

@@ -192,10 +192,11 @@ def test_hub_id_fails_clearly_and_unet_choice_is_logged(tmp_path, caplog):
     assert any("RANDOM initialisation" in r.getMessage() for r in caplog.records)
 
 
-def test_model_forward_wiring_matches_reference():
-    """StableDiffusionModel.forward = VAE sample x scaling factor -> noise/offset/perturbation ->
-    timesteps -> UNet(noisy, t, text states) -> Min-SNR weighted MSE, checked against the torch
-    reference formula fed with the same random draws (replayed from the same paddle seed)."""
+def test_model_forward_wiring_matches_reference(tmp_path):
+    """StableDiffusionModel.forward = tokenized captions; VAE sample x scaling factor ->
+    noise/offset/perturbation -> timesteps -> UNet(noisy, t, text states) -> Min-SNR weighted MSE,
+    checked against the torch reference formula fed with the same random draws (replayed from the
+    same paddle seed)."""
     import paddle
     import torch
     import torch.nn.functional as F
@@ -203,20 +204,24 @@ def test_model_forward_wiring_matches_reference():
     from diffusers.training_utils import compute_snr
     from ppdiffusers import AutoencoderKL, UNet2DConditionModel
     from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel
-    from sd_tiny import TINY_CLIP, TINY_UNET, TINY_VAE
+    from sd_tiny import TINY_CLIP, TINY_UNET, TINY_VAE, write_tokenizer
 
+    from ldm.sd.loading import load_tokenizer
     from ldm.sd.model import StableDiffusionModel
 
     paddle.seed(1)
     vae = AutoencoderKL(**TINY_VAE)
     assert vae.config.scaling_factor == 0.18215
+    write_tokenizer(str(tmp_path / "tok"))
     model = StableDiffusionModel(UNet2DConditionModel(**TINY_UNET), vae, CLIPTextModel(CLIPTextConfig(**TINY_CLIP)),
-                                 prediction_type="v_prediction", noise_offset=0.1, input_perturbation=0.1, snr_gamma=5.0)
+                                 load_tokenizer(str(tmp_path / "tok"), 16), prediction_type="v_prediction",
+                                 noise_offset=0.1, input_perturbation=0.1, snr_gamma=5.0)
     rng = np.random.default_rng(0)
     x = paddle.to_tensor(rng.uniform(-1, 1, (3, 3, 16, 16)).astype("float32"))
-    ids = paddle.to_tensor(np.array([[512, 40, 41, 513]] * 3, dtype="int64"))
+    captions = ["a cat", "a dog", ""]
+    ids = model.tokenize(captions)  # (3, 16) int64, what forward encodes (no caption dropout here)
     paddle.seed(123)
-    loss = float(model(input_ids=ids, pixel_values=x))
+    loss = float(model(pixel_values=x, caption=captions))
 
     paddle.seed(123)  # replay the draws in forward's order
     with paddle.no_grad():

@@ -28,9 +28,10 @@ Design (issue 2):
 - Bad records are skipped and counted by reason (see `INVALID_REASONS`); the first example of
   each reason is kept as `file:line`. A consumer that completes a full pass with zero valid
   records raises `LaionDataError` naming its files instead of spinning.
-- Everything random (file order, shuffle buffer, crop, flip, caption dropout) comes from
-  numpy Generators seeded by (seed, epoch[, rank, worker]), so the stream is deterministic for a
-  given (seed, rank, world_size, worker, num_workers, epoch).
+- Everything random (file order, shuffle buffer, crop, flip) comes from numpy Generators
+  seeded by (seed, epoch[, rank, worker]), so the stream is deterministic for a given
+  (seed, rank, world_size, worker, num_workers, epoch). Caption dropout and tokenization are not
+  done here: they are part of the training step (ldm.data yields raw captions).
 """
 from __future__ import annotations
 
@@ -369,9 +370,6 @@ class LaionDataset(paddle.io.IterableDataset):
         resolution: output side R; images are short-side resized (small ones upscaled) and
             cropped to R x R.
         normalize: "minus_one_one" (default, [-1, 1]) or "zero_one" ([0, 1]); see ldm.data.transforms.
-        tokenizer: optional; when given, samples get `input_ids` (int64 [model_max_length],
-            padding="max_length", truncation=True).
-        caption_dropout: probability of replacing the caption by "" (the SD trainer passes 0.1).
         center_crop / random_flip: crop mode and horizontal flip (ldm.data.transforms).
         seed: base seed; epoch, rank and worker are mixed in.
         infinite: True repeats passes forever (Trainer with max_steps); False reads one pass.
@@ -381,8 +379,8 @@ class LaionDataset(paddle.io.IterableDataset):
         shuffle_buffer: size of a reservoir of raw lines shuffled before decoding (0 = off;
             records then come in file order).
 
-    Yields dicts: "pixel_values" float32 ndarray [3, R, R] in [-1, 1], "caption" str (after
-    dropout), and with a tokenizer "input_ids" int64 ndarray [model_max_length]. Batch them with
+    Yields the samples of `ldm.data.spec`: "pixel_values" float32 ndarray [3, R, R], "caption" str
+    (as stored: tokenization and caption dropout belong to the training step). Batch them with
     `ldm.data.collate`. Inside a DataLoader, worker id / count come from paddle.io.get_worker_info();
     `iter_consumer(worker, num_workers)` runs one consumer explicitly (tests, check_data).
     `self.stats` holds the counts of the latest pass run in this process.
@@ -396,8 +394,6 @@ class LaionDataset(paddle.io.IterableDataset):
         self,
         file_list: str,
         resolution: int = 256,
-        tokenizer=None,
-        caption_dropout: float = 0.0,
         normalize: str = "minus_one_one",
         center_crop: bool = False,
         random_flip: bool = False,
@@ -412,8 +408,6 @@ class LaionDataset(paddle.io.IterableDataset):
         super().__init__()
         if resolution <= 0:
             raise ValueError(f"resolution must be > 0, got {resolution}")
-        if not 0.0 <= caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         if (rank is None) != (world_size is None):
@@ -427,8 +421,6 @@ class LaionDataset(paddle.io.IterableDataset):
         self.file_list = file_list
         self.entries = expand_file_list(file_list)
         self.resolution = int(resolution)
-        self.tokenizer = tokenizer
-        self.caption_dropout = float(caption_dropout)
         self.seed = int(seed)
         self.infinite = bool(infinite)
         self.rank, self.world_size = int(rank), int(world_size)
@@ -521,22 +513,7 @@ class LaionDataset(paddle.io.IterableDataset):
             if decode_only:
                 yield None
                 continue
-            yield self._make_sample(img, caption, rng)
-
-    def _make_sample(self, img, caption: str, rng: np.random.Generator) -> dict:
-        pixel_values = self.transform(img, rng)  # float32 [3, R, R]
-        if self.caption_dropout > 0 and rng.random() < self.caption_dropout:
-            caption = ""
-        sample = {"pixel_values": pixel_values, "caption": caption}
-        if self.tokenizer is not None:
-            ids = self.tokenizer(
-                caption,
-                padding="max_length",
-                truncation=True,
-                max_length=self.tokenizer.model_max_length,
-            )["input_ids"]
-            sample["input_ids"] = np.asarray(ids, dtype=np.int64)  # [model_max_length]
-        return sample
+            yield {"pixel_values": self.transform(img, rng), "caption": caption}  # float32 [3, R, R]
 
 
 def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:

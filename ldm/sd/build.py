@@ -16,7 +16,8 @@ logger = get_logger("ldm.sd.build")
 __all__ = ["build_model", "build_dataset", "build_callbacks", "build_param_groups_for", "resume_step"]
 
 
-def build_model(model_args, training_args) -> StableDiffusionModel:
+def build_model(model_args, training_args, caption_dropout: float = 0.0) -> StableDiffusionModel:
+    """The SD Layer; `caption_dropout` is `--caption_drop_prob` (applied in the training step)."""
     paths = resolve_paths(model_args)
     pre = model_args.pretrained_model_name_or_path
     if model_args.unet_name_or_path and pre:
@@ -37,7 +38,8 @@ def build_model(model_args, training_args) -> StableDiffusionModel:
         unet, vae, text_encoder, tokenizer, scheduler_config=load_scheduler_config(paths.scheduler),
         prediction_type=model_args.prediction_type, noise_offset=model_args.noise_offset,
         input_perturbation=model_args.input_perturbation, snr_gamma=model_args.snr_gamma,
-        train_text_encoder=model_args.train_text_encoder,
+        train_text_encoder=model_args.train_text_encoder, caption_dropout=caption_dropout,
+        seed=training_args.seed, rank=max(training_args.process_index, 0),
     )
 
 
@@ -48,14 +50,14 @@ def resume_step(checkpoint: str | None) -> int:
         return int(json.load(f)["global_step"])
 
 
-def build_dataset(data_args, training_args, tokenizer, start_step: int = 0):
-    from ldm.data.laion import LaionDataset
+def build_dataset(data_args, training_args, start_step: int = 0):
+    """The `--file_list` stream (ldm.data kind "laion", pixels in [-1, 1], raw captions)."""
+    import ldm.data
 
-    ds = LaionDataset(
-        data_args.file_list, resolution=data_args.resolution, tokenizer=tokenizer,
-        caption_dropout=data_args.caption_drop_prob, center_crop=data_args.center_crop,
-        random_flip=data_args.random_flip, seed=training_args.seed, infinite=True,
-    )
+    spec = ldm.data.DatasetSpec("laion", data_args.file_list, resolution=data_args.resolution,
+                                center_crop=data_args.center_crop, random_flip=data_args.random_flip,
+                                seed=training_args.seed, options={"infinite": True})
+    ds = ldm.data.build_dataset(spec)
     ds.set_epoch(start_step)  # a resumed run reads a fresh stream instead of replaying consumed batches
     return ds
 

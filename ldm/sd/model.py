@@ -5,6 +5,11 @@ PaddleMIX `examples/stable_diffusion/sd/model.py`, facts only):
 frozen VAE (eval, no grad) -> latents x scaling factor; noise (+ optional per-channel offset);
 uniform timesteps; optional input perturbation; epsilon or v target; optional per-sample Min-SNR
 weights (`ldm/sd/diffusion.py`). The text encoder is frozen unless `train_text_encoder`.
+Captions arrive raw (the `ldm.data` sample schema): the step replaces each by "" with probability
+`caption_dropout` (SD v1: 10%, what classifier-free guidance relies on) using this Layer's own
+numpy generator seeded by (seed, rank), then tokenizes them (pad/truncate to the tokenizer's
+`model_max_length`). The generator state is `train_state()` / `set_train_state()` (JSON), as in
+the Stage C Layer, so a resumed run can continue the same draws.
 
 The Layer also implements the hooks of the generic trainer pieces in `ldm/train/`:
 `param_groups()`, `ema_parameters()`, `save_ema()/load_ema()`, `save_trained()/load_trained()`
@@ -22,7 +27,7 @@ import paddle
 import paddle.nn as nn
 
 from ldm.sd.diffusion import DDPMSchedule, training_terms, weighted_mse
-from ldm.sd.sampling import SD_SCALING_FACTOR, SD_V1_SCHEDULER_CONFIG, vae_scaling_factor
+from ldm.sd.sampling import SD_SCALING_FACTOR, SD_V1_SCHEDULER_CONFIG, tokenize_prompts, vae_scaling_factor
 from ldm.utils import get_logger
 from ldm.weights.io import assign_state_dict, iter_state_dict, save_safetensors
 
@@ -32,6 +37,7 @@ __all__ = ["StableDiffusionModel", "DEFAULT_VALIDATION_PROMPTS", "SD_SCALING_FAC
 
 UNET_WEIGHTS = "diffusion_paddle_model.safetensors"  # ppdiffusers' Paddle safetensors file name
 UNET_EMA_DIR = "unet_ema"
+RNG_TAG = 0x5D  # mixed into the step generator's seed (the Stage C Layer uses 0x5C)
 # a full checkpoint (only_save_updated_model=False) is a StableDiffusionPipeline folder
 PIPELINE_INDEX = {
     "_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
@@ -57,7 +63,7 @@ def _find_weights(folder: str) -> str:
 
 
 class StableDiffusionModel(nn.Layer):
-    """UNet + frozen VAE + (frozen or trained) CLIP text encoder; forward(input_ids, pixel_values) -> loss."""
+    """UNet + frozen VAE + (frozen or trained) CLIP text encoder; forward(pixel_values, caption) -> loss."""
 
     def __init__(
         self,
@@ -71,8 +77,13 @@ class StableDiffusionModel(nn.Layer):
         input_perturbation: float = 0.0,
         snr_gamma: Optional[float] = None,
         train_text_encoder: bool = False,
+        caption_dropout: float = 0.0,
+        seed: int = 0,
+        rank: int = 0,
     ):
         super().__init__()
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}")
         if unet.config.in_channels != vae.config.latent_channels:
@@ -94,6 +105,10 @@ class StableDiffusionModel(nn.Layer):
         self.prediction_type = prediction_type
         self.noise_offset, self.input_perturbation, self.snr_gamma = noise_offset, input_perturbation, snr_gamma
         self.train_text_encoder = train_text_encoder
+        self.caption_dropout = float(caption_dropout)
+        self.seed, self.rank = int(seed), int(rank)
+        self.rng = np.random.default_rng([self.seed, self.rank, RNG_TAG])
+        self.last_captions: Optional[List[str]] = None  # the captions of the latest step, after dropout
         self.scaling_factor = vae_scaling_factor(vae)
         for p in self.vae.parameters():
             p.stop_gradient = True
@@ -123,7 +138,22 @@ class StableDiffusionModel(nn.Layer):
         with paddle.no_grad():
             return self.text_encoder(input_ids)[0]
 
-    def forward(self, input_ids: paddle.Tensor, pixel_values: paddle.Tensor, **unused) -> paddle.Tensor:
+    def drop_captions(self, captions: Sequence[str]) -> List[str]:
+        """Each caption replaced by "" with probability `caption_dropout` (this Layer's generator)."""
+        keep = self.rng.random(len(captions)) >= self.caption_dropout
+        return [str(c) if k else "" for c, k in zip(captions, keep)]
+
+    def tokenize(self, captions: Sequence[str]) -> paddle.Tensor:
+        """(B,) str -> (B, L) int64 token ids."""
+        if self.tokenizer is None:
+            raise ValueError("StableDiffusionModel needs a tokenizer to train on captions")
+        return tokenize_prompts(self.tokenizer, list(captions))
+
+    def forward(self, pixel_values: paddle.Tensor, caption: Sequence[str], **unused) -> paddle.Tensor:
+        if len(caption) != pixel_values.shape[0]:
+            raise ValueError(f"{len(caption)} captions for {pixel_values.shape[0]} images")
+        self.last_captions = self.drop_captions(caption)
+        input_ids = self.tokenize(self.last_captions)  # (B, L)
         latents = self.encode_latents(pixel_values)  # (B, 4, h, w)
         b, c = latents.shape[:2]
         noise = paddle.randn(latents.shape, dtype=latents.dtype)
@@ -139,6 +169,13 @@ class StableDiffusionModel(nn.Layer):
         return weighted_mse(pred, terms.target, terms.weights)
 
     # ------------------------------------------------------------------ hooks for ldm/train
+    def train_state(self) -> dict:
+        """This Layer's generator state (JSON-able), saved per rank in every checkpoint."""
+        return {"rng": self.rng.bit_generator.state}
+
+    def set_train_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
     def param_groups(self) -> Dict[str, List]:
         """Trainable parameters by group name ('unet', 'text_encoder') as (name, param) lists."""
         groups = {"unet": [(f"unet.{n}", p) for n, p in self.unet.named_parameters()]}

@@ -13,7 +13,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import paddle
 
-__all__ = ["SCHEDULERS", "make_scheduler", "generate", "vae_scaling_factor", "SD_SCALING_FACTOR", "vae_scale_factor", "SD_V1_SCHEDULER_CONFIG"]
+__all__ = ["SCHEDULERS", "make_scheduler", "generate", "vae_scaling_factor", "SD_SCALING_FACTOR", "vae_scale_factor", "SD_V1_SCHEDULER_CONFIG",
+           "tokenize_prompts"]
 
 SD_SCALING_FACTOR = 0.18215  # AutoencoderKL kl-f8 of SD v1 (vae/config.json `scaling_factor`)
 
@@ -54,7 +55,8 @@ def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _tokenize(tokenizer, prompts: List[str]) -> paddle.Tensor:
+def tokenize_prompts(tokenizer, prompts: List[str]) -> paddle.Tensor:
+    """(N, L) int64 token ids, padded to and truncated at `tokenizer.model_max_length`."""
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="np").input_ids
     return paddle.to_tensor(np.asarray(ids, dtype=np.int64))
@@ -74,10 +76,10 @@ def generate(
         raise ValueError("num_inference_steps must be >= 1")
     prompts = list(prompts)
     n = len(prompts)
-    cond = text_encoder(_tokenize(tokenizer, prompts))[0]  # (N, L, D)
+    cond = text_encoder(tokenize_prompts(tokenizer, prompts))[0]  # (N, L, D)
     use_cfg = guidance_scale > 1.0
     if use_cfg:
-        uncond = text_encoder(_tokenize(tokenizer, [negative_prompt] * n))[0]
+        uncond = text_encoder(tokenize_prompts(tokenizer, [negative_prompt] * n))[0]
         context = paddle.concat([uncond, cond])  # (2N, L, D)
     else:
         context = cond
