@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from ldm.cascade.common import AttnBlock, ResBlock, TimestepBlock  # noqa: E402
-from ldm.cascade.loading import export_unet_weights  # noqa: E402
+from ldm.cascade.convert import export_unet_weights  # noqa: E402
 from ldm.cascade.stage_c import StageC, stage_c_config  # noqa: E402
 
 MID = dict(c_cond=768, c_hidden=[768, 768], nhead=[12, 12], blocks=[[2, 6], [6, 2]])

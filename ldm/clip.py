@@ -20,11 +20,18 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 
 import numpy as np
 import paddle
 
-from ldm.weights.io import WeightsError
+from ldm.utils import atomic_open, get_logger
+from ldm.weights import (
+    KeyTable, Op, SafetensorsReader, WeightSource, WeightsError, finish_loading, key_table, map_key, read_info,
+    register_key_table, save_safetensors, weights_metadata,
+)
+
+logger = get_logger(__name__)
 
 __all__ = [
     "CLIP_MEAN",
@@ -39,6 +46,9 @@ __all__ = [
     "write_tiny_clip_tokenizer",
     "make_tiny_clip_text",
     "make_tiny_clip_vision",
+    "CLIP_RULES",
+    "clip_expected_shapes",
+    "convert_clip_dir",
 ]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -99,26 +109,21 @@ def clip_image_preprocess(images, size: int = CLIP_IMAGE_SIZE):
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
-def _read_folder_weights(folder: str):
-    from ldm.weights.io import SafetensorsReader, load_pdparams
-    from ldm.weights.other_keys import map_key
-
+def _folder_weights(folder: str) -> str:
+    """The weight file of a CLIP folder: Paddle-layout `model.safetensors`, else `model_state.pdparams`."""
     st = os.path.join(folder, "model.safetensors")
     pd = os.path.join(folder, "model_state.pdparams")
     if os.path.exists(st):
         with SafetensorsReader(st) as r:
-            fmt = r.metadata.get("format")
-            if fmt not in ("np", "pd"):
-                raise WeightsError(
-                    f"{st}: a transformers (torch layout, format={fmt!r}) file; convert the folder first with "
-                    "scripts/convert_other_weight.py --clip_text_dir/--clip_image_dir")
-            items = list(r.items())
-        where = st
-    elif os.path.exists(pd):
-        items, where = list(load_pdparams(pd).items()), pd
-    else:
-        raise WeightsError(f"{folder}: no model.safetensors (Paddle layout) or model_state.pdparams")
-    return [(k, v) for k, v in items if map_key(k, [])[0] is not None], where
+            info = read_info(r.metadata, st)
+        if info.layout != "paddle":
+            raise WeightsError(
+                f"{st}: a transformers (torch layout, format={info.format!r}) file; convert the folder first with "
+                "scripts/convert_other_weight.py --clip_text_dir/--clip_image_dir")
+        return st
+    if os.path.exists(pd):
+        return pd
+    raise WeightsError(f"{folder}: no model.safetensors (Paddle layout) or model_state.pdparams")
 
 
 def _load_clip(folder, part: str, dtype: str):
@@ -129,17 +134,17 @@ def _load_clip(folder, part: str, dtype: str):
         CLIPVisionModelWithProjection,
     )
 
-    from ldm.weights.other_keys import finish_loading
-
     folder = os.fspath(folder)
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise WeightsError(f"{folder}: not a CLIP model folder (no config.json)")
     cfg_cls, model_cls = ((CLIPTextConfig, CLIPTextModelWithProjection) if part == "text"
                           else (CLIPVisionConfig, CLIPVisionModelWithProjection))
     config = cfg_cls.from_pretrained(folder)
-    items, where = _read_folder_weights(folder)
+    path = _folder_weights(folder)
     model = model_cls(config)
-    return finish_loading(model, items, where, dtype)
+    with WeightSource(path) as src:
+        plan = key_table(_CLIP_MODELS[part]).plan(src.shapes(), "paddle")
+        return finish_loading(model, src, path, dtype, plan=plan)
 
 
 def load_clip_text(folder, dtype: str = "float32"):
@@ -152,6 +157,158 @@ def load_clip_vision(folder, dtype: str = "float32"):
     """ppdiffusers `CLIPVisionModelWithProjection` from a local folder, strictly loaded, eval mode.
     Call as `model(pixel_values=clip_image_preprocess(x))`: `.image_embeds`."""
     return _load_clip(folder, "vision", dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: the CLIP key table (transformers -> ppdiffusers) and folder conversion
+# ---------------------------------------------------------------------------------------------
+# transformers and ppdiffusers use the same names; Linear weights are transposed (Sources:
+# transformers CLIPTextModelWithProjection / CLIPVisionModelWithProjection, ppdiffusers' port).
+CLIP_RULES = [
+    (r"\.self_attn\.(q|k|v|out)_proj\.weight$", None, "transpose"),
+    (r"\.mlp\.fc[12]\.weight$", None, "transpose"),
+    (r"^(text|visual)_projection\.weight$", None, "transpose"),
+]
+_CLIP_MODELS = {"text": "clip_text", "vision": "clip_vision"}  # model names of the weights metadata
+_CLIP_PARTS = {
+    "text": dict(prefix="text_model.", projection="text_projection.weight", sub="text_config",
+                 model_type="clip_text_model", arch="CLIPTextModelWithProjection",
+                 files=("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                        "added_tokens.json")),
+    "vision": dict(prefix="vision_model.", projection="visual_projection.weight", sub="vision_config",
+                   model_type="clip_vision_model", arch="CLIPVisionModelWithProjection",
+                   files=("preprocessor_config.json",)),
+}
+
+
+def _clip_config(src_dir: str, part: str) -> dict:
+    path = os.path.join(src_dir, "config.json")
+    if not os.path.exists(path):
+        raise WeightsError(f"{src_dir}: no config.json")
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    info = _CLIP_PARTS[part]
+    if cfg.get("model_type") == "clip" or info["sub"] in cfg:  # a full CLIPModel folder
+        sub = dict(cfg.get(info["sub"]) or {})
+        sub["projection_dim"] = cfg.get("projection_dim", sub.get("projection_dim", 512))
+        cfg = sub
+    elif cfg.get("model_type", info["model_type"]) != info["model_type"]:
+        raise WeightsError(f"{path}: model_type {cfg.get('model_type')!r} is not a CLIP {part} model")
+    cfg["model_type"] = info["model_type"]
+    cfg["architectures"] = [info["arch"]]
+    return cfg
+
+
+def clip_expected_shapes(cfg: dict, part: str) -> dict:
+    """Paddle state-dict shapes of ppdiffusers' CLIP{Text,Vision}ModelWithProjection for a config
+    (computed, so the 700M-parameter bigG model need not be instantiated to check a file)."""
+    h = int(cfg.get("hidden_size", 512))
+    inter = int(cfg.get("intermediate_size", 2048))
+    n = int(cfg.get("num_hidden_layers", 12))
+    proj = int(cfg.get("projection_dim", 512))
+    p = _CLIP_PARTS[part]["prefix"]
+    out = {}
+    if part == "text":
+        out[p + "embeddings.token_embedding.weight"] = (int(cfg.get("vocab_size", 49408)), h)
+        out[p + "embeddings.position_embedding.weight"] = (int(cfg.get("max_position_embeddings", 77)), h)
+    else:
+        ps, img, ch = int(cfg.get("patch_size", 32)), int(cfg.get("image_size", 224)), int(cfg.get("num_channels", 3))
+        out[p + "embeddings.class_embedding"] = (h,)
+        out[p + "embeddings.patch_embedding.weight"] = (h, ch, ps, ps)
+        out[p + "embeddings.position_embedding.weight"] = ((img // ps) ** 2 + 1, h)
+        out[p + "pre_layrnorm.weight"] = out[p + "pre_layrnorm.bias"] = (h,)
+    for i in range(n):
+        lp = f"{p}encoder.layers.{i}."
+        for proj_name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            out[f"{lp}self_attn.{proj_name}.weight"] = (h, h)
+            out[f"{lp}self_attn.{proj_name}.bias"] = (h,)
+        for ln in ("layer_norm1", "layer_norm2"):
+            out[f"{lp}{ln}.weight"] = out[f"{lp}{ln}.bias"] = (h,)
+        out[f"{lp}mlp.fc1.weight"], out[f"{lp}mlp.fc1.bias"] = (h, inter), (inter,)
+        out[f"{lp}mlp.fc2.weight"], out[f"{lp}mlp.fc2.bias"] = (inter, h), (h,)
+    if part == "text":
+        out[p + "final_layer_norm.weight"] = out[p + "final_layer_norm.bias"] = (h,)
+    else:
+        out[p + "post_layernorm.weight"] = out[p + "post_layernorm.bias"] = (h,)
+    out[_CLIP_PARTS[part]["projection"]] = (h, proj)
+    return out
+
+
+def _clip_sources(src_dir: str) -> list[str]:
+    index = os.path.join(src_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(src_dir, x) for x in files]
+    single = os.path.join(src_dir, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise WeightsError(f"{src_dir}: no model.safetensors or model.safetensors.index.json "
+                       "(save the transformers model with safe_serialization=True; pickles are not read)")
+
+
+def _clip_target_name(name: str, part: str) -> str | None:
+    """transformers name -> ppdiffusers name; None for tensors of the other tower / CLIPModel extras.
+    Handles both layouts: with the `text_model.`/`vision_model.` prefix (transformers 4.x) and
+    without it (transformers 5.x)."""
+    info, other = _CLIP_PARTS[part], _CLIP_PARTS["vision" if part == "text" else "text"]
+    if name.startswith(other["prefix"]) or name == other["projection"] or name == "logit_scale":
+        return None
+    if name == info["projection"] or name.startswith(info["prefix"]):
+        return name
+    return info["prefix"] + name  # prefix-less layout
+
+
+def _clip_plan(shapes, layout: str, part: str) -> dict:
+    """Plan to ppdiffusers names: layout "paddle" (ours / ppdiffusers) drops only the position_ids
+    buffers; "transformers" also picks this tower's tensors and transposes the Linear weights."""
+    plan = {}
+    for name, shape in shapes.items():
+        if map_key(name, [])[0] is None:  # position_ids buffers
+            continue
+        tgt = name if layout == "paddle" else _clip_target_name(name, part)
+        if tgt is None:
+            continue
+        _, tf = map_key(tgt, CLIP_RULES if layout == "transformers" else [])
+        if tgt in plan:
+            raise WeightsError(f"{name!r} and {plan[tgt].sources[0]!r} both map to {tgt!r}")
+        shape = tuple(int(s) for s in shape)
+        plan[tgt] = Op((name,), "T", shape[::-1]) if tf == "transpose" else Op((name,), "copy", shape)
+    return plan
+
+
+for _part, _model in (("text", "clip_text"), ("vision", "clip_vision")):
+    register_key_table(KeyTable(_model, ("paddle", "transformers"),
+                                to_paddle=lambda shapes, layout, p=_part: _clip_plan(shapes, layout, p)))
+
+
+def convert_clip_dir(src_dir, dst_dir, part: str, dtype: str | None = None) -> dict:
+    """Convert a transformers CLIP folder (text or vision tower, with projection) into a folder that
+    `load_clip_text` / `load_clip_vision` (and ppdiffusers' from_pretrained) read: config.json,
+    model.safetensors in Paddle layout (the metadata schema of ldm.weights), and the tokenizer or
+    preprocessor files. Any missing, unexpected or mis-shaped key is an error."""
+    if part not in _CLIP_PARTS:
+        raise ValueError(f"part must be 'text' or 'vision', got {part!r}")
+    src_dir, dst_dir = os.fspath(src_dir), os.fspath(dst_dir)
+    cfg = _clip_config(src_dir, part)
+    model = _CLIP_MODELS[part]
+    with WeightSource(_clip_sources(src_dir)) as src:
+        where = f"{src_dir} ({part} tower)"
+        try:
+            plan = key_table(model).plan(src.shapes(), "transformers")
+        except WeightsError as e:
+            raise WeightsError(f"{src_dir}: {e}") from e
+        os.makedirs(dst_dir, exist_ok=True)
+        save_safetensors(src, os.path.join(dst_dir, "model.safetensors"), dtype=dtype or "float32", plan=plan,
+                         expected=clip_expected_shapes(cfg, part), where=where,
+                         metadata=weights_metadata(model, cfg))
+    with atomic_open(os.path.join(dst_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    for fname in _CLIP_PARTS[part]["files"]:
+        if os.path.exists(os.path.join(src_dir, fname)):
+            shutil.copyfile(os.path.join(src_dir, fname), os.path.join(dst_dir, fname))
+    logger.info("converted CLIP %s tower %s (%d tensors) -> %s", part, src_dir, len(plan), dst_dir)
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,11 +383,10 @@ def write_tiny_clip_tokenizer(folder, max_length: int = CLIP_MAX_LENGTH) -> int:
 # ---------------------------------------------------------------------------------------------
 # Tiny random CLIP folders (tests and the pipeline's tiny preset)
 # ---------------------------------------------------------------------------------------------
-def _save_folder(model, config, folder):
-    from ldm.weights.io import save_safetensors
-
+def _save_folder(model, config, folder, part: str):
     os.makedirs(folder, exist_ok=True)
-    save_safetensors(model.state_dict(), os.path.join(folder, "model.safetensors"), metadata={"format": "np"})
+    save_safetensors(model.state_dict(), os.path.join(folder, "model.safetensors"),
+                     metadata=weights_metadata(_CLIP_MODELS[part]))
     config.save_pretrained(folder)
 
 
@@ -248,7 +404,7 @@ def make_tiny_clip_text(folder, projection_dim: int = 32, hidden_size: int = 32,
                          max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="gelu", bos_token_id=vocab - 2,
                          eos_token_id=vocab - 1, pad_token_id=vocab - 1)
     cfg.architectures = ["CLIPTextModelWithProjection"]
-    _save_folder(CLIPTextModelWithProjection(cfg), cfg, folder)
+    _save_folder(CLIPTextModelWithProjection(cfg), cfg, folder, "text")
     return os.fspath(folder)
 
 
@@ -262,5 +418,5 @@ def make_tiny_clip_vision(folder, projection_dim: int = 32, hidden_size: int = 3
                            num_hidden_layers=num_hidden_layers, num_attention_heads=4, image_size=CLIP_IMAGE_SIZE,
                            patch_size=32, projection_dim=projection_dim, hidden_act="gelu")
     cfg.architectures = ["CLIPVisionModelWithProjection"]
-    _save_folder(CLIPVisionModelWithProjection(cfg), cfg, folder)
+    _save_folder(CLIPVisionModelWithProjection(cfg), cfg, folder, "vision")
     return os.fspath(folder)

@@ -7,7 +7,7 @@ Inputs (each optional, at least one):
   --previewer   original previewer.safetensors
   --clip_text_dir / --clip_image_dir   transformers CLIP folders (safetensors)
 Outputs go to --output_dir (effnet_encoder.safetensors, stage_a.safetensors, previewer.safetensors,
-clip_text/, clip_image/) unless a per-output path is given. Logic: ldm/weights/other_keys.py.
+clip_text/, clip_image/) unless a per-output path is given. Logic: ldm/cascade/convert.py, ldm/clip.py.
 
 Example:
   python scripts/convert_other_weight.py --effnet sc/effnet_encoder.safetensors \
@@ -24,7 +24,9 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.weights import other_keys as ok  # noqa: E402
+from ldm.cascade import convert  # noqa: E402
+from ldm.clip import convert_clip_dir  # noqa: E402
+from ldm.weights import STORAGE_DTYPES  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -43,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--clip_image_out", help="output folder (default OUTPUT_DIR/clip_image)")
     p.add_argument("--stage_a_scale", type=float, default=None,
                    help="override the Stage A latent scale (default 0.43 for --stage_a, config.json for --vqgan_dir)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="storage dtype")
+    p.add_argument("--dtype", default="float32", choices=list(STORAGE_DTYPES), help="storage dtype")
     args = p.parse_args(argv)
     if args.stage_a and args.vqgan_dir:
         p.error("give either --stage_a or --vqgan_dir, not both (they are two sources of the same model)")
@@ -70,20 +72,20 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     done = {}
     if args.effnet:
-        done["effnet"] = [args.effnet_out, ok.convert_effnet(args.effnet, args.effnet_out, args.dtype)]
+        done["effnet"] = [args.effnet_out, convert.convert_effnet(args.effnet, args.effnet_out, args.dtype)]
     if args.stage_a:
-        cfg = ok.convert_stage_a(args.stage_a, args.stage_a_out, args.dtype, args.stage_a_scale)
+        cfg = convert.convert_stage_a(args.stage_a, args.stage_a_out, args.dtype, args.stage_a_scale)
         done["stage_a"] = [args.stage_a_out, cfg]
     if args.vqgan_dir:
-        cfg = ok.convert_vqgan_dir(args.vqgan_dir, args.stage_a_out, args.dtype, args.stage_a_scale)
+        cfg = convert.convert_vqgan_dir(args.vqgan_dir, args.stage_a_out, args.dtype, args.stage_a_scale)
         done["stage_a"] = [args.stage_a_out, cfg]
     if args.previewer:
-        done["previewer"] = [args.previewer_out, ok.convert_previewer(args.previewer, args.previewer_out, args.dtype)]
+        done["previewer"] = [args.previewer_out, convert.convert_previewer(args.previewer, args.previewer_out, args.dtype)]
     if args.clip_text_dir:
-        ok.convert_clip_dir(args.clip_text_dir, args.clip_text_out, "text", args.dtype)
+        convert_clip_dir(args.clip_text_dir, args.clip_text_out, "text", args.dtype)
         done["clip_text"] = [args.clip_text_out]
     if args.clip_image_dir:
-        ok.convert_clip_dir(args.clip_image_dir, args.clip_image_out, "vision", args.dtype)
+        convert_clip_dir(args.clip_image_dir, args.clip_image_out, "vision", args.dtype)
         done["clip_image"] = [args.clip_image_out]
     print(json.dumps(done, indent=1))
     return done

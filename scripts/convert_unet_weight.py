@@ -18,10 +18,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.cascade.loading import DTYPES, convert_unet_weights  # noqa: E402
+from ldm.cascade.convert import convert_unet_weights  # noqa: E402
 from ldm.cascade.stage_b import STAGE_B_PRESETS  # noqa: E402
 from ldm.cascade.stage_c import STAGE_C_PRESETS  # noqa: E402
-from ldm.weights.io import WeightsError  # noqa: E402
+from ldm.weights import STORAGE_DTYPES, WeightsError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -32,7 +32,7 @@ def parse_args(argv=None):
     presets = sorted(set(STAGE_B_PRESETS) | set(STAGE_C_PRESETS))
     p.add_argument("--preset", choices=["auto"] + presets, default="auto",
                    help="network size; auto = the diffusers config.json if present, else the preset whose shapes match")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="storage dtype of the output")
+    p.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="float32", help="storage dtype of the output")
     p.add_argument("--source_format", choices=["auto", "original", "diffusers", "paddle"], default="auto")
     return p.parse_args(argv)
 

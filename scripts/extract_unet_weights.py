@@ -5,7 +5,7 @@
 
 --checkpoint is a checkpoint-N folder, or an output folder (its final weights, else its newest
 complete checkpoint). The output is this project's Stage C safetensors (network config in the
-metadata): `ldm.cascade.stage_c.load_stage_c(path, preset=None)` loads it, and inference.py uses it
+metadata): `ldm.cascade.loading.load_stage_c(path, preset=None)` loads it, and inference.py uses it
 when it is placed in the weights folder under the Stage C name of config.py (stage_c_lite.safetensors
 for the 1B model; .safetensors is preferred over the seed's .pdparams).
 """
@@ -18,8 +18,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.cascade.loading import DTYPES, convert_unet_weights  # noqa: E402
-from ldm.cascade.train_c import STAGE_C_EMA_FILE, STAGE_C_FILE  # noqa: E402
+from ldm.cascade.convert import convert_unet_weights  # noqa: E402
+from ldm.train.stage_c import STAGE_C_EMA_FILE, STAGE_C_FILE  # noqa: E402
+from ldm.weights import STORAGE_DTYPES  # noqa: E402
 from ldm.train.checkpoint import COMPLETE_MARKER, find_resume_checkpoint, is_complete, list_checkpoints  # noqa: E402
 
 
@@ -28,7 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True, help="checkpoint-N folder or the training --output_dir")
     p.add_argument("--output", required=True, help="output .safetensors (written atomically)")
     p.add_argument("--ema", action="store_true", help="extract the EMA weights (training with --use_ema)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="storage dtype of the output")
+    p.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="float32", help="storage dtype of the output")
     p.add_argument("--allow_incomplete", action="store_true",
                    help=f"accept a checkpoint without {COMPLETE_MARKER} (a save that was interrupted)")
     return p.parse_args(argv)

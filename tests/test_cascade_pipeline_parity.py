@@ -34,7 +34,7 @@ from ldm.clip import write_tiny_clip_tokenizer  # noqa: E402
 from ldm.cascade.previewer import Previewer_tiny  # noqa: E402
 from ldm.model_b import ModelB  # noqa: E402
 from ldm.model_c import ModelC  # noqa: E402
-from ldm.weights.io import save_safetensors  # noqa: E402
+from ldm.weights import save_safetensors  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -239,8 +239,7 @@ def test_seed_pdparams_folder_gives_the_same_latents(setup, tmp_path):
     import shutil
 
     from ldm.cascade import components as cp
-    from ldm.cascade.stage_b import load_stage_b
-    from ldm.cascade.stage_c import load_stage_c
+    from ldm.cascade.loading import load_stage_b, load_stage_c
 
     _, cfg = setup
     src = cfg.weights_path

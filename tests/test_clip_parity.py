@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 import paddle  # noqa: E402
 
 from ldm.clip import clip_image_preprocess, load_clip_text, load_clip_vision  # noqa: E402
-from ldm.weights.io import SafetensorsReader, WeightsError, save_safetensors  # noqa: E402
+from ldm.weights import SafetensorsReader, WeightsError, save_safetensors  # noqa: E402
 from scripts.convert_other_weight import main as convert_main  # noqa: E402
 
 VOCAB = 99

@@ -2,7 +2,7 @@
 
 The 1B / 700M manifests in tests/data are the parameter names and shapes of PaddleMIX's Paddle
 modules (what the seed's stage_c_lite.pdparams / stage_b_lite.pdparams hold). They are derived
-here, independently of ldm.weights.cascade_keys, from diffusers' StableCascadeUNet built on the
+here, independently of ldm.cascade.keys, from diffusers' StableCascadeUNet built on the
 meta device (the released prior_lite / decoder_lite configs), renamed back to the original
 Stability-AI keys, then put through the rules of PaddleMIX's convert_unet_weight.py (torch Linear
 weights transposed, in_proj split into q/k/v_proj).
@@ -16,10 +16,13 @@ import numpy as np
 import paddle
 import pytest
 
-from ldm.cascade.loading import WeightSource, expected_shapes, export_unet_weights
-from ldm.cascade.stage_b import STAGE_B_PRESETS, StageB, build_stage_b, load_stage_b
-from ldm.cascade.stage_c import STAGE_C_PRESETS, StageC, build_stage_c, load_stage_c
-from ldm.weights.io import SafetensorsReader, WeightsError, bf16_to_fp32, fp32_to_bf16, save_safetensors
+from ldm.cascade.convert import export_unet_weights
+from ldm.cascade.loading import build_stage_b, build_stage_c, expected_shapes, load_stage_b, load_stage_c
+from ldm.cascade.stage_b import STAGE_B_PRESETS, StageB
+from ldm.cascade.stage_c import STAGE_C_PRESETS, StageC
+from ldm.weights import (
+    SafetensorsReader, WeightSource, WeightsError, bf16_to_fp32, fp32_to_bf16, save_safetensors,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
@@ -208,15 +211,15 @@ def test_lazy_build_allocates_nothing_before_streaming(tmp_path, monkeypatch):
     import ldm.cascade.loading as loading
 
     seen = {}
-    real = loading.stream_into
+    real = loading.assign_state_dict
 
     def spy(model, source, plan):
         seen["initialised_before"] = sum(p._is_initialized() for p in model.parameters())
         seen["n"] = len(model.parameters())
-        real(model, source, plan)
+        real(model, source, plan=plan)
         seen["initialised_after"] = sum(p._is_initialized() for p in model.parameters())
 
-    monkeypatch.setattr(loading, "stream_into", spy)
+    monkeypatch.setattr(loading, "assign_state_dict", lambda model, source, plan: spy(model, source, plan))
     build_stage_c("tiny", dtype="float16", weights=ours)
     assert seen["initialised_before"] == 0
     assert seen["initialised_after"] == seen["n"] == 142
@@ -265,7 +268,7 @@ def test_diffusers_folder_without_index_and_stage_b_random(tmp_path):
 
 @pytest.mark.parametrize("cls,cfg", [(StageC, STAGE_C_PRESETS["1B"]), (StageB, STAGE_B_PRESETS["700M"])])
 def test_transpose_table_is_exactly_the_linear_weights(cls, cfg):
-    from ldm.weights.cascade_keys import is_linear_weight
+    from ldm.cascade.keys import is_linear_weight
 
     with paddle.LazyGuard():
         model = cls(cfg)

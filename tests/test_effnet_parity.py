@@ -9,8 +9,9 @@ tvm = pytest.importorskip("torchvision.models")
 
 import paddle  # noqa: E402
 
-from ldm.cascade.effnet import EfficientNetEncoder, imagenet_normalize, load_effnet  # noqa: E402
-from ldm.weights.io import SafetensorsReader, save_safetensors  # noqa: E402
+from ldm.cascade.effnet import EfficientNetEncoder, imagenet_normalize  # noqa: E402
+from ldm.cascade.loading import load_effnet  # noqa: E402
+from ldm.weights import SafetensorsReader, save_safetensors  # noqa: E402
 from scripts.convert_other_weight import main as convert_main  # noqa: E402
 
 

@@ -8,8 +8,9 @@ import pytest
 
 import paddle
 
-from ldm.cascade.previewer import Previewer, Previewer_tiny, load_previewer
-from ldm.weights.io import SafetensorsReader, save_safetensors
+from ldm.cascade.loading import load_previewer
+from ldm.cascade.previewer import Previewer, Previewer_tiny
+from ldm.weights import SafetensorsReader, save_safetensors
 from scripts.convert_other_weight import main as convert_main
 
 MANIFEST = os.path.join(os.path.dirname(__file__), "data", "previewer_manifest.json")

@@ -263,7 +263,7 @@ def test_fp16_on_cpu_is_refused_up_front(tmp_path):
 
 def test_weight_layout_detection(tmp_path):
     from ldm.sd.loading import is_torch_layout
-    from ldm.weights.io import save_safetensors
+    from ldm.weights import save_safetensors
 
     w = {"a": np.zeros(2, np.float32)}
     te = tmp_path / "te"

@@ -37,9 +37,9 @@ def _train_argv(tmp, out, max_steps, lr="1e-3"):
 
 
 def _unet_state(folder):
-    from ldm.weights.io import read_safetensors
+    from ldm.weights import load_state_dict
 
-    return read_safetensors(os.path.join(folder, "diffusion_paddle_model.safetensors"))
+    return load_state_dict(os.path.join(folder, "diffusion_paddle_model.safetensors"))
 
 
 def _vdl_tags(logdir):

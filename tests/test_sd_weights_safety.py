@@ -71,7 +71,7 @@ def test_pdparams_unet_loads_through_restricted_unpickler(tmp_path, monkeypatch)
     assert np.abs(got - ref).max() <= 1e-6
 
     # strict: a missing and an unexpected key are one error listing both
-    from ldm.weights.io import WeightsError
+    from ldm.weights import WeightsError
 
     state = {k: v.numpy() for k, v in unet.state_dict().items()}
     state["extra.weight"] = state.pop("conv_in.bias")
@@ -87,7 +87,7 @@ def test_code_executing_pdparams_is_refused_and_never_runs(tmp_path):
     from sd_tiny import TINY_UNET
 
     from ldm.sd.loading import load_unet
-    from ldm.weights.io import WeightsError
+    from ldm.weights import WeightsError
 
     # the payload is live: plain pickle.load runs it
     live = tmp_path / "live.pdparams"

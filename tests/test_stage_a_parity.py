@@ -12,8 +12,9 @@ paella = pytest.importorskip("diffusers.pipelines.wuerstchen.modeling_paella_vq_
 
 import paddle  # noqa: E402
 
-from ldm.cascade.stage_a import SCALE_FACTOR_DIFFUSERS, SCALE_FACTOR_ORIGINAL, StageA, load_stage_a  # noqa: E402
-from ldm.weights.io import SafetensorsReader, WeightsError, save_safetensors  # noqa: E402
+from ldm.cascade.loading import load_stage_a  # noqa: E402
+from ldm.cascade.stage_a import SCALE_FACTOR_DIFFUSERS, SCALE_FACTOR_ORIGINAL, StageA  # noqa: E402
+from ldm.weights import SafetensorsReader, WeightsError, save_safetensors  # noqa: E402
 from scripts.convert_other_weight import main as convert_main  # noqa: E402
 
 TINY = dict(levels=2, bottleneck_blocks=2, embed_dim=32, latent_channels=4, num_vq_embeddings=64)
@@ -152,14 +153,14 @@ def test_conversion_lists_bad_keys(converted, tmp_path):
 
 def test_tiny_preset_roundtrip_shapes(tmp_path):
     from ldm.cascade.stage_a import StageA_tiny
-    from ldm.weights.other_keys import save_paddle_weights
+    from ldm.cascade.loading import save_network
 
     m = StageA_tiny(scale_factor=0.5)
     m.eval()
     x = paddle.rand([1, 3, 16, 16])
     lat = m.encode(x)[0]
     assert lat.shape == [1, 4, 4, 4] and m.decode(lat).shape == [1, 3, 16, 16]
-    save_paddle_weights(m, tmp_path / "tiny.safetensors", "stage_a")
+    save_network(m, tmp_path / "tiny.safetensors")
     m2 = load_stage_a(tmp_path / "tiny.safetensors")
     assert m2.config == m.config and m2.scale_factor == 0.5
     np.testing.assert_array_equal(m2.encode(x)[0].numpy(), lat.numpy())
@@ -172,7 +173,8 @@ def test_tiny_preset_roundtrip_shapes(tmp_path):
 def test_full_size_layout_matches_paella():
     """The full StageA has exactly PaellaVQModel()'s tensors (after the key table), ~18M parameters."""
     from ldm.cascade.stage_a import StageA_full
-    from ldm.weights.other_keys import STAGE_A_DIFFUSERS_RULES, map_key
+    from ldm.cascade.keys import STAGE_A_DIFFUSERS_RULES
+    from ldm.weights import map_key
 
     ref = paella.PaellaVQModel()
     want = {}

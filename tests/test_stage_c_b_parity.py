@@ -26,9 +26,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import convert_unet_weight  # noqa: E402
 
-from ldm.cascade.stage_b import STAGE_B_PRESETS, load_stage_b  # noqa: E402
-from ldm.cascade.stage_c import STAGE_C_PRESETS, load_stage_c  # noqa: E402
-from ldm.weights.io import save_safetensors  # noqa: E402
+from ldm.cascade.loading import load_stage_b, load_stage_c  # noqa: E402
+from ldm.cascade.stage_b import STAGE_B_PRESETS  # noqa: E402
+from ldm.cascade.stage_c import STAGE_C_PRESETS  # noqa: E402
+from ldm.weights import save_safetensors  # noqa: E402
 
 TOL = 1e-4
 RES, TS, AT = "SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"

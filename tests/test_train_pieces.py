@@ -148,7 +148,7 @@ def test_checkpoint_state_is_read_without_running_pickled_code(tmp_path):
     import pytest
 
     from ldm.train.trainer import DiffusionTrainer, restricted_paddle_load
-    from ldm.weights.io import WeightsError
+    from ldm.weights import WeightsError
 
     marker = tmp_path / "pwned"
 

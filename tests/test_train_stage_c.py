@@ -45,9 +45,9 @@ def tiny_argv(out, *extra):
 
 
 def stage_c_state(path):
-    from ldm.weights.io import read_safetensors
+    from ldm.weights import load_state_dict
 
-    return read_safetensors(path)
+    return load_state_dict(path)
 
 
 def test_seed_flags_parse(tmp_path):
@@ -283,7 +283,7 @@ def _check_visualdl(out):
 def _check_extract(tmp_path, out, ema):
     from scripts.extract_unet_weights import main as extract
     from ldm.cascade.components import tiny_components
-    from ldm.cascade.stage_c import load_stage_c
+    from ldm.cascade.loading import load_stage_c
     from ldm.model_c import ModelC
 
     path = str(tmp_path / "extracted.safetensors")

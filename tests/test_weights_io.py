@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from ldm.weights.io import (
+from ldm.weights import (
     SafetensorsReader,
     WeightsError,
     assign_state_dict,
@@ -82,7 +82,7 @@ def test_written_files_get_normal_permissions(tmp_path):
 def test_atomic_write_leaves_no_partial_file(tmp_path):
     target = tmp_path / "w.safetensors"
     with pytest.raises(RuntimeError):
-        from ldm.weights.io import SafetensorsWriter
+        from ldm.weights import SafetensorsWriter
 
         with SafetensorsWriter(target, [("a", (2,), "F32"), ("b", (2,), "F32")]) as w:
             w.write("a", np.zeros(2, "float32"))

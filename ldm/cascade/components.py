@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional, Sequence
 import paddle
 
 from ldm import clip
-from ldm.cascade import effnet, previewer, stage_a, stage_b, stage_c
+from ldm.cascade import loading
 from ldm.cascade.pipeline import check_dtype
 from ldm.cascade.presets import tiny_builders
 from ldm.cascade.settings import CascadeConfig
@@ -134,11 +134,11 @@ def file_components(cfg: CascadeConfig, needed: Sequence[str]) -> Components:
         "tokenizer": lazy("tokenizer", clip.load_tokenizer),
         "text_encoder": lazy("text_encoder", lambda p: clip.load_clip_text(p, dtype=dtype)),
         "image_encoder": lazy("image_encoder", lambda p: clip.load_clip_vision(p, dtype=dtype)),
-        "stage_c": lazy("stage_c", lambda p: stage_c.load_stage_c(p, cfg.model_c_version, dtype=dtype)),
-        "stage_b": lazy("stage_b", lambda p: stage_b.load_stage_b(p, cfg.model_b_version, dtype=dtype)),
-        "stage_a": lazy("stage_a", lambda p: stage_a.load_stage_a(p, dtype="float32")),
-        "effnet": lazy("effnet", lambda p: effnet.load_effnet(p, dtype="float32")),
-        "previewer": lazy("previewer", lambda p: previewer.load_previewer(p, dtype="float32")),
+        "stage_c": lazy("stage_c", lambda p: loading.load_stage_c(p, cfg.model_c_version, dtype=dtype)),
+        "stage_b": lazy("stage_b", lambda p: loading.load_stage_b(p, cfg.model_b_version, dtype=dtype)),
+        "stage_a": lazy("stage_a", lambda p: loading.load_stage_a(p, dtype="float32")),
+        "effnet": lazy("effnet", lambda p: loading.load_effnet(p, dtype="float32")),
+        "previewer": lazy("previewer", lambda p: loading.load_previewer(p, dtype="float32")),
     }
     return Components(builders, dtype)
 

@@ -20,9 +20,6 @@ import paddle
 import paddle.nn as nn
 
 from ldm.configs import NetworkConfig, build_config, preset
-from ldm.utils import get_logger
-
-logger = get_logger("ldm.cascade.effnet")
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -33,7 +30,6 @@ __all__ = [
     "EfficientNetEncoder",
     "EfficientNetEncoder_full",
     "EfficientNetEncoder_models",
-    "load_effnet",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -176,32 +172,3 @@ def EfficientNetEncoder_full(**kw):
 
 
 EfficientNetEncoder_models = {"full": EfficientNetEncoder_full}
-
-
-def load_effnet(path, dtype: str = "float32") -> EfficientNetEncoder:
-    """Load our converted `.safetensors` or the seed's `effnet_encoder.pdparams` (strict key check).
-    Returns the frozen encoder in eval mode."""
-    from ldm.weights.other_keys import finish_loading, read_paddle_weights
-
-    items, _ = read_paddle_weights(path, "effnet")
-    shapes = dict((k, v.shape) for k, v in items)
-    c_latent = shapes.get("mapper.0.weight", (16,))[0]
-    model = EfficientNetEncoder(c_latent=int(c_latent))
-    if str(path).endswith(".pdparams"):
-        items = _undo_reversed_se_weights(items, model, path)
-    return finish_loading(model, items, path, dtype)
-
-
-def _undo_reversed_se_weights(items, model, path):
-    """PaddleMIX's effnet converter reversed every axis of keys containing "fc", which turns the
-    squeeze-excitation 1x1 conv weights (out, in, 1, 1) into (1, 1, in, out). Reverse them back."""
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    out, fixed = [], 0
-    for k, v in items:
-        if ".fc" in k and v.ndim == 4 and k in want and tuple(v.shape) != want[k] and v.shape[::-1] == want[k]:
-            v, fixed = v.transpose(3, 2, 1, 0), fixed + 1
-        out.append((k, v))
-    if fixed:
-        logger.info("%s: %d squeeze-excitation weights stored with reversed axes (PaddleMIX converter) "
-                    "were transposed back", path, fixed)
-    return out

@@ -1,161 +1,65 @@
-"""Weight sources, streaming conversion and lazy model building for Stage B / Stage C.
+"""Building Stable Cascade networks from weight files: the model side of ldm.weights.
 
-- `WeightSource` opens one safetensors file, several shards, a diffusers model folder
-  (config.json + safetensors, sharded with its index json or not) or a seed `.pdparams`
-  (restricted unpickler), and exposes names, shapes and one-tensor reads.
-- `plan_for(source, stage, layout)` maps any supported layout to our names (ldm.weights.cascade_keys).
-- `build_model` creates the network under `paddle.LazyGuard` in the target dtype and assigns
-  tensor by tensor, so building the 3.6B Stage C needs ~1x its memory, not 2x.
-- `convert_unet_weights` writes our layout as safetensors, streaming (peak ~ largest tensor).
+- Stage C / Stage B (`load_stage_c`, `build_stage_c`, `load_stage_b`, `build_stage_b`): our
+  safetensors, the original Stability-AI files, diffusers folders (config.json + safetensors,
+  sharded or not) or the seed's `.pdparams`; the key tables of ldm/cascade/keys.py map them to our
+  names. The network is created under `paddle.LazyGuard` in the target dtype and assigned tensor
+  by tensor, so building the 3.6B Stage C needs ~1x its memory, not 2x.
+- Stage A, EfficientNet encoder, Previewer (`load_stage_a`, `load_effnet`, `load_previewer`): our
+  Paddle-layout safetensors (sizes from the metadata config) or the seed's `.pdparams` (sizes from
+  the shapes); a torch-layout file is refused (convert it with ldm.cascade.convert). Returned
+  frozen, in eval mode.
+- `save_network(net, path)`: our file, with the metadata schema of ldm.weights (model name and
+  config), which every loader here reads back.
+All loads are strict: a missing, unexpected, mis-shaped or mis-typed key raises WeightsError
+listing them before anything is assigned.
 """
 from __future__ import annotations
 
 import contextlib
-import glob
-import json
-import mmap
 import os
 
-import numpy as np
 import paddle
 
-from ..utils import get_logger
-from ..weights.cascade_keys import (
-    PADDLEMIX_LEFTOVER_RE, apply_op, detect_layout, detect_stage, plan_from_paddle, plan_to_paddle,
+from ldm.utils import get_logger
+from ldm.weights import (
+    WeightSource, WeightsError, assign_state_dict, check_storage_dtype, finish_loading, key_table, save_safetensors,
+    weights_metadata,
 )
-from ..weights.io import (
-    SafetensorsReader, SafetensorsWriter, WeightsError, bf16_to_fp32, check_state_dict, load_pdparams, to_storage,
+
+from .effnet import EfficientNetEncoder
+from .keys import (
+    PADDLEMIX_LEFTOVER_RE, detect_stage, effnet_config_from_shapes, previewer_config_from_shapes,
+    stage_a_config_from_shapes,
 )
+from .previewer import Previewer
+from .stage_a import CODEBOOK_KEY, SCALE_FACTOR_ORIGINAL, StageA
+from .stage_b import STAGE_B_PRESETS, StageB, stage_b_config
+from .stage_c import STAGE_C_PRESETS, StageC, stage_c_config
+
+__all__ = ["MODEL_NAMES", "STAGE_NETWORKS", "resolve_layout", "resolve_stage", "plan_for", "config_from_diffusers", "resolve_config",
+           "expected_shapes", "build_model", "load_model", "build_stage_c", "load_stage_c", "build_stage_b",
+           "load_stage_b", "load_stage_a", "load_effnet", "load_previewer", "model_name", "save_network"]
 
 logger = get_logger(__name__)
 
-DTYPES = ("float32", "float16", "bfloat16")
-FORMAT_TAG = "ldm-cascade-paddle"  # safetensors metadata "format" of files we write
+# network class -> model name of the metadata / key table
+MODEL_NAMES = {StageC: "stage_c", StageB: "stage_b", StageA: "stage_a", EfficientNetEncoder: "effnet",
+               Previewer: "previewer"}
+STAGE_NETWORKS = {"c": (StageC, STAGE_C_PRESETS), "b": (StageB, STAGE_B_PRESETS)}
 
 
 # ---------------------------------------------------------------------------------------------
-# Sources
+# Stage B / Stage C: layout, stage and config of a source
 # ---------------------------------------------------------------------------------------------
-class WeightSource:
-    """Read-only view over the tensors of one checkpoint (possibly sharded)."""
-
-    def __init__(self, paths):
-        if isinstance(paths, (str, os.PathLike)):
-            paths = [paths]
-        paths = [os.fspath(p) for p in paths]
-        if not paths:
-            raise WeightsError("no weight paths given")
-        self.config = None  # diffusers config.json when the input is a model folder
-        self.metadata: dict = {}
-        self.description = ", ".join(paths)
-        self._readers = []
-        self._where: dict[str, object] = {}
-        self._arrays = None
-        files = []
-        for p in paths:
-            if os.path.isdir(p):
-                files += self._folder_files(p)
-            elif os.path.exists(p):
-                files.append(p)
-            else:
-                raise WeightsError(f"weights not found: {p}")
-        if len(files) == 1 and (files[0].endswith(".pdparams") or files[0].endswith(".pdparams.bin")):
-            self._arrays = load_pdparams(files[0])
-            self._shapes = {k: tuple(v.shape) for k, v in self._arrays.items()}
-            self.kind = "pdparams"
-            return
-        self.kind = "safetensors"
-        self._shapes = {}
-        try:
-            for f in files:
-                if not f.endswith(".safetensors"):
-                    raise WeightsError(f"{f}: expected .safetensors (or a single .pdparams)")
-                r = SafetensorsReader(f)
-                self._readers.append(r)
-                if r.metadata and not self.metadata:
-                    self.metadata = dict(r.metadata)
-                for k in r.keys():
-                    if k in self._where:
-                        raise WeightsError(f"tensor {k!r} appears in two shards ({self._where[k].path}, {f})")
-                    self._where[k] = r
-                    self._shapes[k] = r.shape(k)
-        except Exception:
-            self.close()
-            raise
-
-    def _folder_files(self, folder):
-        cfg = os.path.join(folder, "config.json")
-        if os.path.exists(cfg):
-            with open(cfg) as f:
-                self.config = json.load(f)
-        indexes = sorted(glob.glob(os.path.join(folder, "*.safetensors.index.json")))
-        if len(indexes) > 1:
-            names = [os.path.basename(i) for i in indexes]
-            raise WeightsError(f"{folder}: several index files {names}; pass the shard files explicitly")
-        if indexes:
-            with open(indexes[0]) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise WeightsError(f"{indexes[0]}: no weight_map")
-            files = [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
-            missing = [s for s in files if not os.path.exists(s)]
-            if missing:
-                raise WeightsError(f"{indexes[0]} names shards that are missing: {missing}")
-            return files
-        files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-        if len(files) != 1:
-            names = [os.path.basename(f) for f in files]
-            raise WeightsError(f"{folder}: expected one .safetensors file or an index json, found {names}")
-        return files
-
-    def shapes(self) -> dict[str, tuple]:
-        return dict(self._shapes)
-
-    def get(self, name: str) -> np.ndarray:
-        """float tensors come back as float32 (bf16 widened) or their stored float type."""
-        if self._arrays is not None:
-            arr = self._arrays[name]
-            if arr.dtype == np.uint16:  # paddle.save keeps bf16 as uint16 bit patterns
-                arr = bf16_to_fp32(arr)
-            return arr
-        reader = self._where[name]
-        arr = reader.get(name)  # a copy out of the memory map
-        _drop_mapped_pages(reader)
-        return arr
-
-    def release(self, name: str) -> None:
-        """Forget an in-memory (.pdparams) tensor once it has been assigned."""
-        if self._arrays is not None:
-            self._arrays.pop(name, None)
-
-    def close(self):
-        for r in self._readers:
-            r.close()
-        self._readers = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def _drop_mapped_pages(reader) -> None:
-    """Unmap the file pages a read touched, so a pass over a multi-GB file does not keep the
-    whole file resident (mapped pages count towards RSS; they stay in the page cache)."""
-    mm = getattr(reader, "_mm", None)
-    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-        mm.madvise(mmap.MADV_DONTNEED)
-
-
-def resolve_layout(source: WeightSource, layout: str = "auto") -> str:
+def resolve_layout(source: WeightSource, layout: str = "auto", model: str = "stage_c") -> str:
     """The key layout of `source`; an explicit `layout` is used when the keys do not tell (then the
     key check lists what does not fit) and is an error when they clearly say otherwise."""
-    if source.metadata.get("format") == FORMAT_TAG or source.kind == "pdparams":
+    if source.info.layout == "paddle":
         found = "paddle"
     else:
         try:
-            found = detect_layout(source.shapes())
+            found = key_table(model).detect_layout(source.keys())
         except WeightsError as e:
             if layout == "auto":
                 raise WeightsError(f"{source.description}: {e}; pass --source_format") from None
@@ -168,10 +72,13 @@ def resolve_layout(source: WeightSource, layout: str = "auto") -> str:
 def resolve_stage(source: WeightSource, stage: str | None = None) -> str:
     """Stage "b" or "c" of `source`: from our metadata, else from the keys; an explicit `stage` is
     used when the keys do not tell (e.g. a key is missing: the key check then lists it)."""
-    found = source.metadata.get("stage")
+    model = source.info.model
+    found = {"stage_b": "b", "stage_c": "c"}.get(model)
+    if model is not None and found is None:
+        raise WeightsError(f"{source.description}: holds a {model!r} model, not Stage B or Stage C")
     if found is None:
         try:
-            found = detect_stage(source.shapes())
+            found = detect_stage(source.keys())
         except WeightsError as e:
             if stage is None:
                 raise WeightsError(f"{source.description}: {e}; pass --stage b or --stage c") from None
@@ -183,16 +90,13 @@ def resolve_stage(source: WeightSource, stage: str | None = None) -> str:
 
 def plan_for(source: WeightSource, stage: str, layout: str):
     if source.kind == "pdparams":
-        dropped = [k for k in source.shapes() if PADDLEMIX_LEFTOVER_RE.search(k)]
+        dropped = [k for k in source.keys() if PADDLEMIX_LEFTOVER_RE.search(k)]
         if dropped:
             logger.info("%s: ignoring %d unsplit in_proj tensors left by PaddleMIX's converter",
                         source.description, len(dropped))
-    return plan_to_paddle(source.shapes(), layout, stage)
+    return key_table(f"stage_{stage}").plan(source.shapes(), layout)
 
 
-# ---------------------------------------------------------------------------------------------
-# Configs
-# ---------------------------------------------------------------------------------------------
 _DIFFUSERS_BLOCKS = {"SDCascadeResBlock": "C", "SDCascadeTimestepBlock": "T", "SDCascadeAttnBlock": "A"}
 
 
@@ -225,16 +129,6 @@ def config_from_diffusers(cfg: dict, stage: str) -> dict:
     return out
 
 
-def _network(stage):
-    if stage == "c":
-        from .stage_c import STAGE_C_PRESETS, StageC
-
-        return StageC, STAGE_C_PRESETS
-    from .stage_b import STAGE_B_PRESETS, StageB
-
-    return StageB, STAGE_B_PRESETS
-
-
 @contextlib.contextmanager
 def _default_dtype(dtype):
     old = paddle.get_default_dtype()
@@ -245,7 +139,7 @@ def _default_dtype(dtype):
         paddle.set_default_dtype(old)
 
 
-def expected_shapes(cls, cfg: dict) -> dict[str, tuple]:
+def expected_shapes(cls, cfg) -> dict[str, tuple]:
     """Our parameter names and shapes for a config, without allocating parameters."""
     with paddle.LazyGuard():
         model = cls(cfg)
@@ -255,14 +149,17 @@ def expected_shapes(cls, cfg: dict) -> dict[str, tuple]:
 def resolve_config(source: WeightSource, stage: str, preset: str | None, plan):
     """Config (StageCConfig / StageBConfig) from (in order): an explicit preset, our metadata, a
     diffusers config.json, or the one preset whose manifest equals the converted shapes."""
-    cls, presets = _network(stage)
+    cls, presets = STAGE_NETWORKS[stage]
     config_cls = type(next(iter(presets.values())))
     if preset not in (None, "auto"):
         if preset not in presets:
             raise WeightsError(f"unknown Stage {stage.upper()} preset {preset!r}; choose one of {sorted(presets)}")
         return presets[preset]
-    if "config" in source.metadata:
-        return config_cls.from_json(source.metadata["config"])
+    if source.info.config is not None:
+        try:
+            return config_cls.from_dict(source.info.config)
+        except (TypeError, ValueError) as e:
+            raise WeightsError(f"{source.description}: metadata config: {e}") from e
     if source.config is not None:
         return config_cls.from_dict(config_from_diffusers(source.config, stage))
     got = {k: op.shape for k, op in plan.items()}
@@ -275,37 +172,19 @@ def resolve_config(source: WeightSource, stage: str, preset: str | None, plan):
 
 
 # ---------------------------------------------------------------------------------------------
-# Building and loading
+# Stage B / Stage C: building and loading
 # ---------------------------------------------------------------------------------------------
-def _check_dtype(dtype):
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+def _lazy_load(cls, cfg, source: WeightSource, plan, dtype: str):
+    with _default_dtype(dtype), paddle.LazyGuard():
+        model = cls(cfg)
+    assign_state_dict(model, source, plan=plan)
+    model.eval()
+    return model
 
 
-def stream_into(model, source: WeightSource, plan) -> None:
-    """Assign every planned tensor to the model, one at a time, cast to each parameter's dtype.
-    All names and shapes are checked first; nothing is assigned on a mismatch."""
-    targets = model.state_dict()
-    expected = {k: tuple(v.shape) for k, v in targets.items()}
-    check_state_dict(expected, {k: op.shape for k, op in plan.items()}, source.description)
-    for name, op in plan.items():
-        arr = apply_op(op, source.get)
-        t = targets[name]
-        src = paddle.to_tensor(arr)
-        if src.dtype != t.dtype:
-            src = src.astype(t.dtype)
-        t.set_value(src)
-        del src, arr
-        for s in op.sources:
-            source.release(s)
-    not_set = [k for k, v in targets.items() if not v._is_initialized()]
-    if not_set:  # cannot happen after check_state_dict; kept as a guard against silent partial loads
-        raise WeightsError(f"{source.description}: parameters left unset: {not_set[:10]}")
-
-
-def build_model(cls, cfg: dict, dtype: str = "float32", weights=None, stage: str | None = None, layout: str = "auto"):
+def build_model(cls, cfg, dtype: str = "float32", weights=None, stage: str | None = None, layout: str = "auto"):
     """Eager random init when `weights` is None; otherwise lazy build + streaming load."""
-    _check_dtype(dtype)
+    check_storage_dtype(dtype)
     if weights is None:
         model = cls(cfg)
         if dtype != "float32":
@@ -313,75 +192,147 @@ def build_model(cls, cfg: dict, dtype: str = "float32", weights=None, stage: str
         return model
     with WeightSource(weights) as source:
         stage = resolve_stage(source, stage)
-        plan = plan_for(source, stage, resolve_layout(source, layout))
-        with _default_dtype(dtype), paddle.LazyGuard():
-            model = cls(cfg)
-        stream_into(model, source, plan)
-    model.eval()
-    return model
+        plan = plan_for(source, stage, resolve_layout(source, layout, f"stage_{stage}"))
+        return _lazy_load(cls, cfg, source, plan, dtype)
 
 
 def load_model(cls, presets: dict, stage: str, path, preset, dtype: str):
-    _check_dtype(dtype)
+    check_storage_dtype(dtype)
     if path is None:
         if preset not in presets:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
         return build_model(cls, presets[preset], dtype)
     with WeightSource(path) as source:
         stage = resolve_stage(source, stage)
-        plan = plan_for(source, stage, resolve_layout(source))
-        cfg = resolve_config(source, stage, preset, plan)
-        with _default_dtype(dtype), paddle.LazyGuard():
-            model = cls(cfg)
-        stream_into(model, source, plan)
-    model.eval()
-    return model
+        plan = plan_for(source, stage, resolve_layout(source, model=f"stage_{stage}"))
+        return _lazy_load(cls, resolve_config(source, stage, preset, plan), source, plan, dtype)
+
+
+def build_stage_c(preset="1B", dtype: str = "float32", weights=None, config=None) -> StageC:
+    """Build Stage C from a preset name (or an explicit `config`: a StageCConfig or a dict) in `dtype`.
+
+    With `weights` (a path) the model is created under `paddle.LazyGuard` (no parameter memory)
+    and each parameter is materialised once, straight in `dtype`, from the streaming reader;
+    missing/unexpected/mis-shaped keys raise WeightsError before anything is assigned.
+    """
+    cfg = config if config is not None else stage_c_config(preset)
+    return build_model(StageC, cfg, dtype=dtype, weights=weights, stage="c")
+
+
+def load_stage_c(path=None, preset: str | None = "1B", dtype: str = "float32") -> StageC:
+    """Stage C from `path` (.safetensors in our layout, the original or diffusers layout, or a
+    seed `.pdparams` through the restricted unpickler) or randomly initialised when path is None.
+    `preset=None` takes the config stored in our safetensors metadata."""
+    return load_model(StageC, STAGE_C_PRESETS, "c", path, preset, dtype)
+
+
+def build_stage_b(preset="700M", dtype: str = "float32", weights=None, config=None) -> StageB:
+    """Build Stage B from a preset name (or an explicit `config`) in `dtype`; with `weights`
+    the model is created lazily and loaded tensor by tensor (see build_stage_c)."""
+    cfg = config if config is not None else stage_b_config(preset)
+    return build_model(StageB, cfg, dtype=dtype, weights=weights, stage="b")
+
+
+def load_stage_b(path=None, preset: str | None = "700M", dtype: str = "float32") -> StageB:
+    """Stage B from `path` (any supported layout, see load_stage_c) or random when None."""
+    return load_model(StageB, STAGE_B_PRESETS, "b", path, preset, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
-# Conversion to our safetensors layout
+# Stage A, EfficientNet encoder, Previewer (Paddle layout only)
 # ---------------------------------------------------------------------------------------------
-def convert_unet_weights(inputs, output, stage=None, preset=None, dtype="float32", source_format="auto") -> dict:
-    """Convert Stage B/C weights (original, diffusers or paddle layout) to our safetensors,
-    streaming tensor by tensor. Returns a summary dict."""
-    _check_dtype(dtype)
-    with WeightSource(inputs) as source:
-        stage = resolve_stage(source, stage)
-        layout = resolve_layout(source, source_format)
-        plan = plan_for(source, stage, layout)
-        cfg = resolve_config(source, stage, preset, plan)
-        cls, _ = _network(stage)
-        expected = expected_shapes(cls, cfg)
-        check_state_dict(expected, {k: op.shape for k, op in plan.items()}, source.description)
-        order = list(expected)  # our module order
-        tags = {}
-        for name in order:  # storage tag per tensor without reading data
-            probe = np.zeros((0,), np.float32)
-            tags[name] = to_storage(probe, dtype)[1]
-        meta = {"format": FORMAT_TAG, "stage": stage, "config": cfg.to_json(), "source_layout": layout}
-        n_params = 0
-        with SafetensorsWriter(output, [(k, plan[k].shape, tags[k]) for k in order], meta) as w:
-            for name in order:
-                arr = apply_op(plan[name], source.get)
-                n_params += arr.size
-                w.write(name, to_storage(arr.astype(np.float32, copy=False), dtype)[0])
-                del arr
-                for s in plan[name].sources:
-                    source.release(s)
-    return {"output": os.fspath(output), "stage": stage, "source_layout": layout, "tensors": len(order),
-            "parameters": int(n_params), "dtype": dtype}
+@contextlib.contextmanager
+def _paddle_source(path, model: str):
+    """(source, plan to our names) of a Paddle-layout file of `model`."""
+    with WeightSource(path) as src:
+        if src.info.layout != "paddle":
+            raise WeightsError(
+                f"{src.description}: this safetensors file is not in Paddle layout (metadata format="
+                f"{src.info.format!r}); convert it first with scripts/convert_other_weight.py")
+        if src.info.model not in (None, model):
+            raise WeightsError(f"{src.description}: holds a {src.info.model!r} model, expected {model!r}")
+        yield src, key_table(model).plan(src.shapes(), "paddle")
 
 
-def export_unet_weights(model, stage: str, layout: str, output, dtype=None) -> None:
-    """Write a model's weights in the original or diffusers torch layout (for round trips)."""
-    state = {k: v for k, v in model.state_dict().items()}
-    plan = plan_from_paddle({k: tuple(v.shape) for k, v in state.items()}, layout, stage)
+def _sizes(infer, plan, where):
+    try:
+        return infer({k: op.shape for k, op in plan.items()})
+    except ValueError as e:
+        raise WeightsError(f"{where}: {e}") from e
 
-    def get(name):
-        t = state[name]
-        return t.astype("float32").numpy() if t.dtype != paddle.float32 else t.numpy()
 
-    tag = to_storage(np.zeros((0,), np.float32), dtype)[1] if dtype else "F32"
-    with SafetensorsWriter(output, [(k, op.shape, tag) for k, op in plan.items()]) as w:
-        for k, op in plan.items():
-            w.write(k, to_storage(apply_op(op, get), dtype or "float32")[0])
+def load_stage_a(path, dtype: str = "float32", scale_factor: float | None = None) -> StageA:
+    """Build a `StageA` from our converted `.safetensors` (sizes and scale from its metadata) or a
+    `.pdparams` in PaddleMIX names (sizes from the shapes, scale 0.43 unless given). Strict: any
+    missing / unexpected / mis-shaped key raises WeightsError; the one exception is a `.pdparams`
+    without the codebook (decode-only, `codebook_loaded=False`, logged). Returns the model in eval
+    mode with gradients off, cast to `dtype`."""
+    with _paddle_source(path, "stage_a") as (src, plan):
+        cfg = dict(src.info.config) if src.info.config else _sizes(stage_a_config_from_shapes, plan, path)
+        if scale_factor is not None:
+            cfg["scale_factor"] = scale_factor
+        cfg.setdefault("scale_factor", SCALE_FACTOR_ORIGINAL)
+        model = StageA(cfg)
+        ignore = None
+        if src.kind == "pdparams" and CODEBOOK_KEY not in plan:
+            # PaddleMIX's StageA holds torchtools' (torch) VectorQuantize, which is not a Paddle sublayer,
+            # so a state dict saved from it has no codebook. Decoding never needs it; quantising does.
+            logger.warning("%s has no %s: Stage A can decode, but encode(quantize=True) is disabled", path,
+                           CODEBOOK_KEY)
+            model.codebook_loaded = False
+
+            def ignore(name):
+                return name == CODEBOOK_KEY
+        return finish_loading(model, src, path, dtype, plan=plan, ignore_missing=ignore)
+
+
+def load_effnet(path, dtype: str = "float32") -> EfficientNetEncoder:
+    """Load our converted `.safetensors` or the seed's `effnet_encoder.pdparams` (strict key check).
+    Returns the frozen encoder in eval mode."""
+    with _paddle_source(path, "effnet") as (src, plan):
+        model = EfficientNetEncoder(src.info.config or _sizes(effnet_config_from_shapes, plan, path) or None)
+        if src.kind == "pdparams":
+            plan = _undo_reversed_se_weights(plan, model, path)
+        return finish_loading(model, src, path, dtype, plan=plan)
+
+
+def _undo_reversed_se_weights(plan, model, path):
+    """PaddleMIX's effnet converter reversed every axis of keys containing "fc", which turns the
+    squeeze-excitation 1x1 conv weights (out, in, 1, 1) into (1, 1, in, out). Reverse them back."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    out, fixed = {}, 0
+    for k, op in plan.items():
+        shape = tuple(op.shape)
+        if ".fc" in k and op.kind == "copy" and len(shape) == 4 and k in want and shape != want[k] \
+                and shape[::-1] == want[k]:
+            op, fixed = type(op)(op.sources, "T", shape[::-1]), fixed + 1
+        out[k] = op
+    if fixed:
+        logger.info("%s: %d squeeze-excitation weights stored with reversed axes (PaddleMIX converter) "
+                    "were transposed back", path, fixed)
+    return out
+
+
+def load_previewer(path, dtype: str = "float32") -> Previewer:
+    """Load our converted `.safetensors` or the seed's `previewer.pdparams` (sizes from the metadata
+    or the shapes, strict key check). Returns the model in eval mode with gradients off."""
+    with _paddle_source(path, "previewer") as (src, plan):
+        model = Previewer(src.info.config or _sizes(previewer_config_from_shapes, plan, path))
+        return finish_loading(model, src, path, dtype, plan=plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+def model_name(net) -> str:
+    for cls, name in MODEL_NAMES.items():
+        if isinstance(net, cls):
+            return name
+    raise ValueError(f"{type(net).__name__} is not a Stable Cascade network ({sorted(MODEL_NAMES.values())})")
+
+
+def save_network(net, path, dtype: str | None = None) -> None:
+    """Save a Stage C / B / A, EfficientNet encoder or Previewer in our layout with its model name
+    and config in the metadata, so the loaders above rebuild it from the file alone."""
+    save_safetensors(net.state_dict(), os.fspath(path), dtype=dtype,
+                     metadata=weights_metadata(model_name(net), net.config))

@@ -14,8 +14,7 @@ import paddle.nn as nn
 
 from ldm.configs import NetworkConfig, build_config, preset
 
-__all__ = ["Previewer", "PreviewerConfig", "PREVIEWER_PRESETS", "Previewer_full", "Previewer_tiny", "Previewer_models", "previewer_config_from_shapes",
-           "load_previewer"]
+__all__ = ["Previewer", "PreviewerConfig", "PREVIEWER_PRESETS", "Previewer_full", "Previewer_tiny", "Previewer_models"]
 
 
 @dataclass(frozen=True)
@@ -76,22 +75,3 @@ def Previewer_tiny(**kw):
 
 
 Previewer_models = {"full": Previewer_full, "tiny": Previewer_tiny}
-
-
-def previewer_config_from_shapes(shapes: dict) -> dict:
-    try:
-        c_hidden, c_in = shapes["blocks.0.weight"][:2]
-        c_out = shapes["blocks.24.weight"][0]
-    except KeyError as e:
-        raise ValueError(f"not a Previewer state dict (missing {e})") from e
-    return dict(c_in=int(c_in), c_hidden=int(c_hidden), c_out=int(c_out))
-
-
-def load_previewer(path, dtype: str = "float32") -> Previewer:
-    """Load our converted `.safetensors` or the seed's `previewer.pdparams` (sizes from the shapes,
-    strict key check). Returns the model in eval mode with gradients off."""
-    from ldm.weights.other_keys import finish_loading, read_paddle_weights
-
-    items, _ = read_paddle_weights(path, "previewer")
-    cfg = previewer_config_from_shapes({k: v.shape for k, v in items})
-    return finish_loading(Previewer(**cfg), items, path, dtype)

@@ -5,7 +5,7 @@ Follows Stability-AI/StableCascade `modules/stage_a.py` (`StageA`, `ResBlock`) a
 codebook name). Parameter names are those of the original `stage_a.safetensors` and of the
 PaddleMIX port (`stage_a.pdparams`): `in_block`, `down_blocks`, `vquantizer.codebook.weight`,
 `up_blocks`, `out_block`. diffusers calls the codebook `vquantizer.embedding.weight`; the converter
-in `ldm/weights/other_keys.py` renames it.
+in `ldm/cascade/keys.py` renames it.
 
 Latent scale (0.43 vs 0.3764) - which number belongs to which weights:
 - The original code constructs `StageA(..., scale_factor=0.43)` (0.3764 only survives there as a
@@ -20,18 +20,16 @@ Latent scale (0.43 vs 0.3764) - which number belongs to which weights:
   So 0.3764 belongs to the diffusers `vqgan/` folder (read from its config.json).
 Hence `scale_factor` is a constructor argument: 0.43 (default) for the original / PaddleMIX
 weights; the value from `vqgan/config.json` (0.3764 when absent) for a converted diffusers folder.
-The converter stores it in the safetensors metadata and `load_stage_a` reads it back.
+The converter stores it in the safetensors metadata and `ldm.cascade.loading.load_stage_a` reads it back.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import paddle
 import paddle.nn as nn
 
 from ldm.configs import NetworkConfig, build_config, preset
-from ldm.utils import get_logger
 
 __all__ = [
     "SCALE_FACTOR_ORIGINAL",
@@ -44,8 +42,6 @@ __all__ = [
     "StageA_full",
     "StageA_tiny",
     "StageA_models",
-    "stage_a_config_from_shapes",
-    "load_stage_a",
 ]
 
 SCALE_FACTOR_ORIGINAL = 0.43  # original stage_a.safetensors and the PaddleMIX stage_a.pdparams
@@ -220,46 +216,3 @@ def StageA_tiny(**kw):
 
 
 StageA_models = {"full": StageA_full, "tiny": StageA_tiny}
-
-
-def stage_a_config_from_shapes(shapes: dict) -> dict:
-    """Infer `StageA` arguments (all but scale_factor) from a {name: shape} dict in our names."""
-    import re
-
-    try:
-        if "vquantizer.codebook.weight" in shapes:
-            k, c_latent = shapes["vquantizer.codebook.weight"]
-        else:  # a decode-only file (see load_stage_a)
-            k, c_latent = 8192, shapes["up_blocks.0.0.weight"][1]
-        down_res = sorted(int(m.group(1)) for n in shapes if (m := re.match(r"down_blocks\.(\d+)\.gammas$", n)))
-        up_res = [n for n in shapes if re.match(r"up_blocks\.\d+\.gammas$", n)]
-        levels = len(down_res)
-        c_hidden = shapes[f"down_blocks.{down_res[-1]}.depthwise.1.weight"][0]
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"not a Stage A state dict (cannot infer its sizes: {e!r})") from e
-    return dict(levels=levels, bottleneck_blocks=len(up_res) - (levels - 1), c_hidden=int(c_hidden),
-                c_latent=int(c_latent), codebook_size=int(k))
-
-
-def load_stage_a(path, dtype: str = "float32", scale_factor: float | None = None) -> StageA:
-    """Build a `StageA` from our converted `.safetensors` (sizes and scale from its metadata) or a
-    `.pdparams` in PaddleMIX names (sizes from the shapes, scale 0.43 unless given). Strict: any
-    missing / unexpected / mis-shaped key raises WeightsError; the one exception is a `.pdparams`
-    without the codebook (decode-only, `codebook_loaded=False`, logged). Returns the model in eval
-    mode with gradients off, cast to `dtype`."""
-    from ldm.weights.other_keys import finish_loading, read_paddle_weights
-
-    items, meta = read_paddle_weights(path, "stage_a")
-    cfg = json.loads(meta["config"]) if "config" in meta else stage_a_config_from_shapes({k: v.shape for k, v in items})
-    if scale_factor is not None:
-        cfg["scale_factor"] = scale_factor
-    cfg.setdefault("scale_factor", SCALE_FACTOR_ORIGINAL)
-    model = StageA(**cfg)
-    if str(path).endswith(".pdparams") and not any(k == CODEBOOK_KEY for k, _ in items):
-        # PaddleMIX's StageA holds torchtools' (torch) VectorQuantize, which is not a Paddle sublayer,
-        # so a state dict saved from it has no codebook. Decoding never needs it; quantising does.
-        get_logger(__name__).warning("%s has no %s: Stage A can decode, but encode(quantize=True) is disabled",
-                                     path, CODEBOOK_KEY)
-        items = list(items) + [(CODEBOOK_KEY, model.vquantizer.codebook.weight.numpy())]
-        model.codebook_loaded = False
-    return finish_loading(model, items, path, dtype)

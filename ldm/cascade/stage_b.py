@@ -14,10 +14,8 @@ import paddle.nn.functional as F
 
 from ..configs import NetworkConfig, build_config, preset
 from .common import CascadeUNet, LayerNorm2d, layer_norm_channels_last
-from .loading import build_model, load_model
 
-__all__ = ["StageB", "StageBConfig", "STAGE_B_PRESETS", "STAGE_B_MODELS", "StageB_3B", "StageB_700M", "StageB_tiny", "stage_b_config",
-           "build_stage_b", "load_stage_b"]
+__all__ = ["StageB", "StageBConfig", "STAGE_B_PRESETS", "STAGE_B_MODELS", "StageB_3B", "StageB_700M", "StageB_tiny", "stage_b_config"]
 
 PIXELS_DEFAULT_SIZE = 8  # the reference feeds zeros (B, 3, 8, 8) when no pixels are given
 
@@ -174,15 +172,3 @@ def StageB_tiny(**kw):
 
 
 STAGE_B_MODELS = {"3B": StageB_3B, "700M": StageB_700M, "tiny": StageB_tiny}
-
-
-def build_stage_b(preset="700M", dtype: str = "float32", weights=None, config: dict | None = None) -> StageB:
-    """Build Stage B from a preset name (or an explicit `config` dict) in `dtype`; with `weights`
-    the model is created lazily and loaded tensor by tensor (see build_stage_c)."""
-    cfg = config if config is not None else stage_b_config(preset)
-    return build_model(StageB, cfg, dtype=dtype, weights=weights, stage="b")
-
-
-def load_stage_b(path=None, preset: str | None = "700M", dtype: str = "float32") -> StageB:
-    """Stage B from `path` (any supported layout, see load_stage_c) or random when None."""
-    return load_model(StageB, STAGE_B_PRESETS, "b", path, preset, dtype)

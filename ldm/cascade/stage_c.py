@@ -14,10 +14,9 @@ import paddle.nn.functional as F
 
 from ..configs import NetworkConfig, build_config, preset
 from .common import CascadeUNet, LayerNorm2d, layer_norm_channels_last
-from .loading import build_model, load_model
 
 __all__ = ["StageC", "StageCConfig", "UpDownBlock2d", "STAGE_C_PRESETS", "STAGE_C_MODELS", "StageC_3_6B", "StageC_1B", "StageC_tiny",
-           "stage_c_config", "build_stage_c", "load_stage_c"]
+           "stage_c_config"]
 
 
 class UpDownBlock2d(nn.Layer):
@@ -194,21 +193,3 @@ def StageC_tiny(**kw):
 
 
 STAGE_C_MODELS = {"3.6B": StageC_3_6B, "1B": StageC_1B, "tiny": StageC_tiny}
-
-
-def build_stage_c(preset="1B", dtype: str = "float32", weights=None, config: dict | None = None) -> StageC:
-    """Build Stage C from a preset name (or an explicit `config` dict) in `dtype`.
-
-    With `weights` (a path) the model is created under `paddle.LazyGuard` (no parameter memory)
-    and each parameter is materialised once, straight in `dtype`, from the streaming reader;
-    missing/unexpected/mis-shaped keys raise WeightsError before anything is assigned.
-    """
-    cfg = config if config is not None else stage_c_config(preset)
-    return build_model(StageC, cfg, dtype=dtype, weights=weights, stage="c")
-
-
-def load_stage_c(path=None, preset: str | None = "1B", dtype: str = "float32") -> StageC:
-    """Stage C from `path` (.safetensors in our layout, the original or diffusers layout, or a
-    seed `.pdparams` through the restricted unpickler) or randomly initialised when path is None.
-    `preset=None` takes the config stored in our safetensors metadata."""
-    return load_model(StageC, STAGE_C_PRESETS, "c", path, preset, dtype)

@@ -4,7 +4,8 @@ Output: <out>/config.json + <out>/diffusion_pytorch_model.safetensors (metadata 
 loadable by diffusers `UNet2DConditionModel.from_pretrained(out)`. Parameter names are the same
 in ppdiffusers and diffusers; the only layout change is nn.Linear weights ([in, out] in paddle,
 [out, in] in torch), which are transposed (the list is taken from the model's own Linear layers).
-No torch import: the file is written by ldm.weights.io.
+No torch import: the file is written by ldm.weights (metadata format "pt", model "sd_unet"),
+one tensor at a time.
 """
 from __future__ import annotations
 
@@ -12,12 +13,10 @@ import json
 import os
 from typing import Optional
 
-import numpy as np
-
 from ldm.utils import atomic_open
-from ldm.weights.io import save_safetensors
+from ldm.weights import Op, save_safetensors, weights_metadata
 
-__all__ = ["linear_weight_keys", "paddle_to_torch_state", "export_unet_to_diffusers"]
+__all__ = ["linear_weight_keys", "torch_layout_plan", "export_unet_to_diffusers"]
 
 
 def linear_weight_keys(layer) -> set:
@@ -26,16 +25,12 @@ def linear_weight_keys(layer) -> set:
     return {f"{name}.weight" for name, sub in layer.named_sublayers() if isinstance(sub, nn.Linear)}
 
 
-def paddle_to_torch_state(layer) -> dict:
-    """{name: ndarray} in torch orientation (Linear weights transposed)."""
+def torch_layout_plan(layer, shapes) -> dict:
+    """Plan between `layer`'s Paddle layout and the torch layout, either way (same names, nn.Linear
+    weights transposed), for the tensors in `shapes`."""
     linear = linear_weight_keys(layer)
-    out = {}
-    for k, v in layer.state_dict().items():
-        arr = v.numpy()
-        out[k] = np.ascontiguousarray(arr.T) if k in linear else arr
-    if not linear or not any(k in out for k in linear):
-        raise ValueError("no Linear weights found: is this a UNet2DConditionModel?")
-    return out
+    return {k: Op((k,), "T", tuple(s)[::-1]) if k in linear and len(s) == 2 else Op((k,), "copy", tuple(s))
+            for k, s in shapes.items()}
 
 
 def export_unet_to_diffusers(unet, out_dir: str, dtype: Optional[str] = None) -> str:
@@ -46,5 +41,9 @@ def export_unet_to_diffusers(unet, out_dir: str, dtype: Optional[str] = None) ->
     with atomic_open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     path = os.path.join(out_dir, "diffusion_pytorch_model.safetensors")
-    save_safetensors(paddle_to_torch_state(unet), path, dtype=dtype, metadata={"format": "pt"})
+    state = unet.state_dict()
+    if not linear_weight_keys(unet) & set(state):
+        raise ValueError("no Linear weights found: is this a UNet2DConditionModel?")
+    plan = torch_layout_plan(unet, {k: tuple(v.shape) for k, v in state.items()})
+    save_safetensors(state, path, dtype=dtype, plan=plan, metadata=weights_metadata("sd_unet", layout="torch"))
     return path

@@ -8,9 +8,9 @@ are assigned strictly (missing / unexpected / mis-shaped keys are one error list
 this order: Paddle safetensors (`diffusion_paddle_model.safetensors`, or `model.safetensors` for
 the text encoder), diffusers/transformers safetensors (`diffusion_pytorch_model.safetensors`,
 `model.safetensors` with format "pt"; Linear weights transposed as ppdiffusers' `from_diffusers`
-does), then `model_state.pdparams` read with the restricted unpickler of ldm.weights.io (numpy
-arrays and plain containers only). Sharded `*.index.json` variants are read the same way. PyTorch
-pickles (`*.bin`, `*.pt`, `*.ckpt`) are refused with an error naming the files, unless the caller
+does), then `model_state.pdparams` read with the restricted unpickler (numpy arrays and plain
+containers only), all through ldm.weights.WeightSource. Sharded `*.index.json` variants are read
+the same way. PyTorch pickles (`*.bin`, `*.pt`, `*.ckpt`) are refused with an error naming the files, unless the caller
 passes allow_pickle=True (`--allow_pickle_weights` in scripts/generate_sd.py).
 
 Nothing is ever downloaded: a path that is not on disk (for example a hub id such as
@@ -60,10 +60,11 @@ def is_torch_layout(folder: str) -> bool:
     """
     names = set(os.listdir(folder))
     if "model.safetensors" in names:
-        from ldm.weights.io import SafetensorsReader
+        from ldm.weights import SafetensorsReader, read_info
 
-        with SafetensorsReader(os.path.join(folder, "model.safetensors")) as r:
-            return r.metadata.get("format", "pt") == "pt"
+        path = os.path.join(folder, "model.safetensors")
+        with SafetensorsReader(path) as r:
+            return read_info(r.metadata, path).layout != "paddle"
     if names & set(_PADDLE_FILES):
         return False
     return bool(names & set(_TORCH_FILES))
@@ -188,38 +189,16 @@ def _select_weights(folder: str, what: str, table) -> tuple:
                             f" the folder holds {sorted(os.listdir(folder))})")
 
 
-def _weight_files(path: str) -> list:
-    """The shard files of an index .json, or [path]."""
-    if not path.endswith(".index.json"):
-        return [path]
-    folder = os.path.dirname(path)
-    with open(path, encoding="utf-8") as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-    return [os.path.join(folder, s) for s in shards]
-
-
 def read_weights(path: str) -> tuple:
-    """({name: ndarray}, layout) from a safetensors file / index or a `.pdparams` file / index, never
-    executing pickle code: `.pdparams` goes through ldm.weights.io.load_pdparams (only numpy arrays
-    and plain containers). layout is the safetensors metadata format ("pt" when absent, as
-    ppdiffusers and transformers assume) or "pd" for .pdparams."""
-    from ldm.weights.io import SafetensorsReader, WeightsError, load_pdparams
+    """({name: ndarray}, layout) from a safetensors file / index or a `.pdparams` file / index through
+    ldm.weights.WeightSource, never executing pickle code (`.pdparams` goes through the restricted
+    unpickler: only numpy arrays and plain containers). layout is "pd" for Paddle-layout files
+    (metadata format "np"/"pd", or .pdparams) and "pt" otherwise (torch; a safetensors file without
+    a format tag is torch, as ppdiffusers and transformers assume)."""
+    from ldm.weights import WeightSource
 
-    state, layout = {}, None
-    for f in _weight_files(path):
-        if f.endswith(".safetensors"):
-            with SafetensorsReader(f) as r:
-                fmt = r.metadata.get("format", "pt")
-                state.update(r.items())
-        elif f.endswith(".pdparams"):
-            fmt = "pd"
-            state.update(load_pdparams(f))
-        else:
-            raise WeightsError(f"{f}: not a safetensors or .pdparams file (refusing to unpickle it)")
-        if layout is not None and fmt != layout:
-            raise WeightsError(f"{path}: shards disagree on the layout ({layout} vs {fmt})")
-        layout = fmt
-    return state, layout
+    with WeightSource(path) as src:
+        return src.state_dict(), ("pd" if src.info.layout == "paddle" else "pt")
 
 
 def _build_empty(cls, folder: str):
@@ -235,7 +214,7 @@ def _load_diffusers_model(cls, folder: str, what: str, allow_pickle: bool = Fals
     """UNet / VAE from a local folder; strict: missing/unexpected/mis-shaped keys are one error."""
     from ppdiffusers.models.modeling_pytorch_paddle_utils import convert_pytorch_state_dict_to_paddle
 
-    from ldm.weights.io import assign_state_dict
+    from ldm.weights import assign_state_dict
 
     _check_folder(folder, what)
     try:
@@ -254,7 +233,7 @@ def _load_diffusers_model(cls, folder: str, what: str, allow_pickle: bool = Fals
     model._convert_deprecated_attention_blocks(state)
     if layout == "pt" or fmt == "pt":  # torch orientation: Linear weights transposed, buffers renamed
         convert_pytorch_state_dict_to_paddle(model, state)
-    assign_state_dict(model, list(state.items()), where=path)
+    assign_state_dict(model, state, where=path)
     model.register_to_config(_name_or_path=folder)  # as from_pretrained does
     model.eval()
     return model
@@ -291,7 +270,7 @@ def load_text_encoder(path: str, allow_pickle: bool = False):
     """
     from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel
 
-    from ldm.weights.io import assign_state_dict
+    from ldm.weights import assign_state_dict
 
     _check_folder(path, "text encoder")
     config = CLIPTextConfig.from_pretrained(path)
@@ -313,7 +292,7 @@ def load_text_encoder(path: str, allow_pickle: bool = False):
     if fmt == "pt":
         load_torch_weights(model, state, where=weights)
     else:
-        assign_state_dict(model, [(k, v) for k, v in state.items() if not k.endswith("position_ids")], where=weights)
+        assign_state_dict(model, {k: v for k, v in state.items() if not k.endswith("position_ids")}, where=weights)
     model.eval()
     return model
 
@@ -325,17 +304,12 @@ def load_torch_weights(layer, weights, where: Optional[str] = None) -> None:
     The only layout difference is nn.Linear weights: torch [out, in], paddle [in, out]; they are
     transposed. `position_ids` buffers (not weights) are ignored. Every other key must match.
     """
-    from ldm.sd.export import linear_weight_keys
-    from ldm.weights.io import assign_state_dict, iter_state_dict
+    from ldm.sd.export import torch_layout_plan
+    from ldm.weights import assign_state_dict, opened
 
-    if isinstance(weights, (str, os.PathLike)):
-        where = where or os.fspath(weights)
-        weights = iter_state_dict(weights)
-    else:
-        weights = weights.items()
-    linear = linear_weight_keys(layer)
-    items = [(k, v.T if k in linear else v) for k, v in weights if not k.endswith("position_ids")]
-    assign_state_dict(layer, items, where=where or "weights")
+    with opened(weights) as src:
+        shapes = {k: s for k, s in src.shapes().items() if not k.endswith("position_ids")}
+        assign_state_dict(layer, src, where=where or src.description, plan=torch_layout_plan(layer, shapes))
 
 
 def load_tokenizer(path: str, model_max_length: Optional[int] = None):

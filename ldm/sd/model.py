@@ -29,7 +29,7 @@ import paddle.nn as nn
 from ldm.sd.diffusion import DDPMSchedule, training_terms, weighted_mse
 from ldm.sd.sampling import SD_SCALING_FACTOR, SD_V1_SCHEDULER_CONFIG, tokenize_prompts, vae_scaling_factor
 from ldm.utils import get_logger
-from ldm.weights.io import assign_state_dict, iter_state_dict, save_safetensors
+from ldm.weights import assign_state_dict, iter_state_dict, save_safetensors, weights_metadata
 
 logger = get_logger("ldm.sd.model")
 
@@ -193,7 +193,7 @@ class StableDiffusionModel(nn.Layer):
         os.makedirs(out, exist_ok=True)
         state = {k: v.numpy() for k, v in self.unet.state_dict().items()}
         state.update({k: v.numpy() for k, v in shadow.items()})
-        save_safetensors(state, os.path.join(out, UNET_WEIGHTS), metadata={"format": "pd"})
+        save_safetensors(state, os.path.join(out, UNET_WEIGHTS), metadata=weights_metadata("sd_unet"))
         self.unet.save_config(out)
 
     def load_ema(self, checkpoint_dir: str) -> Optional[Dict[str, np.ndarray]]:
@@ -225,7 +225,7 @@ class StableDiffusionModel(nn.Layer):
     def load_trained(self, checkpoint_dir: str) -> None:
         """Restore what `save_trained` wrote (UNet, and the text encoder when it is trained)."""
         unet_dir = os.path.join(checkpoint_dir, "unet")
-        assign_state_dict(self.unet, list(iter_state_dict(_find_weights(unet_dir))), where=unet_dir)
+        assign_state_dict(self.unet, _find_weights(unet_dir), where=unet_dir)
         if self.train_text_encoder:
             te_dir = os.path.join(checkpoint_dir, "text_encoder")
             if not os.path.isdir(te_dir):

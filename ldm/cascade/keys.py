@@ -1,6 +1,6 @@
-"""Key maps for Stable Cascade Stage B / Stage C weights, as tables.
+"""Key tables of the Stable Cascade networks, registered into ldm.weights under their model names.
 
-Three layouts:
+Stage B / Stage C ("stage_b", "stage_c"), three layouts:
   "paddle"    - this project (= PaddleMIX's Paddle modules, the seed's .pdparams): Linear weights
                 [in, out]; attention as `attention.attn.{q,k,v,out}_proj.{weight,bias}`.
   "original"  - Stability-AI checkpoints (stage_c.safetensors, stage_b_lite.safetensors, ...):
@@ -12,34 +12,47 @@ Three layouts:
 Sources: diffusers scripts/convert_stable_cascade.py (original -> diffusers renames), PaddleMIX
 examples/stable_cascade/scripts/convert_unet_weight.py (torch -> paddle transposes and splits).
 
-A conversion is a *plan*: {target name: Op(sources, kind, index, shape)}, built from the source's
-header (names and shapes only). `apply_op` materialises one target tensor at a time, so a
-converter holds about one tensor in memory.
+Stage A, EfficientNet encoder, Previewer ("stage_a", "effnet", "previewer"): regex rule tables
+(ldm.weights.keys). Every transform is listed: "transpose" only for real `nn.Linear` weights;
+conv, transposed-conv, embedding and norm tensors keep their layout; BatchNorm statistics are
+renamed to Paddle's (`ldm.weights.BN_RULES`), `num_batches_tracked` is dropped. Layouts:
+"paddle" (ours, or a .pdparams that kept torch's BatchNorm names), "original" (Stability-AI
+safetensors) and, for Stage A, "diffusers" (`PaellaVQModel`, codebook `vquantizer.embedding`).
+Sources of the names: Stability-AI/StableCascade `modules/stage_a.py`, `effnet.py`,
+`previewer.py`, diffusers `PaellaVQModel`, torchvision `efficientnet_v2_s`.
+
+The `*_config_from_shapes` functions infer constructor arguments from the tensor shapes of a file
+that carries no config (the seed's .pdparams, original torch files).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Mapping
 
-import numpy as np
-
-from .io import WeightsError
+from ldm.weights import BN_RULES, KeyTable, Op, WeightsError, register_key_table, rule_table
 
 __all__ = [
     "LAYOUTS",
     "LINEAR_WEIGHT_RE",
     "TRANSPOSED_WEIGHTS",
-    "Op",
+    "PADDLEMIX_LEFTOVER_RE",
     "is_linear_weight",
     "detect_layout",
     "detect_stage",
     "plan_to_paddle",
     "plan_from_paddle",
-    "apply_op",
-    "PADDLEMIX_LEFTOVER_RE",
+    "STAGE_A_RULES",
+    "STAGE_A_DIFFUSERS_RULES",
+    "EFFNET_RULES",
+    "PREVIEWER_RULES",
+    "stage_a_config_from_shapes",
+    "previewer_config_from_shapes",
+    "effnet_config_from_shapes",
 ]
 
+# ---------------------------------------------------------------------------------------------
+# Stage B / Stage C
+# ---------------------------------------------------------------------------------------------
 LAYOUTS = ("paddle", "original", "diffusers")
 
 # Linear weights (2-D) of Stage B / C in *our* names: transposed between torch ([out, in]) and
@@ -85,23 +98,6 @@ _RENAMES = {
 
 def is_linear_weight(our_name: str) -> bool:
     return LINEAR_WEIGHT_RE.search(our_name) is not None
-
-
-@dataclass(frozen=True)
-class Op:
-    """How to make one target tensor: kind in
-    copy      - sources[0] as it is
-    T         - sources[0] transposed (2-D)
-    slice     - sources[0][index * n:(index + 1) * n] along axis 0, n = rows / 3
-    slice_T   - the same, then transposed
-    cat       - concatenate sources along axis 0
-    T_cat     - transpose each source, then concatenate along axis 0
-    """
-
-    sources: tuple
-    kind: str
-    shape: tuple
-    index: int = 0
 
 
 def detect_layout(names) -> str:
@@ -223,20 +219,62 @@ def plan_from_paddle(our_shapes: Mapping[str, tuple], layout: str, stage: str) -
     return plan
 
 
-def apply_op(op: Op, get: Callable[[str], np.ndarray]) -> np.ndarray:
-    """Materialise one target tensor; `get(name)` reads one source tensor."""
-    if op.kind in ("cat", "T_cat"):
-        parts = [get(s) for s in op.sources]
-        if op.kind == "T_cat":
-            parts = [p.T for p in parts]
-        out = np.concatenate(parts, axis=0)
-    else:
-        src = get(op.sources[0])
-        if op.kind in ("slice", "slice_T"):
-            n = src.shape[0] // 3
-            src = src[op.index * n:(op.index + 1) * n]
-        out = src.T if op.kind in ("T", "slice_T") else src
-    out = np.ascontiguousarray(out)
-    if tuple(out.shape) != tuple(op.shape):
-        raise WeightsError(f"internal: {op} produced shape {tuple(out.shape)}")
-    return out
+# ---------------------------------------------------------------------------------------------
+# Stage A, EfficientNet encoder, Previewer
+# ---------------------------------------------------------------------------------------------
+# Stage A: the only Linear layers are the ResBlock channel MLPs.
+STAGE_A_RULES = [(r"\.channelwise\.[02]\.weight$", None, "transpose")] + BN_RULES
+STAGE_A_DIFFUSERS_RULES = [(r"^vquantizer\.embedding\.weight$", "vquantizer.codebook.weight", None)] + STAGE_A_RULES
+# EfficientNet encoder and Previewer: convolutions and BatchNorms only (the SE `fc1`/`fc2` are 1x1
+# convolutions, not Linear layers: no transpose).
+EFFNET_RULES = list(BN_RULES)
+PREVIEWER_RULES = list(BN_RULES)
+
+
+def stage_a_config_from_shapes(shapes: Mapping[str, tuple]) -> dict:
+    """Infer `StageA` arguments (all but scale_factor) from a {name: shape} dict in our names."""
+    try:
+        if "vquantizer.codebook.weight" in shapes:
+            k, c_latent = shapes["vquantizer.codebook.weight"]
+        else:  # a decode-only file (see ldm.cascade.loading.load_stage_a)
+            k, c_latent = 8192, shapes["up_blocks.0.0.weight"][1]
+        down_res = sorted(int(m.group(1)) for n in shapes if (m := re.match(r"down_blocks\.(\d+)\.gammas$", n)))
+        up_res = [n for n in shapes if re.match(r"up_blocks\.\d+\.gammas$", n)]
+        levels = len(down_res)
+        c_hidden = shapes[f"down_blocks.{down_res[-1]}.depthwise.1.weight"][0]
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"not a Stage A state dict (cannot infer its sizes: {e!r})") from e
+    return dict(levels=levels, bottleneck_blocks=len(up_res) - (levels - 1), c_hidden=int(c_hidden),
+                c_latent=int(c_latent), codebook_size=int(k))
+
+
+def previewer_config_from_shapes(shapes: Mapping[str, tuple]) -> dict:
+    try:
+        c_hidden, c_in = shapes["blocks.0.weight"][:2]
+        c_out = shapes["blocks.24.weight"][0]
+    except KeyError as e:
+        raise ValueError(f"not a Previewer state dict (missing {e})") from e
+    return dict(c_in=int(c_in), c_hidden=int(c_hidden), c_out=int(c_out))
+
+
+def effnet_config_from_shapes(shapes: Mapping[str, tuple]) -> dict | None:
+    """The latent width from the mapper conv (the backbone is fixed); None when the mapper is
+    absent (then the default config is built and the key check lists what is missing)."""
+    if "mapper.0.weight" not in shapes:
+        return None
+    return dict(c_latent=int(shapes["mapper.0.weight"][0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration (model names = the "model" of ldm.weights.metadata)
+# ---------------------------------------------------------------------------------------------
+for _stage in ("c", "b"):
+    register_key_table(KeyTable(
+        f"stage_{_stage}", LAYOUTS,
+        to_paddle=lambda shapes, layout, s=_stage: plan_to_paddle(shapes, layout, s),
+        from_paddle=lambda shapes, layout, s=_stage: plan_from_paddle(shapes, layout, s),
+        detect_layout=detect_layout))
+register_key_table(rule_table("stage_a", {"paddle": BN_RULES, "original": STAGE_A_RULES,
+                                          "diffusers": STAGE_A_DIFFUSERS_RULES}))
+register_key_table(rule_table("effnet", {"paddle": BN_RULES, "original": EFFNET_RULES}))
+register_key_table(rule_table("previewer", {"paddle": BN_RULES, "original": PREVIEWER_RULES}))
