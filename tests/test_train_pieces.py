@@ -85,7 +85,7 @@ def test_checkpoint_completeness_resume_and_rotation(tmp_path):
 
 
 def test_rename_optimizer_state():
-    from ldm.train.trainer import rename_optimizer_state
+    from ldm.train.checkpoint import rename_optimizer_state
 
     state = {"conv2d_1.w_0_moment1_0": 1, "conv2d_12.w_0_moment1_0": 2, "conv2d_1.w_0_beta1_pow_acc_0": 3,
              "master_weights": {"conv2d_1.w_0": 4}, "LR_Scheduler": {"last_epoch": 5}}
@@ -140,14 +140,15 @@ def test_group_learning_rates_reach_the_optimizer():
 
 
 def test_checkpoint_state_is_read_without_running_pickled_code(tmp_path):
-    """Optimizer / scheduler / RNG files of a checkpoint go through the restricted unpickler."""
+    """Optimizer / scheduler / RNG files of an older checkpoint go through the restricted unpickler
+    (`paddle.load` itself is never replaced)."""
     import os
     import pickle
 
     import paddle
     import pytest
 
-    from ldm.train.trainer import DiffusionTrainer, restricted_paddle_load
+    from ldm.train.checkpoint import CheckpointStateCallback, read_legacy_state
     from ldm.weights import WeightsError
 
     marker = tmp_path / "pwned"
@@ -162,23 +163,23 @@ def test_checkpoint_state_is_read_without_running_pickled_code(tmp_path):
     paddle.save(state, str(tmp_path / "good.pdopt"))
     paddle.seed(1)
     paddle.save({"cpu": paddle.framework.core.default_cpu_generator().get_state()}, str(tmp_path / "rng.pth"))
-    with restricted_paddle_load():
-        with pytest.raises(WeightsError, match="refusing to unpickle .*system"):
-            paddle.load(str(tmp_path / "optimizer.pdopt"))
-        good = paddle.load(str(tmp_path / "good.pdopt"))
-        rng = paddle.load(str(tmp_path / "rng.pth"))
+    load = paddle.load
+    with pytest.raises(WeightsError, match="refusing to unpickle .*system"):
+        read_legacy_state(str(tmp_path / "optimizer.pdopt"))
+    good = read_legacy_state(str(tmp_path / "good.pdopt"))
+    rng = read_legacy_state(str(tmp_path / "rng.pth"))
     assert not marker.exists()
     assert good["LR_Scheduler"] == {"last_epoch": 3} and good["w"].tolist() == [1.0, 1.0]
     paddle.framework.core.default_cpu_generator().set_state(rng["cpu"])
     a = paddle.rand([3]).numpy()
     paddle.seed(1)
     assert a.tolist() == paddle.rand([3]).numpy().tolist()
-    assert paddle.load.__name__ == "load"  # restored after the block
-    # the Trainer's own loaders use it
+    assert paddle.load is load and paddle.load.__name__ == "load"  # never replaced
+    # the checkpoint callback's loaders of older files use it
     import inspect
 
-    for name in ("_load_optimizer_and_scheduler", "_load_rng_state"):
-        assert "restricted_paddle_load()" in inspect.getsource(getattr(DiffusionTrainer, name))
+    for name in ("_load_optimizer", "_read_rng"):
+        assert "read_legacy_state(" in inspect.getsource(getattr(CheckpointStateCallback, name))
 
 
 def test_seeded_batch_sampler_order_depends_on_seed_and_epoch():

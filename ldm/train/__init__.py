@@ -1,21 +1,21 @@
-"""Model-agnostic training pieces on top of the PaddleNLP Trainer (used by the SD v1 trainer,
-reusable by the Stable Cascade trainers).
+"""Training on top of the PaddleNLP Trainer: one task base, the recipes, and their Trainer.
 
-Model contract (a paddle Layer):
-- `forward(**batch) -> loss` (scalar); extra batch keys (e.g. "caption") must be accepted.
-- optional `save_trained(dir, only_updated: bool)` / `load_trained(dir)`: what a checkpoint holds
-  (without them the Trainer's state-dict files are used).
-- optional `param_groups() -> {group: [(name, param)]}` for `optim.build_param_groups`.
-- for `EMACallback`: `ema_parameters() -> {name: param}`; optional `save_ema(dir, shadow)` /
-  `load_ema(dir) -> {name: ndarray} | None` (default: `ema.safetensors` in the checkpoint).
-- for `ImageLoggingCallback`: `log_images(pixel_values=..., **kwargs) -> {tag: uint8 HxWx3}`.
+- `task.py`: `TrainingTask`, the base Layer of every recipe (frozen parts, trainable selection,
+  EMA parameters, per-rank RNG state, saving / loading trained weights, preview hooks).
+- `stage_c.py`, `sd.py`: the recipes (arguments, a task subclass with its parts and its step, the
+  builder). A new recipe (Stage B, a LoRA run) is one more module of the same shape: subclass
+  `TrainingTask`, `add_frozen` / `add_trained` its networks, write `forward` (the step), and
+  override `write_part` / `read_part` if its weights have their own file format.
+- `trainer.py`: `DiffusionTrainer` (PaddleNLP's public extension points only: `compute_loss`,
+  `get_train_dataloader`, `log`, the `_save` / `_load_from_checkpoint` hooks, callbacks).
+- `checkpoint.py`: what a checkpoint holds beyond the weights (optimizer, scheduler, RNG and task
+  state as safetensors / JSON), completeness marker, resume and rotation.
+- `callbacks.py`: EMA, image logging, timing; `optim.py`: parameter groups; `args.py`: shared flags.
 
-Wiring (see train_txt2img_laion400m_trainer.py):
-    callbacks = [TimingCallback(samples_per_step), EMACallback(decay), ImageLoggingCallback(every, kwargs),
-                 CheckpointMarkerCallback()]                      # the marker callback LAST
+Wiring (see train_stage_c_trainer.py):
     resume = resolve_resume(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
-    args.resume_from_checkpoint = resume                         # EMACallback restores from it
-    trainer = DiffusionTrainer(model=model, args=args, train_dataset=ds, callbacks=callbacks)
-    trainer.set_optimizer_grouped_parameters(build_param_groups(model.param_groups(), lrs, base_lr, wd))
+    callbacks, ema = standard_callbacks(args, image_kwargs)
+    trainer = DiffusionTrainer(model=task, args=args, train_dataset=ds, callbacks=callbacks)
+    trainer.set_optimizer_grouped_parameters(list(task.trainable_parameters().values()))
     trainer.train(resume_from_checkpoint=resume)
 """

@@ -1,10 +1,12 @@
-"""Model-agnostic Trainer callbacks: EMA, image logging to VisualDL, timing and gradient norm.
+"""Task-agnostic Trainer callbacks: EMA, image logging to VisualDL, timing and gradient norm.
 
-Hooks a model may implement (all optional except where noted):
-- `ema_parameters() -> {name: Parameter}` (EMACallback: required)
-- `save_ema(checkpoint_dir, shadow)` / `load_ema(checkpoint_dir) -> {name: ndarray} | None`
-  (default: `ema.safetensors` in the checkpoint, keyed by the names above)
-- `log_images(pixel_values=..., **kwargs) -> {tag: uint8 (H, W, 3)}` (ImageLoggingCallback)
+They use only the `ldm.train.task.TrainingTask` API:
+- `ema_parameters() -> {name: Parameter}` (EMACallback), `save_ema(checkpoint_dir, shadow)` /
+  `load_ema(checkpoint_dir) -> {name: ndarray} | None` (a model without them gets
+  `ema.safetensors` in the checkpoint, keyed by the names above);
+- `log_images(pixel_values=..., **kwargs) -> {tag: uint8 (H, W, 3)}` (ImageLoggingCallback).
+The checkpoint callbacks (training state, completeness marker) are in `ldm.train.checkpoint`;
+`DiffusionTrainer` installs them itself.
 
 Extra scalars reach VisualDL through `pop_logs()`: `ldm.train.trainer.DiffusionTrainer.log` merges
 them into the Trainer's own log dict, so they land next to loss and learning_rate.
@@ -19,18 +21,15 @@ import numpy as np
 import paddle
 from paddlenlp.trainer import TrainerCallback
 
+from ldm.train.checkpoint import step_checkpoint_dir
 from ldm.utils import get_logger
-from ldm.weights.io import iter_state_dict, save_safetensors
+from ldm.weights import load_state_dict, save_safetensors
 
 logger = get_logger("ldm.train.callbacks")
 
 __all__ = ["EMACallback", "ImageLoggingCallback", "TimingCallback", "EMA_FILE"]
 
 EMA_FILE = "ema.safetensors"
-
-
-def _checkpoint_dir(args, state) -> str:
-    return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
 
 
 class EMACallback(TrainerCallback):
@@ -74,7 +73,7 @@ class EMACallback(TrainerCallback):
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if args.should_save:
-            self.save(model, _checkpoint_dir(args, state))
+            self.save(model, step_checkpoint_dir(args, state))
 
     def save(self, model, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
@@ -88,7 +87,7 @@ class EMACallback(TrainerCallback):
             state = model.load_ema(folder)
         else:
             f = os.path.join(folder, EMA_FILE)
-            state = dict(iter_state_dict(f)) if os.path.isfile(f) else None
+            state = load_state_dict(f) if os.path.isfile(f) else None
         if state is None:
             return None
         missing = sorted(set(self.shadow) - set(state))
@@ -204,11 +203,8 @@ class TimingCallback(TrainerCallback):
 def standard_callbacks(args, image_kwargs: Optional[dict] = None, extra=(), ema_to_images: bool = False):
     """The callback list both trainers use, in order: timing (samples/s over every data-parallel
     rank), EMA (`args.use_ema`), image logging every `args.image_logging_steps` with
-    `image_kwargs` (plus `ema=` the EMA callback when `ema_to_images`), `extra`, and the checkpoint
-    marker LAST (it marks a checkpoint complete after every other on_save hook).
-    Returns (callbacks, ema_callback_or_None)."""
-    from ldm.train.checkpoint import CheckpointMarkerCallback
-
+    `image_kwargs` (plus `ema=` the EMA callback when `ema_to_images`), then `extra`
+    (`DiffusionTrainer` adds the checkpoint callbacks around them). Returns (callbacks, ema_callback_or_None)."""
     samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.dataset_world_size, 1)
     callbacks = [TimingCallback(samples)]
     ema = EMACallback(args.ema_decay) if args.use_ema else None
@@ -217,4 +213,4 @@ def standard_callbacks(args, image_kwargs: Optional[dict] = None, extra=(), ema_
     if args.image_logging_steps > 0:
         kwargs = dict(image_kwargs or {}, **({"ema": ema} if ema_to_images else {}))
         callbacks.append(ImageLoggingCallback(args.image_logging_steps, kwargs))
-    return callbacks + list(extra) + [CheckpointMarkerCallback()], ema
+    return callbacks + list(extra), ema

@@ -1,31 +1,26 @@
-"""A PaddleNLP `Trainer` for diffusion models whose `forward(**batch)` returns the loss.
+"""A PaddleNLP `Trainer` for training tasks (`ldm.train.task.TrainingTask`): `loss = task(**batch)`.
 
-Overrides (nothing else is changed):
+Only PaddleNLP's public extension points are used; nothing of PaddleNLP or paddle is replaced at
+run time:
+- `__init__`: installs the checkpoint callbacks (`ldm.train.checkpoint`): `CheckpointStateCallback`
+  first, `CheckpointMarkerCallback` (with `save_total_limit`) last. The Trainer gets its own copy
+  of the arguments with `ignore_save_lr_and_optim` / `ignore_load_lr_and_optim` set (its optimizer,
+  scheduler and RNG files are pickles; the state callback writes safetensors/JSON instead) and no
+  `save_total_limit` (its rotation would delete before the new checkpoint is complete).
 - `compute_loss`: `loss = model(**inputs)`; with `--record_log_dir` the batch's captions are appended
   to `rank<k>.txt` (the model's `last_captions` when it has them: captions after its dropout).
 - `get_train_dataloader`: a paddle DataLoader with the one collator `ldm.data.collate` (numpy
   stacking; PaddleNLP's default collator segfaults with worker processes) and per-worker/per-rank
-  seeding. The dataset shards itself by rank (no IterableDatasetShard wrapper).
+  seeding. The dataset shards itself by rank (no IterableDatasetShard wrapper). On resume the
+  map-style sampler starts at the checkpoint's position (no batch is loaded to be skipped).
 - `log`: merges the scalars of callbacks that have `pop_logs()` (timing, grad norm).
-- `_load_optimizer_and_scheduler`: optimizer state re-keyed by structured parameter names
-  (`param_names.json`, written by `_save`), so resume does not depend on paddle's generated names.
-- `_load_optimizer_and_scheduler` / `_load_rng_state`: PaddleNLP reads these checkpoint files with
-  `paddle.load` (pickle); here they go through the restricted unpickler of `ldm.weights.io`, so a
-  foreign `--resume_from_checkpoint` folder cannot run code.
-- `_rotate_checkpoints`: a no-op; `ldm.train.checkpoint.CheckpointMarkerCallback` applies
-  `save_total_limit` once the new checkpoint is complete.
-- `train` / `training_step`: on resume the python/numpy/paddle RNG states of the checkpoint are
-  restored right before the first step. PaddleNLP restores them only while skipping already-seen
-  batches, i.e. never for a checkpoint on an epoch boundary or with `ignore_data_skip`, which made
-  dropout and noise draws of a resumed run differ from an uninterrupted one.
-- `_save` / `_load_from_checkpoint`: delegate to `model.save_trained(dir, only_updated)` /
-  `model.load_trained(dir)` when the model has them (so checkpoints hold loadable component
-  folders such as `unet/`), else the Trainer's own state-dict files.
+- `_save` / `_load_from_checkpoint` (the Trainer's save / load hooks): the task's
+  `save_trained(dir, only_updated)` / `load_trained(dir)`, so checkpoints hold loadable component
+  files (`stage_c.safetensors`, `unet/`) and nothing pickled.
 """
 from __future__ import annotations
 
-import contextlib
-import json
+import copy
 import os
 import random
 from typing import Dict
@@ -36,12 +31,14 @@ from paddle.io import DataLoader, IterableDataset
 from paddlenlp.trainer import Trainer
 
 from ldm.data import collate
+from ldm.train.checkpoint import (CheckpointMarkerCallback, CheckpointStateCallback, checkpoint_global_step,
+                                  resume_position)
+from ldm.train.task import TrainingTask
 from ldm.utils import get_logger
-from ldm.weights.io import TRAINER_STATE_GLOBALS, load_pickle_restricted
 
 logger = get_logger("ldm.train.trainer")
 
-__all__ = ["DiffusionTrainer", "worker_init_fn", "rename_optimizer_state", "PARAM_NAMES_FILE"]
+__all__ = ["DiffusionTrainer", "worker_init_fn", "SeededBatchSampler"]
 
 
 class worker_init_fn:  # noqa: N801 - used like a function, picklable for worker processes
@@ -56,77 +53,55 @@ class worker_init_fn:  # noqa: N801 - used like a function, picklable for worker
         np.random.seed(s)
 
 
-PARAM_NAMES_FILE = "param_names.json"
-
-
 class SeededBatchSampler(paddle.io.DistributedBatchSampler):
     """paddle's DistributedBatchSampler shuffles with `RandomState(epoch)`, the same order for every
     run; this one mixes the run's seed in, so `--seed` changes the sample order too (the Trainer
-    still drives it through `set_epoch`)."""
+    still drives it through `set_epoch`). It also sets the dataset's epoch (fresh random crops per
+    epoch) and can start at a resumed position: `start_at(epochs, batches)` makes the Trainer's
+    loop epoch 0 the data epoch `epochs`, of which the first `batches` batches are not yielded."""
 
     def __init__(self, *args, seed: int = 0, **kwargs):
         self._seed = int(seed)
+        self._epoch_offset, self._skip = 0, 0
         super().__init__(*args, **kwargs)
         self.set_epoch(0)
 
+    def start_at(self, epochs: int, batches: int) -> None:
+        if epochs < 0 or not 0 <= batches < max(len(self), 1):
+            raise ValueError(f"cannot start at epoch {epochs}, batch {batches} of {len(self)}")
+        self._epoch_offset, self._skip = int(epochs), int(batches)
+        self.set_epoch(0)
+
     def set_epoch(self, epoch: int) -> None:
-        super().set_epoch((self._seed * 1000003 + int(epoch)) % 2**32)
+        epoch = int(epoch) + self._epoch_offset
+        super().set_epoch((self._seed * 1000003 + epoch) % 2**32)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
 
-
-def _param_name_map(checkpoint: str, model) -> Dict[str, str]:
-    """{saved paddle param name: current paddle param name}, only for names that changed."""
-    path = os.path.join(str(checkpoint), PARAM_NAMES_FILE)
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
-    current = {n: p.name for n, p in model.named_parameters()}
-    missing = sorted(set(current) - set(saved))
-    if missing:
-        raise ValueError(f"{path}: {len(missing)} parameters of the model are not in the checkpoint, e.g. {missing[:3]}")
-    return {saved[n]: current[n] for n in current if saved[n] != current[n]}
-
-
-def rename_optimizer_state(state: Dict, mapping: Dict[str, str]) -> Dict:
-    """Rename optimizer-state keys `<param name>_<accumulator>` and master-weight keys."""
-    if not mapping:
-        return state
-    out = {}
-    for key, value in state.items():
-        if key == "master_weights" and isinstance(value, dict):
-            out[key] = {mapping.get(k, k): v for k, v in value.items()}
-            continue
-        new = key
-        # the longest saved parameter name that prefixes the key followed by "_"
-        cut = key.rfind("_")
-        while cut > 0:
-            if key[:cut] in mapping:
-                new = mapping[key[:cut]] + key[cut:]
-                break
-            cut = key.rfind("_", 0, cut)
-        out[new] = value
-    return out
-
-
-@contextlib.contextmanager
-def restricted_paddle_load():
-    """Within the block, `paddle.load` (as PaddleNLP calls it for optimizer, scheduler and RNG
-    state) reads through the restricted unpickler: arrays, plain containers and Paddle generator
-    states only. Paddle accepts numpy arrays wherever it loads these states."""
-    original = paddle.load
-
-    def safe_load(path, **kwargs):
-        return load_pickle_restricted(path, TRAINER_STATE_GLOBALS)
-
-    paddle.load = safe_load
-    try:
-        yield
-    finally:
-        paddle.load = original
+    def __iter__(self):
+        skip, self._skip = self._skip, 0  # only the first pass after a resume starts later
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                yield batch
 
 
 class DiffusionTrainer(Trainer):
-    """Trainer for `loss = model(**batch)` models; see the module docstring for the hooks."""
+    """Trainer of a `TrainingTask`; see the module docstring for the hooks it fills in."""
+
+    def __init__(self, model: TrainingTask, args, callbacks=(), **kwargs):
+        if not isinstance(model, TrainingTask):
+            raise TypeError(f"DiffusionTrainer trains an ldm.train.task.TrainingTask, got {type(model).__name__}")
+        if args.unified_checkpoint or args.save_sharded_model or args.load_sharded_model:
+            raise ValueError("--unified_checkpoint / --save_sharded_model / --load_sharded_model are not supported: "
+                             "checkpoints hold the task's own weight files")
+        keep = args.save_total_limit
+        args = copy.copy(args)  # the caller's arguments stay as parsed
+        args.ignore_save_lr_and_optim = args.ignore_load_lr_and_optim = True
+        args.save_total_limit = None
+        self.checkpoint_state = CheckpointStateCallback(model)
+        callbacks = [self.checkpoint_state, *(callbacks or ()), CheckpointMarkerCallback(keep)]
+        super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+        self.checkpoint_state.scaler = self.scaler if self.do_grad_scaling else None
 
     def compute_loss(self, model, inputs, return_outputs=False):
         loss = model(**inputs)
@@ -159,19 +134,21 @@ class DiffusionTrainer(Trainer):
             ds, batch_size=self.args.per_device_train_batch_size, shuffle=True, drop_last=True,
             num_replicas=self.args.dataset_world_size, rank=self.args.dataset_rank, seed=self.args.seed,
         )
+        resume = self.args.resume_from_checkpoint  # set by _load_from_checkpoint, which train() calls first
+        if resume:
+            sampler.start_at(*resume_position(checkpoint_global_step(resume), len(sampler), self.args))
         common.pop("batch_size")
         return DataLoader(ds, batch_sampler=sampler, **common)
 
-    def train(self, resume_from_checkpoint=None, **kwargs):
-        self._rng_resume = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
-    def training_step(self, model, inputs):
-        ckpt = getattr(self, "_rng_resume", None)
-        if ckpt:  # once, before the first step after resume (idempotent if PaddleNLP already did it)
-            self._rng_resume = None
-            self._load_rng_state(ckpt)
-        return super().training_step(model, inputs)
+    def fit(self, resume_from_checkpoint=None, ema=None):
+        """`train`, then the final files in `--output_dir`: the task's trained weights, the EMA
+        weights (`ema`: the EMACallback, if any) and trainer_state.json."""
+        self.train(resume_from_checkpoint=resume_from_checkpoint)
+        self.save_model()
+        if ema is not None and self.args.should_save:
+            ema.save(self.model, self.args.output_dir)
+        self.save_state()
+        return self
 
     def log(self, logs: Dict[str, float], **kwargs) -> None:
         if "loss" in logs:  # training logs only
@@ -181,46 +158,18 @@ class DiffusionTrainer(Trainer):
         super().log(logs, **kwargs)
 
     def _save(self, output_dir=None, state_dict=None, merge_tensor_parallel=False):
-        model = self.model
-        if not hasattr(model, "save_trained"):
-            return super()._save(output_dir, state_dict, merge_tensor_parallel)
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
-            os.makedirs(output_dir, exist_ok=True)
-            logger.info("saving trained components to %s", output_dir)
-            model.save_trained(output_dir, only_updated=getattr(self.args, "only_save_updated_model", True))
-            names = {n: p.name for n, p in model.named_parameters()}
-            with open(os.path.join(output_dir, PARAM_NAMES_FILE), "w", encoding="utf-8") as f:
-                json.dump(names, f)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        """As the Trainer's, but optimizer-state keys are re-mapped through `param_names.json`.
-
-        Paddle keys optimizer state by auto-generated parameter names (`conv2d_12.w_0_moment1_0`),
-        which change when models are built in another order or a second time in one process; the
-        structured names saved next to the checkpoint make resume independent of that.
-        """
-        mapping = _param_name_map(checkpoint, self.model) if checkpoint else None
-        with restricted_paddle_load():
-            if not mapping:
-                return super()._load_optimizer_and_scheduler(checkpoint)
-            original = self.optimizer.set_state_dict
-            self.optimizer.set_state_dict = lambda state: original(rename_optimizer_state(state, mapping))
-            try:
-                return super()._load_optimizer_and_scheduler(checkpoint)
-            finally:
-                del self.optimizer.set_state_dict  # drop the instance override, back to the class method
-
-    def _load_rng_state(self, checkpoint):
-        with restricted_paddle_load():
-            return super()._load_rng_state(checkpoint)
-
-    def _rotate_checkpoints(self, use_mtime=False, output_dir=None) -> None:
-        """Disabled: the Trainer's version deletes before the new checkpoint is complete (and never
-        runs in single-process jobs, local_rank -1). `CheckpointMarkerCallback` rotates instead."""
+            logger.info("saving trained weights to %s", output_dir)
+            self.model.save_trained(output_dir, only_updated=getattr(self.args, "only_save_updated_model", True))
 
     def _load_from_checkpoint(self, resume_from_checkpoint=None):
-        model = self.model
-        if not resume_from_checkpoint or not hasattr(model, "load_trained"):
-            return super()._load_from_checkpoint(resume_from_checkpoint)
-        model.load_trained(str(resume_from_checkpoint))
+        """Load the task's trained weights; `args.resume_from_checkpoint` names the checkpoint this
+        run resumes from (None when it starts fresh) for the dataloader and the callbacks."""
+        resume = resume_from_checkpoint
+        if resume is not None and not isinstance(resume, (str, os.PathLike)):
+            raise ValueError(f"resume_from_checkpoint must be a checkpoint folder or None, got {resume!r} "
+                             "(ldm.train.checkpoint.resolve_resume finds one)")
+        self.args.resume_from_checkpoint = str(resume) if resume else None
+        if resume:
+            self.model.load_trained(str(resume))
