@@ -5,7 +5,7 @@
 
 Multi-GPU: `python -u -m paddle.distributed.launch --gpus 0,1,2,3 train_stage_c_trainer.py ...`
 (add `--sharding "stage2"` to shard optimiser state and gradients, `--recompute` for activations).
-Flags: ldm/cascade/train_c.py (plus every PaddleNLP TrainingArguments flag). FLAG_USE_EMA and
+Flags: ldm/train/stage_c.py (plus every PaddleNLP TrainingArguments flag). FLAG_USE_EMA and
 FLAG_RECOMPUTE set the defaults of --use_ema and --recompute. Checkpoints are resumed
 automatically from --output_dir (the newest complete checkpoint-N) unless --overwrite_output_dir;
 `scripts/extract_unet_weights.py` turns one into a Stage C weight file for inference.py.
@@ -15,28 +15,23 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ldm.cascade.train_c import parse_stage_c_args  # noqa: E402
+from ldm.train.stage_c import parse_stage_c_args  # noqa: E402
 
 
 def main(argv=None):
     import config
 
     model_args, data_args, training_args = parse_stage_c_args(argv, cascade=config.CASCADE)
-    from ldm.cascade.train_c import build_stage_c_trainer
     from ldm.train.checkpoint import resolve_resume
+    from ldm.train.stage_c import build_stage_c_trainer
     from ldm.utils import set_seed
 
     set_seed(training_args.seed)
     resume = resolve_resume(training_args.output_dir, training_args.resume_from_checkpoint,
                             training_args.overwrite_output_dir) if training_args.do_train else None
-    training_args.resume_from_checkpoint = resume
-    trainer, layer, ema = build_stage_c_trainer(model_args, data_args, training_args)
-    if training_args.do_train:
-        trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model()  # <output_dir>/stage_c.safetensors (+ train_c_config.json)
-        if ema is not None and training_args.should_save:
-            ema.save(layer, training_args.output_dir)  # <output_dir>/stage_c_ema.safetensors
-        trainer.save_state()
+    trainer, _, ema = build_stage_c_trainer(model_args, data_args, training_args)
+    if training_args.do_train:  # final stage_c.safetensors (+ stage_c_ema.safetensors, train_c_config.json)
+        trainer.fit(resume, ema)
     return trainer
 
 

@@ -3,12 +3,12 @@ the held-out denoising loss at fixed noise and times drops by >= 30% within 120 
 tiny model (AdamW 1e-3, weight decay 0.01, clip 1.0 - the optimiser setup of the Trainer).
 
 The EfficientNet encoder is frozen and deterministic, so its latents are computed once per image
-and looked up during the loop (the rest of `StageCTrainer.forward` runs unchanged every step).
+and looked up during the loop (the rest of `StageCTask.forward` runs unchanged every step).
 """
 import numpy as np
 import paddle
 
-from ldm.cascade import train_c
+import ldm.train.stage_c as train_c
 
 COLORS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.2), "blue": (0.1, 0.2, 1.0), "yellow": (1.0, 0.9, 0.1)}
 SHAPES = ("square", "circle", "stripe", "dot")
@@ -31,7 +31,7 @@ def test_heldout_denoising_loss_drops():
     from ldm.cascade.components import tiny_components
 
     paddle.seed(0)
-    layer = train_c.StageCTrainer(tiny_components(), train_c.stage_c_config_of("tiny"), seed=0)
+    layer = train_c.StageCTask(tiny_components(), train_c.stage_c_config_of("tiny"), seed=0)
     pairs = [draw(c, s) for c in COLORS for s in SHAPES]
     held = [pairs.pop(i) for i in (15, 10, 5, 0)]  # 4 unseen (colour, shape) combinations
     with paddle.no_grad():
