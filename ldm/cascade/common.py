@@ -1,8 +1,11 @@
 """Building blocks shared by Stage C and Stage B (and usable by Stage A / the previewer).
 
-Follows Stability-AI/StableCascade `modules/common.py` (ResBlock, AttnBlock, FeedForwardBlock,
-TimestepBlock, GlobalResponseNorm from ConvNeXt-V2, non-affine LayerNorm2d) and the shared U-Net
-skeleton of `modules/stage_c.py` / `modules/stage_b.py` (levels, repeat mappers, skip handling).
+Follows Stability-AI/StableCascade `modules/common.py` block for block (ResBlock, AttnBlock,
+FeedForwardBlock, TimestepBlock, GlobalResponseNorm from ConvNeXt-V2, non-affine LayerNorm2d,
+Attention2D over torch `nn.MultiheadAttention`) and the shared U-Net skeleton of
+`modules/stage_c.py` / `modules/stage_b.py` (levels, repeat mappers, skip handling). Every
+forward calls its sub-layers, the same code in training and in eval (dropout aside), so a hook,
+an adapter or a parametrisation on any Linear / Conv2D / LayerNorm sees every call.
 
 Parameter names and shapes equal the Paddle state dicts of PaddleMIX's port (the seed's
 `stage_c_lite.pdparams` / `stage_b_lite.pdparams`): Linear weights are [in, out]; the attention
@@ -11,11 +14,10 @@ keeps paddle `nn.MultiHeadAttention` names (`attention.attn.{q,k,v,out}_proj.*`)
 Numerics differ from PaddleMIX on purpose: GlobalResponseNorm takes the vector L2 norm over the
 spatial axes (as torch.norm does in the reference), not paddle.norm's matrix 2-norm.
 
-CPU speed (benchmarks/bench_stage_c.py): paddle's broadcast elementwise ops, reductions and
-large softmaxes are several times slower than torch's on CPU, so the hot paths are arranged
-around them with the same maths: biases fused into addmm (`linear_2d`), GRN sums of squares as a
-matmul with ones and its scale as a 1-D broadcast, GRN's beta folded into the next bias, and
-attention computed one (sample, head) at a time so the score matrix stays in cache.
+CPU speed: attention goes through `ldm.cascade.attention.attention`; the Linear layers are
+`ldm.cascade.cpu_kernels.Linear` and GRN asks the same module, whose one switch
+(`set_fast_cpu_kernels`, env `LDM_FAST_CPU_KERNELS`) selects paddle-CPU arrangements of the same
+maths inside those layers' own forwards.
 """
 from __future__ import annotations
 
@@ -26,11 +28,13 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from . import cpu_kernels
+from .attention import attention
+from .cpu_kernels import Linear
+
 __all__ = [
-    "linear_2d",
     "LN_EPS",
     "GRN_EPS",
-    "layer_norm_channels_last",
     "LayerNorm2d",
     "GlobalResponseNorm",
     "ResBlock",
@@ -48,29 +52,23 @@ GRN_EPS = 1e-6  # GlobalResponseNorm: Gx / (mean_c(Gx) + eps)
 MAX_POSITIONS = 10000  # r embedding: sinusoid of r * 10000
 
 
-def layer_norm_channels_last(x: paddle.Tensor, eps: float = LN_EPS) -> paddle.Tensor:
-    """Non-affine LayerNorm over the last axis."""
-    return F.layer_norm(x, x.shape[-1:], weight=None, bias=None, epsilon=eps)
-
-
-class LayerNorm2d(nn.Layer):
-    """Non-affine LayerNorm over the channel axis of an NCHW tensor (no parameters)."""
+class LayerNorm2d(nn.LayerNorm):
+    """`nn.LayerNorm` over the channel axis of an NCHW tensor; non-affine (no parameters), as
+    every LayerNorm2d of Stage B/C (`elementwise_affine=False, eps=1e-6` in the reference)."""
 
     def __init__(self, c: int, eps: float = LN_EPS):
-        super().__init__()
-        self.c, self.eps = c, eps
+        super().__init__(c, epsilon=eps, weight_attr=False, bias_attr=False)
 
     def forward(self, x):  # (B, C, H, W)
-        x = x.transpose([0, 2, 3, 1])  # (B, H, W, C)
-        x = layer_norm_channels_last(x, self.eps)
-        return x.transpose([0, 3, 1, 2])  # (B, C, H, W)
+        return super().forward(x.transpose([0, 2, 3, 1])).transpose([0, 3, 1, 2])
 
 
 class GlobalResponseNorm(nn.Layer):
     """ConvNeXt-V2 GRN on channels-last input (B, H, W, C).
 
     Gx = ||x||_2 over (H, W) per channel; Nx = Gx / (mean_C(Gx) + 1e-6);
-    y = gamma * (x * Nx) + beta + x. gamma/beta are (1, 1, 1, C), zero at init.
+    y = gamma * (x * Nx) + beta + x, computed as x * (gamma * Nx + 1) + beta.
+    gamma/beta are (1, 1, 1, C), zero at init.
     """
 
     def __init__(self, dim: int):
@@ -79,44 +77,25 @@ class GlobalResponseNorm(nn.Layer):
         self.gamma = self.create_parameter([1, 1, 1, dim], default_initializer=zeros)
         self.beta = self.create_parameter([1, 1, 1, dim], default_initializer=zeros)
 
-    def scale(self, x):  # (B, H, W, C) -> (B, 1, 1, C) such that GRN(x) = x * scale(x) + beta
-        return _grn_scale((x * x).sum(axis=[1, 2], keepdim=True), self.gamma)
-
     def forward(self, x):  # (B, H, W, C)
-        # gamma * (x * nx) + beta + x, with one pass over x instead of three
-        return x * self.scale(x) + self.beta
-
-
-def _grn_scale(ss, gamma):
-    """Per-channel sums of squares over the spatial axes (..., C) -> gamma * Nx + 1 (..., C)."""
-    # sqrt's gradient is inf at 0 (a channel that is all zeros, e.g. GELU underflow after
-    # fine-tuning) -> NaN everywhere; torch.norm's backward gives 0 there, so mask it the same way
-    live = ss > 0
-    gx = paddle.where(live, ss, paddle.ones_like(ss)).sqrt() * live.astype(ss.dtype)
-    nx = gx / (gx.mean(axis=-1, keepdim=True) + GRN_EPS)
-    return gamma * nx + 1.0
-
-
-def linear_2d(x, layer: nn.Linear, bias=None):
-    """`layer(x)` for (..., in) input as one addmm on a 2-D view: on CPU paddle fuses the bias
-    into the GEMM there, while nn.Linear adds it in a separate (slow, broadcast) pass."""
-    w = layer.weight
-    b = layer.bias if bias is None else bias
-    lead = x.shape[:-1]
-    x2 = x.reshape([-1, x.shape[-1]])
-    y = paddle.addmm(b, x2, w) if b is not None else paddle.matmul(x2, w)
-    return y.reshape([*lead, w.shape[1]])
+        fast = cpu_kernels.fast_cpu_kernels_enabled()
+        ss = cpu_kernels.sum_of_squares_hw(x) if fast else (x * x).sum(axis=[1, 2], keepdim=True)  # (B, 1, 1, C)
+        # sqrt's gradient is inf at 0 (a channel that is all zeros, e.g. GELU underflow after
+        # fine-tuning) -> NaN everywhere; torch.norm's backward gives 0 there, so mask it the same way
+        live = ss > 0
+        gx = paddle.where(live, ss, paddle.ones_like(ss)).sqrt() * live.astype(ss.dtype)
+        scale = self.gamma * (gx / (gx.mean(axis=-1, keepdim=True) + GRN_EPS)) + 1.0  # (B, 1, 1, C)
+        return cpu_kernels.scale_shift_channels(x, scale, self.beta) if fast else x * scale + self.beta
 
 
 def _channel_mlp(c_in: int, c: int, dropout: float) -> nn.Sequential:
     # indices 0..4 are part of the checkpoint names: channelwise.0 / .2 (GRN) / .4
-    return nn.Sequential(
-        nn.Linear(c_in, c * 4), nn.GELU(), GlobalResponseNorm(c * 4), nn.Dropout(dropout), nn.Linear(c * 4, c)
-    )
+    return nn.Sequential(Linear(c_in, c * 4), nn.GELU(), GlobalResponseNorm(c * 4), nn.Dropout(dropout), Linear(c * 4, c))
 
 
 class ResBlock(nn.Layer):
-    """Depthwise conv -> LayerNorm2d -> [concat skip] -> Linear/GELU/GRN/Linear, residual."""
+    """x + channelwise(concat(norm(depthwise(x)), x_skip)); channelwise = Linear/GELU/GRN/Dropout/Linear
+    over channels-last pixels."""
 
     def __init__(self, c: int, c_skip: int = 0, kernel_size: int = 3, dropout: float = 0.0):
         super().__init__()
@@ -125,35 +104,15 @@ class ResBlock(nn.Layer):
         self.channelwise = _channel_mlp(c + c_skip, c, dropout)
 
     def forward(self, x, x_skip=None):  # x (B, C, H, W), x_skip (B, C_skip, H, W)
-        h = self.depthwise(x).transpose([0, 2, 3, 1])  # (B, H, W, C)
-        h = layer_norm_channels_last(h)
+        h = self.norm(self.depthwise(x))
         if x_skip is not None:
-            h = paddle.concat([h, x_skip.transpose([0, 2, 3, 1])], axis=-1)  # (B, H, W, C + C_skip)
-        if self.training and self.channelwise[3].p > 0:
-            h = self.channelwise(h)  # (B, H, W, C)
-        else:
-            h = self._mlp_fused(h)
-        return h.transpose([0, 3, 1, 2]) + x  # (B, C, H, W)
-
-    def _mlp_fused(self, h):  # (B, H, W, C_in) -> (B, H, W, C)
-        """channelwise(h) without dropout, arranged for paddle's CPU kernels (same maths):
-        biases fused into addmm, GRN's beta folded into the last bias, and per sample the GRN
-        sums of squares as a matmul with ones and its scale as a 1-D (fast) broadcast."""
-        fc1, grn, fc2 = self.channelwise[0], self.channelwise[2], self.channelwise[4]
-        b, hh, ww, _ = h.shape
-        g = F.gelu(linear_2d(h, fc1)).reshape([b, hh * ww, -1])  # (B, HW, 4C)
-        bias = fc2.bias + paddle.matmul(grn.beta.reshape([1, -1]), fc2.weight).reshape([-1])  # (C,)
-        ones = paddle.ones([1, hh * ww], dtype=g.dtype)
-        gamma = grn.gamma.reshape([-1])
-        outs = []
-        for gi in paddle.unbind(g):  # (HW, 4C) per sample
-            ss = paddle.matmul(ones, gi * gi).reshape([-1])  # (4C,)
-            outs.append(paddle.addmm(bias, gi * _grn_scale(ss, gamma), fc2.weight))  # (HW, C)
-        return paddle.stack(outs).reshape([b, hh, ww, -1])
+            h = paddle.concat([h, x_skip], axis=1)  # (B, C + C_skip, H, W)
+        h = self.channelwise(h.transpose([0, 2, 3, 1])).transpose([0, 3, 1, 2])  # (B, C, H, W)
+        return h + x
 
 
 class FeedForwardBlock(nn.Layer):
-    """LayerNorm2d -> Linear/GELU/GRN/Linear, residual ('F' in level_config)."""
+    """x + channelwise(norm(x)), channelwise as in ResBlock ('F' in level_config)."""
 
     def __init__(self, c: int, dropout: float = 0.0):
         super().__init__()
@@ -161,8 +120,7 @@ class FeedForwardBlock(nn.Layer):
         self.channelwise = _channel_mlp(c, c, dropout)
 
     def forward(self, x):  # (B, C, H, W)
-        h = layer_norm_channels_last(x.transpose([0, 2, 3, 1]))  # (B, H, W, C)
-        return self.channelwise(h).transpose([0, 3, 1, 2]) + x
+        return x + self.channelwise(self.norm(x).transpose([0, 2, 3, 1])).transpose([0, 3, 1, 2])
 
 
 class TimestepBlock(nn.Layer):
@@ -171,9 +129,9 @@ class TimestepBlock(nn.Layer):
     def __init__(self, c: int, c_timestep: int, conds=("sca",)):
         super().__init__()
         self.conds = list(conds)
-        self.mapper = nn.Linear(c_timestep, c * 2)
+        self.mapper = Linear(c_timestep, c * 2)
         for name in self.conds:
-            setattr(self, f"mapper_{name}", nn.Linear(c_timestep, c * 2))
+            setattr(self, f"mapper_{name}", Linear(c_timestep, c * 2))
 
     def forward(self, x, t):  # x (B, C, H, W), t (B, c_r * (1 + len(conds)))
         ts = paddle.split(t, len(self.conds) + 1, axis=1)  # each (B, c_r)
@@ -188,7 +146,8 @@ class Attention(nn.Layer):
     """Multi-head attention with paddle `nn.MultiHeadAttention` parameter names
     (q_proj, k_proj, v_proj, out_proj; Linear weights [in, out]).
 
-    Equivalent to torch `nn.MultiheadAttention(c, nhead, bias=True, batch_first=True)`.
+    Equivalent to torch `nn.MultiheadAttention(c, nhead, bias=True, batch_first=True)`;
+    the attention itself is `ldm.cascade.attention.attention`.
     """
 
     def __init__(self, c: int, nhead: int, dropout: float = 0.0):
@@ -196,46 +155,20 @@ class Attention(nn.Layer):
         if nhead <= 0 or c % nhead:
             raise ValueError(f"attention width {c} is not divisible by nhead={nhead}")
         self.c, self.nhead, self.dropout = c, nhead, dropout
-        self.q_proj = nn.Linear(c, c)
-        self.k_proj = nn.Linear(c, c)
-        self.v_proj = nn.Linear(c, c)
-        self.out_proj = nn.Linear(c, c)
+        self.q_proj = Linear(c, c)
+        self.k_proj = Linear(c, c)
+        self.v_proj = Linear(c, c)
+        self.out_proj = Linear(c, c)
 
-    def forward(self, q, kv):  # q (B, Lq, C), kv (B, Lk, C)
-        b, lq, c = q.shape
-        lk = kv.shape[1]
+    def forward(self, query, key, value):  # query (B, Lq, C), key / value (B, Lk, C)
+        b, lq, c = query.shape
+        lk = key.shape[1]
         h, d = self.nhead, c // self.nhead
-        q = linear_2d(q, self.q_proj).reshape([b, lq, h, d])  # (B, Lq, H, D)
-        k = linear_2d(kv, self.k_proj).reshape([b, lk, h, d])  # (B, Lk, H, D)
-        v = linear_2d(kv, self.v_proj).reshape([b, lk, h, d])
-        p = self.dropout if self.training else 0.0
-        if q.place.is_cpu_place():
-            o = _attention_per_head(q, k, v, p)  # (B, Lq, H, D)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, dropout_p=p, training=self.training)  # (B, Lq, H, D)
-        return linear_2d(o.reshape([b, lq, c]), self.out_proj)  # (B, Lq, C)
-
-
-def _attention_per_head(q, k, v, dropout_p: float = 0.0):
-    """softmax(q k^T / sqrt(D)) v for one (batch, head) pair at a time, heads taken as column
-    slices (no transposes). On CPU the (Lq, Lk) scores of one head stay in cache, which makes
-    paddle's softmax ~4x faster than over the whole (B, H, Lq, Lk) tensor. (B, L, H, D) in and out."""
-    b, lq, h, d = q.shape
-    lk = k.shape[1]
-    q = (q * (d**-0.5)).reshape([b, lq, h * d])  # (B, Lq, C)
-    k, v = k.reshape([b, lk, h * d]), v.reshape([b, lk, h * d])  # (B, Lk, C)
-    rows = []
-    for bi in range(b):
-        qb, kb, vb = q[bi], k[bi], v[bi]
-        heads = []
-        for i in range(h):
-            cols = slice(i * d, (i + 1) * d)
-            a = F.softmax(paddle.matmul(qb[:, cols], kb[:, cols], transpose_y=True), axis=-1)  # (Lq, Lk)
-            if dropout_p > 0:
-                a = F.dropout(a, dropout_p)
-            heads.append(paddle.matmul(a, vb[:, cols]))  # (Lq, D)
-        rows.append(paddle.concat(heads, axis=1))  # (Lq, C)
-    return paddle.stack(rows).reshape([b, lq, h, d])
+        q = self.q_proj(query).reshape([b, lq, h, d])  # (B, Lq, H, D)
+        k = self.k_proj(key).reshape([b, lk, h, d])  # (B, Lk, H, D)
+        v = self.v_proj(value).reshape([b, lk, h, d])
+        o = attention(q, k, v, dropout_p=self.dropout, training=self.training)  # (B, Lq, H, D)
+        return self.out_proj(o.reshape([b, lq, c]))  # (B, Lq, C)
 
 
 class Attention2D(nn.Layer):
@@ -250,29 +183,23 @@ class Attention2D(nn.Layer):
         tokens = x.reshape([b, c, hh * ww]).transpose([0, 2, 1])  # (B, HW, C)
         if self_attn:
             kv = paddle.concat([tokens, kv], axis=1)  # (B, HW + L, C)
-        out = self.attn(tokens, kv)  # (B, HW, C)
+        out = self.attn(tokens, kv, kv)  # (B, HW, C)
         return out.transpose([0, 2, 1]).reshape([b, c, hh, ww])
 
 
 class AttnBlock(nn.Layer):
-    """x + Attention2D(LayerNorm2d(x), kv_mapper(cond)); kv_mapper = SiLU -> Linear."""
+    """x + attention(norm(x), kv_mapper(cond)); kv_mapper = SiLU -> Linear."""
 
     def __init__(self, c: int, c_cond: int, nhead: int, self_attn: bool = True, dropout: float = 0.0):
         super().__init__()
         self.self_attn = self_attn
         self.norm = LayerNorm2d(c)
         self.attention = Attention2D(c, nhead, dropout)
-        self.kv_mapper = nn.Sequential(nn.Silu(), nn.Linear(c_cond, c))
+        self.kv_mapper = nn.Sequential(nn.Silu(), Linear(c_cond, c))
 
     def forward(self, x, kv):  # x (B, C, H, W), kv (B, L, c_cond)
-        # = x + Attention2D(LayerNorm2d(x), kv), with two layout transposes instead of four
-        b, c, hh, ww = x.shape
         kv = self.kv_mapper(kv)  # (B, L, C)
-        tokens = layer_norm_channels_last(x.transpose([0, 2, 3, 1])).reshape([b, hh * ww, c])  # (B, HW, C)
-        if self.self_attn:
-            kv = paddle.concat([tokens, kv], axis=1)  # (B, HW + L, C)
-        out = self.attention.attn(tokens, kv)  # (B, HW, C)
-        return x + out.transpose([0, 2, 1]).reshape([b, c, hh, ww])
+        return x + self.attention(self.norm(x), kv, self_attn=self.self_attn)
 
 
 def timestep_embedding(r: paddle.Tensor, c_r: int, max_positions: int = MAX_POSITIONS) -> paddle.Tensor:

@@ -104,6 +104,7 @@ class VectorQuantizer(nn.Layer):
 
     def __init__(self, c_latent: int, codebook_size: int):
         super().__init__()
+        self.codebook_size = codebook_size
         self.codebook = nn.Embedding(codebook_size, c_latent)
 
     def forward(self, x, axis: int = 1):
@@ -112,9 +113,10 @@ class VectorQuantizer(nn.Layer):
         if axis != -1:
             x = paddle.moveaxis(x, axis, -1)  # (B, H, W, C)
         flat = x.reshape([-1, x.shape[-1]])  # (N, C)
-        cb = self.codebook.weight  # (K, C)
-        dist = (flat * flat).sum(-1, keepdim=True) - 2 * flat.matmul(cb.detach(), transpose_y=True) \
-            + (cb.detach() * cb.detach()).sum(-1)[None]  # (N, K)
+        cb = self.codebook(paddle.arange(self.codebook_size))  # (K, C), through the layer (hooks see it)
+        cbd = cb.detach()
+        dist = (flat * flat).sum(-1, keepdim=True) - 2 * flat.matmul(cbd, transpose_y=True) \
+            + (cbd * cbd).sum(-1)[None]  # (N, K)
         indices = dist.argmin(-1)  # (N,)
         q = paddle.index_select(cb, indices, axis=0)  # (N, C)
         vq_loss = ((q - flat.detach()) ** 2).mean()

@@ -13,7 +13,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ..configs import NetworkConfig, build_config, preset
-from .common import CascadeUNet, LayerNorm2d, layer_norm_channels_last
+from .common import LN_EPS, CascadeUNet, LayerNorm2d
 
 __all__ = ["StageB", "StageBConfig", "STAGE_B_PRESETS", "STAGE_B_MODELS", "StageB_3B", "StageB_700M", "StageB_tiny", "stage_b_config"]
 
@@ -76,6 +76,7 @@ class StageB(CascadeUNet):
         self.effnet_mapper = _cond_mapper(c_effnet, c_hidden[0])
         self.pixels_mapper = _cond_mapper(c_pixels, c_hidden[0])
         self.clip_mapper = nn.Linear(c_clip, c_cond * c_clip_seq)
+        self.clip_norm = nn.LayerNorm(c_cond, epsilon=LN_EPS, weight_attr=False, bias_attr=False)
         self.embedding = nn.Sequential(
             nn.PixelUnshuffle(patch_size),
             nn.Conv2D(c_in * patch_size**2, c_hidden[0], kernel_size=1),
@@ -110,7 +111,7 @@ class StageB(CascadeUNet):
         if clip.ndim == 2:
             clip = clip.unsqueeze(1)
         b, n = clip.shape[0], clip.shape[1]
-        return layer_norm_channels_last(self.clip_mapper(clip).reshape([b, n * self.c_clip_seq, -1]))
+        return self.clip_norm(self.clip_mapper(clip).reshape([b, n * self.c_clip_seq, -1]))
 
     def forward(self, x, r, effnet, clip, pixels=None, **t_conds):
         unknown = set(t_conds) - set(self.t_conds)

@@ -13,7 +13,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ..configs import NetworkConfig, build_config, preset
-from .common import CascadeUNet, LayerNorm2d, layer_norm_channels_last
+from .common import LN_EPS, CascadeUNet, LayerNorm2d
 
 __all__ = ["StageC", "StageCConfig", "UpDownBlock2d", "STAGE_C_PRESETS", "STAGE_C_MODELS", "StageC_3_6B", "StageC_1B", "StageC_tiny",
            "stage_c_config"]
@@ -100,6 +100,7 @@ class StageC(CascadeUNet):
         self.clip_txt_mapper = nn.Linear(c_clip_text, c_cond)
         self.clip_txt_pooled_mapper = nn.Linear(c_clip_text_pooled, c_cond * c_clip_seq)
         self.clip_img_mapper = nn.Linear(c_clip_img, c_cond * c_clip_seq)
+        self.clip_norm = nn.LayerNorm(c_cond, epsilon=LN_EPS, weight_attr=False, bias_attr=False)
         self.embedding = nn.Sequential(
             nn.PixelUnshuffle(patch_size),
             nn.Conv2D(c_in * patch_size**2, c_hidden[0], kernel_size=1),
@@ -139,7 +140,7 @@ class StageC(CascadeUNet):
         n_pool, n_img = clip_txt_pooled.shape[1] * self.c_clip_seq, clip_img.shape[1] * self.c_clip_seq
         pool = self.clip_txt_pooled_mapper(clip_txt_pooled).reshape([b, n_pool, -1])  # (B, 4, c_cond)
         img = self.clip_img_mapper(clip_img).reshape([b, n_img, -1])  # (B, 4, c_cond)
-        return layer_norm_channels_last(paddle.concat([txt, pool, img], axis=1))
+        return self.clip_norm(paddle.concat([txt, pool, img], axis=1))
 
     def forward(self, x, r, clip_text, clip_text_pooled, clip_img, **t_conds):
         unknown = set(t_conds) - set(self.t_conds)
