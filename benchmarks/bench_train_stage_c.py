@@ -37,7 +37,7 @@ def run(name, args, out_dir):
 
     from ldm.cascade.components import tiny_components
     from ldm.cascade.stage_c import StageC
-    from ldm.cascade.train_c import build_stage_c_trainer, parse_stage_c_args
+    from ldm.train.stage_c import build_stage_c_trainer, parse_stage_c_args
     from ldm.train.callbacks import TimingCallback
 
     config, resolution = PRESETS[name]

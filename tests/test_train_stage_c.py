@@ -420,3 +420,74 @@ def test_grn_gradient_finite_for_an_all_zero_channel():
     g = xt.grad.numpy()
     assert np.isfinite(g).all() and np.isfinite(grn.gamma.grad.numpy()).all()
     assert np.abs(g[..., 0]).sum() > 0
+
+
+OLD_CHECKPOINT = os.path.join(ROOT, "tests", "data", "old_train_checkpoint", "checkpoint-2")
+
+
+def test_checkpoint_of_the_previous_training_code_resumes(tmp_path):
+    """A checkpoint written by the training code before the task refactor (commit ec1deb9: pickled
+    optimizer / scheduler / RNG files and param_names.json; tests/data/old_train_checkpoint) resumes:
+    weights, EMA, Adam moments, scheduler, global RNG and task state are the checkpoint's, and the
+    checkpoint the resumed run writes holds no pickle."""
+    import random
+
+    from paddlenlp.trainer import TrainerCallback
+
+    from ldm.cascade.components import tiny_components
+    from ldm.cascade.stage_c import StageC
+    from ldm.train.checkpoint import read_legacy_state, resolve_resume
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(OLD_CHECKPOINT)))
+    from old_train_checkpoint.make_fixture import ARGV, MICRO_STAGE_C
+
+    out = tmp_path / "out"
+    shutil.copytree(OLD_CHECKPOINT, out / "checkpoint-2")
+    m, d, t = train_c.parse_stage_c_args(ARGV + ["--output_dir", str(out), "--max_steps", "3", "--save_steps", "3"])
+    comps = tiny_components()
+    comps.builders["stage_c"] = lambda: StageC(MICRO_STAGE_C)
+    trainer, task, ema = train_c.build_stage_c_trainer(m, d, t, components=comps, config=MICRO_STAGE_C)
+    seen = {}
+
+    class Probe(TrainerCallback):  # runs after the trainer's own callbacks
+        def on_step_begin(self, args, state, control, model=None, lr_scheduler=None, **kw):
+            seen.update(step=state.global_step, numpy=np.random.get_state(), python=random.getstate(),
+                        task_rng=model.rng.bit_generator.state, lr_epoch=lr_scheduler.last_epoch,
+                        weights={k: v.numpy().copy() for k, v in model.stage_c.state_dict().items()},
+                        ema={k: v.numpy().copy() for k, v in ema.shadow.items()},
+                        buckets=model.gdf.loss_weight.state_dict())
+
+        def on_optimizer_begin(self, args, state, control, model=None, **kw):
+            seen["grads"] = {n: p.grad.numpy().copy() for n, p in model.trainable_parameters().items()}
+
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+            names = {p.name: n for n, p in model.trainable_parameters().items()}
+            seen["moment1"] = {names[k[:-len("_moment1_0")]]: v.numpy() for k, v in optimizer.state_dict().items()
+                               if k.endswith("_moment1_0")}
+
+    trainer.add_callback(Probe())
+    trainer.fit(resolve_resume(str(out), None), ema)
+    old = {name: read_legacy_state(os.path.join(OLD_CHECKPOINT, name)) for name in ("rng_state.pth", "optimizer.pdopt")}
+    assert seen["step"] == 2 and trainer.state.global_step == 3 and seen["lr_epoch"] == 2
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3]  # history of the checkpoint kept
+    # global RNG states restored right before the first resumed step
+    assert seen["python"] == old["rng_state.pth"]["python"]
+    name, keys, pos, *_ = old["rng_state.pth"]["numpy"]
+    assert seen["numpy"][0] == name and np.array_equal(seen["numpy"][1], keys) and seen["numpy"][2] == pos
+    task_state = json.load(open(os.path.join(OLD_CHECKPOINT, "train_c_state_rank0.json")))
+    assert seen["task_rng"] == task_state["rng"]
+    assert seen["buckets"]["bucket_losses"] == pytest.approx(task_state["adaptive_loss"]["bucket_losses"])
+    for file, got, prefix in (("stage_c.safetensors", seen["weights"], ""), ("stage_c_ema.safetensors", seen["ema"], "stage_c.")):
+        want = stage_c_state(os.path.join(OLD_CHECKPOINT, file))
+        for k, v in want.items():
+            if prefix + k in got:
+                assert np.array_equal(got[prefix + k], v), (file, k)
+    assert len(seen["ema"]) == len(seen["moment1"]) == len(seen["grads"]) > 0
+    # Adam moments continued from the checkpoint's: m = 0.9 m_old + 0.1 g (no clipping, --max_grad_norm 0)
+    saved_names = json.load(open(os.path.join(OLD_CHECKPOINT, "param_names.json")))  # structured -> old paddle name
+    for k, g in seen["grads"].items():
+        m_old = np.asarray(old["optimizer.pdopt"][f"{saved_names[k]}_moment1_0"])
+        np.testing.assert_allclose(seen["moment1"][k], 0.9 * m_old + 0.1 * g, rtol=1e-5, atol=1e-9, err_msg=k)
+    files = set(os.listdir(out / "checkpoint-3"))
+    assert {"optimizer.safetensors", "scheduler.json", "rng_state_rank0.json", "train_c_state_rank0.json"} <= files
+    assert not [n for n in files if n.endswith((".pdopt", ".pdparams", ".pth", ".bin"))], files
