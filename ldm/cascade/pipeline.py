@@ -24,6 +24,7 @@ from ldm.cascade import settings as cfg_mod
 from ldm.cascade.gdf import make_sampler
 from ldm.cascade.settings import SamplingConfig
 from ldm.utils import get_logger
+from ldm.weights import check_storage_dtype
 
 logger = get_logger("ldm.cascade")
 
@@ -39,8 +40,7 @@ def check_dtype(dtype: str) -> str:
     problem), so float16 is refused up front with a pointer to bfloat16, which has float32's range.
     Paddle also has no half-precision convolution kernels on CPU.
     """
-    if dtype not in cfg_mod.DTYPES:
-        raise ValueError(f"dtype must be one of {cfg_mod.DTYPES}, got {dtype!r}")
+    check_storage_dtype(dtype)
     if dtype == "float16":
         raise ValueError("dtype float16 is not supported: Stable Cascade's Stage C/B activations overflow "
                          "float16 (NaN / black images); use --dtype bfloat16 on a GPU (same memory, float32 "

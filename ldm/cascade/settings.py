@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ldm.weights import STORAGE_DTYPES
+
 __all__ = ["WEIGHTS_PATH", "STAGE_C_FILES", "STAGE_B_FILES", "SamplingConfig", "CascadeConfig", "STAGE_C_SAMPLING",
            "STAGE_B_SAMPLING", "IMG2IMG_STRENGTH", "DTYPES"]
 
@@ -21,7 +23,7 @@ WEIGHTS_PATH: str = os.environ.get("STABLE_CASCADE_WEIGHTS", "./stable_cascade_w
 # These tables are the one list of the released versions (inference/training `choices`).
 STAGE_C_FILES = {"1B": "stage_c_lite", "3.6B": "stage_c"}
 STAGE_B_FILES = {"700M": "stage_b_lite", "3B": "stage_b"}
-DTYPES = ("float32", "bfloat16", "float16")  # accepted names; float16 is refused with a reason (pipeline.check_dtype)
+DTYPES = STORAGE_DTYPES  # the one dtype table (ldm.weights); float16 is refused with a reason (pipeline.check_dtype)
 
 # The README section that explains how to get the weight files (named in missing-file errors).
 README_WEIGHTS_SECTION: str = "Weights: download and convert"

@@ -35,7 +35,6 @@ from .dtypes import (
     bf16_to_fp32,
     check_storage_dtype,
     fp32_to_bf16,
-    to_storage,
 )
 from .files import SafetensorsReader, SafetensorsWriter
 from .keys import (
@@ -59,7 +58,7 @@ from .write import save_safetensors
 
 __all__ = [
     "WeightsError", "STORAGE_DTYPES", "STORAGE_TAGS", "ST_DTYPES", "FLOAT_TAGS", "check_storage_dtype",
-    "bf16_to_fp32", "fp32_to_bf16", "to_storage",
+    "bf16_to_fp32", "fp32_to_bf16",
     "FORMAT", "TORCH_FORMAT", "WeightsInfo", "weights_metadata", "read_info",
     "SafetensorsReader", "SafetensorsWriter", "WeightSource", "StateSource", "opened", "load_state_dict",
     "iter_state_dict", "load_pdparams", "load_pickle_restricted", "TRAINER_STATE_GLOBALS",

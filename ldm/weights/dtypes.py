@@ -21,7 +21,7 @@ __all__ = [
     "paddle_tag",
     "bf16_to_fp32",
     "fp32_to_bf16",
-    "to_storage",
+    "stored",
 ]
 
 
@@ -101,17 +101,8 @@ def fp32_to_bf16(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def to_storage(x: np.ndarray, dtype: str | None) -> tuple[np.ndarray, str]:
-    """Cast a float array to a storage dtype; returns (array, safetensors tag).
-
-    `dtype=None` keeps the array as it is. bf16 is returned as uint16 bit patterns.
-    Integer and bool arrays are never cast.
-    """
-    if dtype is None or not np.issubdtype(x.dtype, np.floating):
-        return x, numpy_tag(x.dtype)
-    if dtype == "bfloat16":
-        return fp32_to_bf16(x.astype(np.float32, copy=False)), "BF16"
-    if dtype not in STORAGE_DTYPES:
-        raise WeightsError(f"unsupported storage dtype {dtype!r}; choose one of {STORAGE_DTYPES}")
-    arr = x.astype(dtype, copy=False)
-    return arr, numpy_tag(arr.dtype)
+def stored(arr: np.ndarray, tag: str) -> np.ndarray:
+    """`arr` (floats as float32 or wider when `tag` is BF16) in the numpy carrier of `tag`."""
+    if tag == "BF16":
+        return fp32_to_bf16(arr.astype(np.float32, copy=False))
+    return arr.astype(ST_DTYPES[tag], copy=False)

@@ -7,21 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
-
 from .assign import check_state_dict
-from .dtypes import FLOAT_TAGS, STORAGE_DTYPES, ST_DTYPES, STORAGE_TAGS, WeightsError, fp32_to_bf16
+from .dtypes import FLOAT_TAGS, STORAGE_TAGS, check_storage_dtype, stored
 from .files import SafetensorsWriter
 from .keys import Op, identity_plan
 from .source import opened, stream_plan
 
 __all__ = ["save_safetensors"]
-
-
-def _stored(arr: np.ndarray, tag: str) -> np.ndarray:
-    if tag == "BF16":
-        return fp32_to_bf16(arr.astype(np.float32, copy=False))
-    return arr.astype(ST_DTYPES[tag], copy=False)
 
 
 def save_safetensors(state, path, dtype: str | None = None, metadata: Mapping[str, str] | None = None, *,
@@ -36,8 +28,8 @@ def save_safetensors(state, path, dtype: str | None = None, metadata: Mapping[st
     tensor as it is). expected: {name: shape} the targets must equal (every mismatch listed in one
     WeightsError before anything is written); it also sets the order in the file (else plan order).
     """
-    if dtype is not None and dtype not in STORAGE_DTYPES:
-        raise WeightsError(f"unsupported storage dtype {dtype!r}; choose one of {STORAGE_DTYPES}")
+    if dtype is not None:
+        check_storage_dtype(dtype, "storage dtype")
     with opened(state) as src:
         plan = identity_plan(src.shapes()) if plan is None else plan
         if expected is not None:
@@ -49,4 +41,4 @@ def save_safetensors(state, path, dtype: str | None = None, metadata: Mapping[st
             tags[k] = STORAGE_TAGS[dtype] if dtype is not None and tag in FLOAT_TAGS else tag
         with SafetensorsWriter(path, [(k, plan[k].shape, tags[k]) for k in order], metadata) as w:
             for name, arr in stream_plan(src, plan, order):
-                w.write(name, _stored(arr, tags[name]))
+                w.write(name, stored(arr, tags[name]))
