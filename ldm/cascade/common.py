@@ -306,8 +306,23 @@ class CascadeUNet(nn.Layer):
             embs.append(timestep_embedding(paddle.zeros_like(r) if t is None else t, self.c_r))
         return paddle.concat(embs, axis=1)
 
+    gradient_checkpointing = False  # see enable_gradient_checkpointing
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Activation checkpointing (`--recompute`): in training mode every block runs under
+        `paddle.distributed.fleet.utils.recompute`, so only the block inputs are kept between
+        forward and backward (the switch ppdiffusers' UNets offer under the same name)."""
+        self.gradient_checkpointing = bool(enabled)
+
+    def _run_block(self, block, x, r_embed, clip, skip=None):
+        if self.gradient_checkpointing and self.training:
+            from paddle.distributed.fleet import utils as fleet_utils
+
+            return fleet_utils.recompute(self._call_block, block, x, r_embed, clip, skip, use_reentrant=False)
+        return self._call_block(block, x, r_embed, clip, skip)
+
     @staticmethod
-    def _run_block(block, x, r_embed, clip, skip=None):
+    def _call_block(block, x, r_embed, clip, skip=None):
         if isinstance(block, ResBlock):
             return block(x, skip)
         if isinstance(block, AttnBlock):
