@@ -27,8 +27,8 @@ import paddle
 
 from ldm.utils import atomic_open, get_logger
 from ldm.weights import (
-    KeyTable, Op, SafetensorsReader, WeightSource, WeightsError, finish_loading, key_table, map_key, read_info,
-    register_key_table, save_safetensors, weights_metadata,
+    KeyTable, Op, WeightSource, WeightsError, finish_loading, key_table, map_key, register_key_table,
+    save_safetensors, weights_metadata,
 )
 
 logger = get_logger(__name__)
@@ -110,19 +110,10 @@ def clip_image_preprocess(images, size: int = CLIP_IMAGE_SIZE):
 # Models
 # ---------------------------------------------------------------------------------------------
 def _folder_weights(folder: str) -> str:
-    """The weight file of a CLIP folder: Paddle-layout `model.safetensors`, else `model_state.pdparams`."""
-    st = os.path.join(folder, "model.safetensors")
-    pd = os.path.join(folder, "model_state.pdparams")
-    if os.path.exists(st):
-        with SafetensorsReader(st) as r:
-            info = read_info(r.metadata, st)
-        if info.layout != "paddle":
-            raise WeightsError(
-                f"{st}: a transformers (torch layout, format={info.format!r}) file; convert the folder first with "
-                "scripts/convert_other_weight.py --clip_text_dir/--clip_image_dir")
-        return st
-    if os.path.exists(pd):
-        return pd
+    """The weight file of a CLIP folder: `model.safetensors`, else `model_state.pdparams`."""
+    for name in ("model.safetensors", "model_state.pdparams"):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
     raise WeightsError(f"{folder}: no model.safetensors (Paddle layout) or model_state.pdparams")
 
 
@@ -141,10 +132,13 @@ def _load_clip(folder, part: str, dtype: str):
                           else (CLIPVisionConfig, CLIPVisionModelWithProjection))
     config = cfg_cls.from_pretrained(folder)
     path = _folder_weights(folder)
-    model = model_cls(config)
     with WeightSource(path) as src:
+        if src.info.layout != "paddle":
+            raise WeightsError(
+                f"{path}: a transformers (torch layout, format={src.info.format!r}) file; convert the folder first "
+                "with scripts/convert_other_weight.py --clip_text_dir/--clip_image_dir")
         plan = key_table(_CLIP_MODELS[part]).plan(src.shapes(), "paddle")
-        return finish_loading(model, src, path, dtype, plan=plan)
+        return finish_loading(model_cls(config), src, path, dtype, plan=plan)
 
 
 def load_clip_text(folder, dtype: str = "float32"):

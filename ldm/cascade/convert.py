@@ -44,7 +44,7 @@ def convert_unet_weights(inputs, output, stage=None, preset=None, dtype="float32
     with WeightSource(inputs) as source:
         stage = resolve_stage(source, stage)
         model = f"stage_{stage}"
-        layout = resolve_layout(source, source_format, model)
+        layout = resolve_layout(source, stage, source_format)
         plan = plan_for(source, stage, layout)
         cfg = resolve_config(source, stage, preset, plan)
         expected = expected_shapes(STAGE_NETWORKS[stage][0], cfg)

@@ -52,14 +52,14 @@ STAGE_NETWORKS = {"c": (StageC, STAGE_C_PRESETS), "b": (StageB, STAGE_B_PRESETS)
 # ---------------------------------------------------------------------------------------------
 # Stage B / Stage C: layout, stage and config of a source
 # ---------------------------------------------------------------------------------------------
-def resolve_layout(source: WeightSource, layout: str = "auto", model: str = "stage_c") -> str:
+def resolve_layout(source: WeightSource, stage: str, layout: str = "auto") -> str:
     """The key layout of `source`; an explicit `layout` is used when the keys do not tell (then the
     key check lists what does not fit) and is an error when they clearly say otherwise."""
     if source.info.layout == "paddle":
         found = "paddle"
     else:
         try:
-            found = key_table(model).detect_layout(source.keys())
+            found = key_table(f"stage_{stage}").detect_layout(source.keys())
         except WeightsError as e:
             if layout == "auto":
                 raise WeightsError(f"{source.description}: {e}; pass --source_format") from None
@@ -192,7 +192,7 @@ def build_model(cls, cfg, dtype: str = "float32", weights=None, stage: str | Non
         return model
     with WeightSource(weights) as source:
         stage = resolve_stage(source, stage)
-        plan = plan_for(source, stage, resolve_layout(source, layout, f"stage_{stage}"))
+        plan = plan_for(source, stage, resolve_layout(source, stage, layout))
         return _lazy_load(cls, cfg, source, plan, dtype)
 
 
@@ -204,7 +204,7 @@ def load_model(cls, presets: dict, stage: str, path, preset, dtype: str):
         return build_model(cls, presets[preset], dtype)
     with WeightSource(path) as source:
         stage = resolve_stage(source, stage)
-        plan = plan_for(source, stage, resolve_layout(source, model=f"stage_{stage}"))
+        plan = plan_for(source, stage, resolve_layout(source, stage))
         return _lazy_load(cls, resolve_config(source, stage, preset, plan), source, plan, dtype)
 
 

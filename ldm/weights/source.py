@@ -52,7 +52,63 @@ def _index_shards(index: str) -> list[str]:
     return files
 
 
-class WeightSource:
+class _Source:
+    """What the assigner and the writer read: names, shapes and dtype tags up front, then one
+    tensor at a time (`get`), each released (`release`) once used."""
+
+    description = "weights"
+    kind = "memory"
+    config = None  # config.json of a model folder
+
+    def __init__(self):
+        self._shapes: dict[str, tuple] = {}
+        self._tags: dict[str, str] = {}
+        self.metadata: dict = {}
+        self.info = WeightsInfo()
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def __contains__(self, name) -> bool:
+        return name in self._shapes
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def shapes(self) -> dict[str, tuple]:
+        return dict(self._shapes)
+
+    def shape(self, name: str) -> tuple:
+        return self._shapes[name]
+
+    def dtype(self, name: str) -> str:
+        """The safetensors tag of a tensor ("F32", "BF16", "I64", ...)."""
+        return self._tags[name]
+
+    def get(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def release(self, name: str) -> None:
+        pass
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        for k in self._shapes:
+            yield k, self.get(k)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return dict(self.items())
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class WeightSource(_Source):
     """Read-only view over the tensors of one checkpoint (possibly sharded); see the module
     docstring. Use as a context manager (it keeps files memory-mapped)."""
 
@@ -62,16 +118,13 @@ class WeightSource:
         paths = [os.fspath(p) for p in paths]
         if not paths:
             raise WeightsError("no weight paths given")
-        self.config = None  # config.json of a model folder
+        super().__init__()
         self.description = ", ".join(paths)
         self.files: list[str] = []
         for p in paths:
             self.files += self._expand(p)
         self._readers: list[SafetensorsReader] = []
-        self._where: dict[str, object] = {}  # name -> reader, or the dict holding the array
-        self._shapes: dict[str, tuple] = {}
-        self._tags: dict[str, str] = {}
-        self.metadata: dict = {}
+        self._where: dict[str, object] = {}  # name -> (reader or the dict holding the array, file)
         self.kind = "pdparams" if all(f.endswith(PDPARAMS_SUFFIXES) for f in self.files) else "safetensors"
         layouts = {}
         try:
@@ -125,37 +178,10 @@ class WeightSource:
 
     def _add(self, name, f, holder, shape, tag):
         if name in self._where:
-            raise WeightsError(f"tensor {name!r} appears in two shards ({self._file_of(name)}, {f})")
+            raise WeightsError(f"tensor {name!r} appears in two shards ({self._where[name][1]}, {f})")
         self._where[name] = (holder, f)
         self._shapes[name] = tuple(int(s) for s in shape)
         self._tags[name] = tag
-
-    def _file_of(self, name: str) -> str:
-        return self._where[name][1]
-
-    # --------------------------------------------------------------- the source interface
-    def keys(self) -> list[str]:
-        return list(self._shapes)
-
-    def __contains__(self, name) -> bool:
-        return name in self._shapes
-
-    def __len__(self) -> int:
-        return len(self._shapes)
-
-    def shapes(self) -> dict[str, tuple]:
-        return dict(self._shapes)
-
-    def shape(self, name: str) -> tuple:
-        return self._shapes[name]
-
-    def dtype(self, name: str) -> str:
-        """The safetensors tag of a tensor ("F32", "BF16", "I64", ...)."""
-        return self._tags[name]
-
-    def where(self, name: str) -> str:
-        """The file a tensor is stored in."""
-        return self._file_of(name)
 
     def get(self, name: str) -> np.ndarray:
         """One tensor: float tensors in their stored float type, bf16 widened to float32."""
@@ -173,59 +199,24 @@ class WeightSource:
         if isinstance(holder, dict):
             holder.pop(name, None)
 
-    def items(self) -> Iterator[tuple[str, np.ndarray]]:
-        for k in self._shapes:
-            yield k, self.get(k)
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return dict(self.items())
-
     def close(self) -> None:
         for r in self._readers:
             r.close()
         self._readers = []
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-
-class StateSource:
+class StateSource(_Source):
     """The WeightSource interface over an in-memory {name: numpy array | paddle.Tensor} mapping
     (or an iterable of pairs). bf16 Paddle tensors are read as float32."""
 
     def __init__(self, state, description: str = "state dict"):
+        super().__init__()
         self._state = dict(state.items() if isinstance(state, Mapping) else state)
         self.description = description
-        self.metadata: dict = {}
-        self.info = WeightsInfo()
-        self.config = None
-        self.kind = "memory"
-
-    def keys(self) -> list[str]:
-        return list(self._state)
-
-    def __contains__(self, name) -> bool:
-        return name in self._state
-
-    def __len__(self) -> int:
-        return len(self._state)
-
-    def shapes(self) -> dict[str, tuple]:
-        return {k: tuple(int(s) for s in v.shape) for k, v in self._state.items()}
-
-    def shape(self, name: str) -> tuple:
-        return tuple(int(s) for s in self._state[name].shape)
-
-    def dtype(self, name: str) -> str:
-        v = self._state[name]
-        return numpy_tag(v.dtype) if isinstance(v, np.ndarray) else (
-            paddle_tag(v.dtype) if _is_paddle_tensor(v) else numpy_tag(np.asarray(v).dtype))
-
-    def where(self, name: str) -> str:
-        return self.description
+        for k, v in self._state.items():
+            tensor = _is_paddle_tensor(v)
+            self._shapes[k] = tuple(int(s) for s in (v.shape if tensor else np.shape(v)))
+            self._tags[k] = paddle_tag(v.dtype) if tensor else numpy_tag(np.asarray(v).dtype)
 
     def get(self, name: str) -> np.ndarray:
         v = self._state[name]
@@ -234,25 +225,6 @@ class StateSource:
             return bf16_to_fp32(arr) if paddle_tag(v.dtype) == "BF16" else arr
         arr = np.asarray(v)
         return bf16_to_fp32(arr) if arr.dtype == np.uint16 else arr
-
-    def release(self, name: str) -> None:
-        pass
-
-    def items(self) -> Iterator[tuple[str, np.ndarray]]:
-        for k in self._state:
-            yield k, self.get(k)
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return dict(self.items())
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
 
 
 def _is_paddle_tensor(v) -> bool:
@@ -263,7 +235,7 @@ def _is_paddle_tensor(v) -> bool:
 def opened(weights, description: str | None = None):
     """A source for `weights` (a path or list of paths, a WeightSource / StateSource, a mapping or
     an iterable of (name, array) pairs); closes it afterwards only if it opened it."""
-    if isinstance(weights, (WeightSource, StateSource)):
+    if isinstance(weights, _Source):
         yield weights
     elif isinstance(weights, (str, os.PathLike)) or (
             isinstance(weights, (list, tuple)) and weights and all(isinstance(w, (str, os.PathLike)) for w in weights)):
