@@ -5,7 +5,7 @@
         --text_encoder_name_or_path <sd>/text_encoder --file_list <x>.filelist.list --resolution 256
 
 Multi-GPU / multi-node: `python -u -m paddle.distributed.launch --gpus 0,1,.. [--ips ...] <this>`.
-Flags: seed stable_diffusion_README.md section 4 (ldm/sd/args.py). FLAG_USE_EMA, FLAG_RECOMPUTE and
+Flags: seed stable_diffusion_README.md section 4 (ldm/train/sd.py). FLAG_USE_EMA, FLAG_RECOMPUTE and
 FLAG_XFORMERS set the defaults of --use_ema, --recompute, --enable_xformers_memory_efficient_attention.
 """
 import os
@@ -13,35 +13,25 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ldm.sd.args import parse_sd_args  # noqa: E402
 from ldm.sd.loading import set_offline  # noqa: E402
+from ldm.train.sd import parse_sd_args  # noqa: E402
 
 
 def main(argv=None):
     set_offline()
     model_args, data_args, training_args = parse_sd_args(argv)
-    from ldm.sd.build import build_callbacks, build_dataset, build_model, build_param_groups_for, resume_step
     from ldm.train.args import check_precision
     from ldm.train.checkpoint import resolve_resume
-    from ldm.train.trainer import DiffusionTrainer
+    from ldm.train.sd import build_sd_trainer
     from ldm.utils import set_seed
 
     check_precision(training_args)
     set_seed(training_args.seed)
-    model = build_model(model_args, training_args, data_args.caption_drop_prob)
     resume = resolve_resume(training_args.output_dir, training_args.resume_from_checkpoint,
                             training_args.overwrite_output_dir) if training_args.do_train else None
-    training_args.resume_from_checkpoint = resume
-    dataset = build_dataset(data_args, training_args, resume_step(resume))
-    callbacks, ema = build_callbacks(model_args, data_args, training_args)
-    trainer = DiffusionTrainer(model=model, args=training_args, train_dataset=dataset, callbacks=callbacks)
-    trainer.set_optimizer_grouped_parameters(build_param_groups_for(model, training_args))
-    if training_args.do_train:
-        trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model()
-        if ema is not None and training_args.should_save:
-            ema.save(model, training_args.output_dir)
-        trainer.save_state()
+    trainer, _, ema = build_sd_trainer(model_args, data_args, training_args, resume)
+    if training_args.do_train:  # final unet/ (+ unet_ema/, text_encoder/), scheduler/
+        trainer.fit(resume, ema)
     return trainer
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ldm.sd.model import StableDiffusionModel
+from ldm.train.sd import SDTask
 
 
 class _FakeTokenizer:
@@ -32,7 +32,7 @@ def parts():
 
 
 def _model(parts, tokenizer=None, **kw):
-    return StableDiffusionModel(*parts, tokenizer=tokenizer or _FakeTokenizer(), **kw)
+    return SDTask(*parts, tokenizer=tokenizer or _FakeTokenizer(), **kw)
 
 
 def test_step_tokenizes_captions(parts):
@@ -104,7 +104,7 @@ def test_forward_drops_before_encoding_and_reports_what_it_saw(parts):
     with pytest.raises(ValueError, match="2 captions for 1 images"):
         plain(pixel_values=x[:1], caption=["a", "b"])
     with pytest.raises(ValueError, match="tokenizer"):
-        StableDiffusionModel(*parts)(pixel_values=x, caption=["a", "b"])
+        SDTask(*parts)(pixel_values=x, caption=["a", "b"])
 
 
 def test_caption_record_shows_the_captions_the_step_saw(tmp_path):

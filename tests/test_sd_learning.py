@@ -1,4 +1,4 @@
-"""Learning check: the tiny SD model (StableDiffusionModel.forward as the training step) lowers
+"""Learning check: the tiny SD model (SDTask.forward as the training step) lowers
 the held-out denoising loss by at least 30% on a small synthetic dataset."""
 import time
 
@@ -27,13 +27,13 @@ def test_heldout_denoising_loss_drops(tmp_path):
 
     from ldm.sd.diffusion import training_terms, weighted_mse
     from ldm.sd.loading import load_tokenizer
-    from ldm.sd.model import StableDiffusionModel
+    from ldm.train.sd import SDTask
 
     write_tokenizer(str(tmp_path))
     t0 = time.time()
     paddle.seed(0)
     rng = np.random.default_rng(0)
-    model = StableDiffusionModel(UNet2DConditionModel(**TINY_UNET), AutoencoderKL(**TINY_VAE),
+    model = SDTask(UNet2DConditionModel(**TINY_UNET), AutoencoderKL(**TINY_VAE),
                                  CLIPTextModel(CLIPTextConfig(**TINY_CLIP)), load_tokenizer(str(tmp_path), 16),
                                  prediction_type="epsilon")
     train_x, train_y = _images(rng, 64)

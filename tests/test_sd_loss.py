@@ -118,7 +118,7 @@ BASE = ["--output_dir", "unused_out", "--do_train"]
     ({}, ["--use_ema", "--recompute", "true", "--enable_xformers_memory_efficient_attention", "1"], (True, True, True)),
 ])
 def test_env_flags_are_defaults_of_explicit_flags(monkeypatch, tmp_path, env, flags, expect):
-    from ldm.sd.args import parse_sd_args
+    from ldm.train.sd import parse_sd_args
 
     for k in ("FLAG_USE_EMA", "FLAG_RECOMPUTE", "FLAG_XFORMERS"):
         monkeypatch.delenv(k, raising=False)
@@ -129,7 +129,7 @@ def test_env_flags_are_defaults_of_explicit_flags(monkeypatch, tmp_path, env, fl
 
 
 def test_bad_env_flag_is_named(monkeypatch, tmp_path):
-    from ldm.sd.args import parse_sd_args
+    from ldm.train.sd import parse_sd_args
 
     monkeypatch.setenv("FLAG_USE_EMA", "maybe")
     with pytest.raises(ValueError, match="FLAG_USE_EMA"):
@@ -137,7 +137,7 @@ def test_bad_env_flag_is_named(monkeypatch, tmp_path):
 
 
 def test_learning_rates_and_seed_flags(tmp_path):
-    from ldm.sd.args import parse_sd_args
+    from ldm.train.sd import parse_sd_args
 
     m, d, t = parse_sd_args([
         "--output_dir", str(tmp_path), "--do_train", "--per_device_train_batch_size", "32",
@@ -162,7 +162,7 @@ def test_learning_rates_and_seed_flags(tmp_path):
 
 
 def test_hub_id_fails_clearly_and_unet_choice_is_logged(tmp_path, caplog):
-    from ldm.sd.args import SDModelArguments
+    from ldm.train.sd import SDModelArguments
     from ldm.sd.loading import load_unet, load_vae, resolve_paths
     from sd_tiny import TINY_UNET
 
@@ -193,7 +193,7 @@ def test_hub_id_fails_clearly_and_unet_choice_is_logged(tmp_path, caplog):
 
 
 def test_model_forward_wiring_matches_reference(tmp_path):
-    """StableDiffusionModel.forward = tokenized captions; VAE sample x scaling factor ->
+    """SDTask.forward = tokenized captions; VAE sample x scaling factor ->
     noise/offset/perturbation -> timesteps -> UNet(noisy, t, text states) -> Min-SNR weighted MSE,
     checked against the torch reference formula fed with the same random draws (replayed from the
     same paddle seed)."""
@@ -207,13 +207,13 @@ def test_model_forward_wiring_matches_reference(tmp_path):
     from sd_tiny import TINY_CLIP, TINY_UNET, TINY_VAE, write_tokenizer
 
     from ldm.sd.loading import load_tokenizer
-    from ldm.sd.model import StableDiffusionModel
+    from ldm.train.sd import SDTask
 
     paddle.seed(1)
     vae = AutoencoderKL(**TINY_VAE)
     assert vae.config.scaling_factor == 0.18215
     write_tokenizer(str(tmp_path / "tok"))
-    model = StableDiffusionModel(UNet2DConditionModel(**TINY_UNET), vae, CLIPTextModel(CLIPTextConfig(**TINY_CLIP)),
+    model = SDTask(UNet2DConditionModel(**TINY_UNET), vae, CLIPTextModel(CLIPTextConfig(**TINY_CLIP)),
                                  load_tokenizer(str(tmp_path / "tok"), 16), prediction_type="v_prediction",
                                  noise_offset=0.1, input_perturbation=0.1, snr_gamma=5.0)
     rng = np.random.default_rng(0)
@@ -249,7 +249,7 @@ def test_model_forward_wiring_matches_reference(tmp_path):
 def test_fp16_on_cpu_is_refused_up_front(tmp_path):
     import paddle
 
-    from ldm.sd.args import parse_sd_args
+    from ldm.train.sd import parse_sd_args
     from ldm.train.args import check_precision
 
     _, _, t = parse_sd_args(["--output_dir", str(tmp_path), "--fp16", "False", "--bf16", "False"])

@@ -76,10 +76,10 @@ def test_full_save_is_a_pipeline_folder(parts, tmp_path):
     from ppdiffusers import StableDiffusionPipeline
 
     from ldm.sd.loading import load_for_inference
-    from ldm.sd.model import StableDiffusionModel
+    from ldm.train.sd import SDTask
 
     unet, vae, te, tok = parts
-    model = StableDiffusionModel(unet, vae, te, tok, prediction_type="v_prediction")
+    model = SDTask(unet, vae, te, tok, prediction_type="v_prediction")
     model.save_trained(str(tmp_path), only_updated=False)
     assert sorted(os.listdir(tmp_path)) == ["model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
     assert not any(f.endswith((".pdparams", ".bin")) for _, _, fs in os.walk(tmp_path) for f in fs)

@@ -108,13 +108,13 @@ def test_sd_pretraining_end_to_end(tmp_path, monkeypatch):
     records = []
     handler = logging.Handler()
     handler.emit = lambda r: records.append(r.getMessage())
-    for name in ("ldm.train.callbacks", "ldm.sd.model", "ldm.train.checkpoint", "ldm.sd.build"):
+    for name in ("ldm.train.callbacks", "ldm.train.task", "ldm.train.checkpoint", "ldm.train.sd"):
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.INFO)
     try:
         trainer2 = train.main(_train_argv(tmp_path, out, 25))
     finally:
-        for name in ("ldm.train.callbacks", "ldm.sd.model", "ldm.train.checkpoint", "ldm.sd.build"):
+        for name in ("ldm.train.callbacks", "ldm.train.task", "ldm.train.checkpoint", "ldm.train.sd"):
             logging.getLogger(name).removeHandler(handler)
     assert trainer2.state.global_step == 25
     steps = [h["step"] for h in trainer2.state.log_history if "loss" in h]

@@ -192,13 +192,13 @@ def test_checkpoints_are_safetensors_and_restore_without_pickle(tmp_path, monkey
     from sd_tiny import build_tiny_sd
 
     from ldm.sd.loading import load_text_encoder, load_tokenizer, load_unet, load_vae
-    from ldm.sd.model import StableDiffusionModel
+    from ldm.train.sd import SDTask
 
     root = str(tmp_path / "sd")
     build_tiny_sd(root, unet_weights=True)
 
     def make():
-        return StableDiffusionModel(load_unet(root + "/unet"), load_vae(root + "/vae"),
+        return SDTask(load_unet(root + "/unet"), load_vae(root + "/vae"),
                                     load_text_encoder(root + "/text_encoder"), load_tokenizer(root + "/tokenizer"),
                                     train_text_encoder=True)
 

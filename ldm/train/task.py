@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import paddle
@@ -161,19 +161,25 @@ class TrainingTask(nn.Layer):
         Default: `<name>[_ema].safetensors`; a recipe overrides it for its own format."""
         save_safetensors(state, os.path.join(folder, f"{name}{'_ema' if ema else ''}.safetensors"))
 
-    def read_part(self, name: str, folder: str, ema: bool) -> Optional[Dict[str, np.ndarray]]:
-        """What `write_part` wrote ({key: array}), or None if `folder` has none."""
+    def read_part(self, name: str, folder: str, ema: bool):
+        """What `write_part` wrote, as `ldm.weights.assign_state_dict` takes it (a file or folder
+        path, or a {key: array} mapping), or None if `folder` has none."""
         path = os.path.join(folder, f"{name}{'_ema' if ema else ''}.safetensors")
-        return load_state_dict(path) if os.path.isfile(path) else None
+        return path if os.path.isfile(path) else None
 
     def _trainable_path(self, name: str, folder: str, ema: bool) -> str:
         return os.path.join(folder, f"{name}{TRAINABLE_SUFFIX}{'_ema' if ema else ''}.safetensors")
 
-    def _part_states(self, values: Optional[Dict[str, object]] = None) -> Iterator[Tuple[str, bool, Dict[str, object]]]:
-        """(part, whole, state) per trained part: the full state dict when the part trains whole,
-        else only its trainable tensors; `values` ({"<part>.<name>": tensor}) replace the weights."""
+    def _part_states(self, values: Optional[Dict[str, object]] = None, ema: bool = False
+                     ) -> Iterator[Tuple[str, bool, Dict[str, object]]]:
+        """(part, whole, state) per trained part (with `ema`: per part that has EMA parameters):
+        the full state dict when the part trains whole, else only its trainable tensors;
+        `values` ({"<part>.<name>": tensor}) replace the weights."""
         values = values or {}
+        ema_keys = set(self.ema_parameters()) if ema else None
         for part, layer in self.trained_parts().items():
+            if ema_keys is not None and not any(k.startswith(part + ".") for k in ema_keys):
+                continue
             whole = self._fully_trained(part)
             if whole:
                 state = dict(layer.state_dict())
@@ -192,18 +198,24 @@ class TrainingTask(nn.Layer):
 
     def load_trained(self, folder: str) -> None:
         """Restore what `save_trained` wrote (strict: every tensor of the selection, nothing else)."""
-        for part, whole, expected in self._part_states():
-            state = self._read(part, folder, whole, ema=False)
-            if state is None:
+        for part, whole, _ in self._part_states():
+            weights = self._read(part, folder, whole, ema=False)
+            if weights is None:
                 raise FileNotFoundError(f"{folder} has no trained weights of {part!r} "
-                                        f"({'a full part' if whole else 'the trainable tensors'})")
-            self._assign(part, whole, state, where=f"{folder} ({part})")
+                                        f"({'the full part' if whole else 'its trainable tensors'})")
+            layer = getattr(self, part)
+            where = f"{folder} ({part})"
+            if whole:
+                assign_state_dict(layer, weights, where=where)
+            else:  # exactly the trainable tensors; the frozen rest stays as built
+                trainable = {k for k, p in layer.named_parameters() if not p.stop_gradient}
+                assign_state_dict(layer, weights, where=where, ignore_missing=lambda k: k not in trainable)
         logger.info("restored trained weights from %s", folder)
 
     def save_ema(self, folder: str, shadow: Dict[str, paddle.Tensor]) -> None:
         """The EMA weights in the layout of `save_trained` (`shadow` keyed like `ema_parameters`)."""
         os.makedirs(folder, exist_ok=True)
-        for part, whole, state in self._part_states(shadow):
+        for part, whole, state in self._part_states(shadow, ema=True):
             if whole:
                 self.write_part(part, folder, state, ema=True)
             else:
@@ -212,10 +224,11 @@ class TrainingTask(nn.Layer):
     def load_ema(self, folder: str) -> Optional[Dict[str, np.ndarray]]:
         """{"<part>.<name>": array} of the EMA weights in `folder`, or None if it has none."""
         out = {}
-        for part, whole, _ in self._part_states():
-            state = self._read(part, folder, whole, ema=True)
-            if state is None:
+        for part, whole, _ in self._part_states(ema=True):
+            weights = self._read(part, folder, whole, ema=True)
+            if weights is None:
                 return None
+            state = weights if isinstance(weights, Mapping) else load_state_dict(weights)
             out.update({f"{part}.{k}": v for k, v in state.items()})
         return out
 
@@ -223,15 +236,7 @@ class TrainingTask(nn.Layer):
         if whole:
             return self.read_part(part, folder, ema)
         path = self._trainable_path(part, folder, ema)
-        return load_state_dict(path) if os.path.isfile(path) else None
-
-    def _assign(self, part: str, whole: bool, state: Dict[str, np.ndarray], where: str) -> None:
-        layer = getattr(self, part)
-        if whole:
-            assign_state_dict(layer, state, where=where)
-        else:  # exactly the trainable tensors; the frozen rest stays as built
-            trainable = {k for k, p in layer.named_parameters() if not p.stop_gradient}
-            assign_state_dict(layer, state, where=where, ignore_missing=lambda k: k not in trainable)
+        return path if os.path.isfile(path) else None
 
     # ------------------------------------------------------------------------------ per-rank state
     def train_state(self) -> dict:
