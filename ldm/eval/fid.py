@@ -17,9 +17,11 @@ Equilibrium") between N(mu1, S1) and N(mu2, S2) fitted to the pool3 features of 
   not finite, and drops an imaginary part whose diagonal is below 1e-3. The symmetric form needs
   neither step (its eigenvalues are real); round-off negatives are clipped to 0, and an eigenvalue
   below -1e-6 (an imaginary part above 1e-3 in pytorch-fid's terms: a covariance that is not
-  positive semi-definite) is a ValueError. On 2048-d features it is ~5x faster than sqrtm and
-  agrees with pytorch-fid to ~1e-8 relative (tests/test_eval_fid.py), rank-deficient
-  covariances (fewer images than dimensions) included.
+  positive semi-definite) is a ValueError. On 2048-d features it is ~5x faster than sqrtm
+  (measured 5 s vs 26-39 s on one CPU thread) and agrees with pytorch-fid to ~1e-8 relative
+  (tests/test_eval_fid.py), rank-deficient covariances (fewer images than dimensions) included.
+  `FrechetReference` keeps the reference's S^(1/2), so each further image set costs one
+  symmetric eigenvalue problem.
 """
 from __future__ import annotations
 
@@ -131,11 +133,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def save_stats(path, mu, sigma, num_images: Optional[int] = None) -> str:
-    """Write `mu`, `sigma` (and `num_images`) as a compressed .npz, atomically."""
+    """Write `mu`, `sigma` (and `num_images`) as an .npz, atomically (uncompressed: pytorch-fid
+    writes savez_compressed, which reads the same but costs seconds to deflate 2048 x 2048 floats
+    that hardly compress)."""
     mu, sigma = _check_stats(mu, sigma, os.fspath(path))
     extra = {} if num_images is None else {"num_images": np.int64(num_images)}
     with atomic_open(os.fspath(path)) as f:
-        np.savez_compressed(f, mu=mu, sigma=sigma, **extra)
+        np.savez(f, mu=mu, sigma=sigma, **extra)
     return os.fspath(path)
 
 
