@@ -217,7 +217,7 @@ def plot_runs(output_dir, results: dict) -> Optional[str]:
                         xytext=(4, 4), fontsize=8)
     ax.set_xlabel("CLIP score (higher is better)")
     ax.set_ylabel("FID (lower is better)")
-    ax.set_title("FID against CLIP score over guidance scales")
+    ax.set_title("FID against CLIP score (point labels: guidance scale)")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
