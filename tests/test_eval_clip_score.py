@@ -11,6 +11,7 @@ T = pytest.importorskip("torchvision.transforms")
 from ldm.clip import CLIP_MEAN, CLIP_STD, write_tiny_clip_tokenizer  # noqa: E402
 from ldm.eval.clip_score import ClipScorer, clip_score_from_embeds  # noqa: E402
 from scripts.convert_other_weight import main as convert_main  # noqa: E402
+from test_clip_parity import _randomise  # noqa: E402  (tests/ is on sys.path under pytest)
 
 VOCAB = 514  # the tiny tokenizer's
 TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -20,14 +21,6 @@ VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_att
               patch_size=8, projection_dim=24, hidden_act="quick_gelu")
 CAPTIONS = ["a red bus", "two cats on a sofa", "a bowl of fruit", "snow on a mountain at dusk", "x",
             "a very long caption " * 12, "the sea", "an astronaut riding a horse"]
-
-
-def _randomise(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

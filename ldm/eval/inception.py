@@ -289,14 +289,18 @@ def _plan(shapes: Mapping[str, tuple], layout: str) -> dict:
     return plan
 
 
+_LAYOUT_MARKERS = (  # (layout, a key only that layout has), checked in order
+    ("paddlemix", lambda n: n.startswith("inception_stem.")),
+    ("torch", lambda n: n.endswith(".running_mean")),
+    ("paddle", lambda n: n.endswith("._mean")),
+)
+
+
 def detect_layout(names) -> str:
     names = list(names)
-    if any(n.startswith("inception_stem.") for n in names):
-        return "paddlemix"
-    if any(n.endswith(".running_mean") for n in names):
-        return "torch"
-    if any(n.endswith("._mean") for n in names):
-        return "paddle"
+    for layout, marker in _LAYOUT_MARKERS:
+        if any(marker(n) for n in names):
+            return layout
     raise WeightsError("not an Inception state dict (no BatchNorm statistics found)")
 
 
