@@ -167,3 +167,33 @@ def test_read_captions(tmp_path):
     (tmp_path / "d.tsv").write_text("id\ttext\n0\thello\n", encoding="utf-8")
     with pytest.raises(ValueError, match="caption_en or caption"):
         sweep.read_captions(tmp_path / "d.tsv")
+
+
+def test_image_sources(tmp_path):
+    """Reference images from a folder and from LAION part files (through a .filelist), with the
+    optional short-side resize + centre crop; undecodable records are skipped."""
+    import base64
+    import io
+
+    from ldm.eval.images import count_images, iter_images
+
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 256, (24 + 8 * i, 40, 3), dtype=np.uint8) for i in range(3)]
+    (tmp_path / "dir").mkdir()
+    lines = []
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(tmp_path / "dir" / f"{i}.png")
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        lines.append(f"caption {i}\tx\t{base64.b64encode(buf.getvalue()).decode()}\n")
+    lines.insert(1, "broken\tx\tnot-base64!\n")
+    (tmp_path / "part-00000").write_text("".join(lines), encoding="utf-8")
+    (tmp_path / "data.filelist").write_text(str(tmp_path / "part-00000") + "\n", encoding="utf-8")
+    for source in (tmp_path / "dir", tmp_path / "data.filelist"):
+        got = list(iter_images(source))
+        assert len(got) == 3 and all(np.array_equal(g, a) for g, a in zip(got, arrays))
+        cropped = list(iter_images(source, resolution=16, limit=2))
+        assert [c.shape for c in cropped] == [(16, 16, 3)] * 2
+    assert count_images(tmp_path / "dir", limit=2) == 2 and count_images(tmp_path / "data.filelist") is None
+    with pytest.raises(FileNotFoundError):
+        list(iter_images(tmp_path / "nothing"))
