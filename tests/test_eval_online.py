@@ -1,5 +1,11 @@
 """Training-time evaluation core (ldm.eval.online): shards cover every caption exactly once, the
-metrics equal a direct computation on the same images, and caption k always gets seed + k."""
+metrics equal a direct computation on the same images, caption k always gets seed + k, and two
+gloo ranks (paddle.distributed.launch) get the metrics of one process."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import paddle
 import pytest
@@ -9,6 +15,13 @@ from ldm.eval.online import OnlineEvaluation, metric_names, shard_range
 
 
 DIM = 16
+CAPTIONS = ["a", "bb", "ccc", "dddd", "eeeee"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def reference_stats():
+    ref = np.random.default_rng(0).standard_normal((40, DIM)) * 0.5 + 3.0
+    return ref.mean(0), np.cov(ref, rowvar=False)
 
 
 class TinyFeatures(paddle.nn.Layer):
@@ -57,9 +70,7 @@ def test_shards_cover_every_caption_once():
 
 def test_online_metrics_equal_direct_computation(inception):
     captions = ["a", "bb", "ccc", "dddd"]
-    rng = np.random.default_rng(0)
-    ref = rng.standard_normal((40, DIM)) * 0.5 + 3.0
-    reference = (ref.mean(0), np.cov(ref, rowvar=False))
+    reference = reference_stats()
     gen = FakeGenerator()
     ev = OnlineEvaluation(captions + ["unused"], reference, inception, LengthScorer(), num_images=4,
                           guidance_scales=[4.0], seed=10, batch_size=3)
@@ -76,3 +87,25 @@ def test_online_metrics_equal_direct_computation(inception):
         OnlineEvaluation(captions, reference, inception, LengthScorer(), num_images=1, guidance_scales=[1.0])
     with pytest.raises(ValueError, match="num_images must be in"):
         OnlineEvaluation(captions, reference, inception, LengthScorer(), num_images=9, guidance_scales=[1.0])
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_one_process_metrics(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+           str(tmp_path / "logs"), os.path.join(ROOT, "tests", "eval_dist_worker.py"), str(tmp_path)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    logs = "".join(f.read_text()[-2000:] for f in sorted((tmp_path / "logs").glob("workerlog.*")))
+    assert res.returncode == 0, logs + res.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == 2 and ranks[0]["metrics"] == ranks[1]["metrics"]
+    # rank 0 sampled captions 0-1, rank 1 captions 2-4, each from seed + k, at both scales
+    assert [c[:2] for c in ranks[0]["calls"]] == [[["a", "bb"], 10]] * 2
+    assert [c[:2] for c in ranks[1]["calls"]] == [[["ccc", "dddd", "eeeee"], 12]] * 2
+    paddle.seed(0)
+    one = OnlineEvaluation(CAPTIONS, reference_stats(), TinyFeatures().eval(), LengthScorer(),
+                           num_images=len(CAPTIONS), guidance_scales=[1.0, 4.0], seed=10, batch_size=3)
+    want = one.run(FakeGenerator(), rank=0, world_size=1)
+    assert sorted(want) == sorted(ranks[0]["metrics"])
+    for k, v in want.items():
+        assert ranks[0]["metrics"][k] == pytest.approx(v, rel=1e-6), k

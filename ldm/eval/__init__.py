@@ -8,6 +8,8 @@
 - `images.py`: image folders and LAION file lists, one image at a time.
 - `generators.py`: SD and Stable Cascade generators with one call signature.
 - `sweep.py`: captions, resumable generation per guidance scale, scoring, results table and plot.
+- `online.py`: `OnlineEvaluation`, the same metrics during training, sampling shared over
+  data-parallel ranks and features gathered.
 
 Command lines: scripts/fid_stats.py, scripts/evaluate.py; weight conversion:
 scripts/convert_other_weight.py --inception. Submodules are imported on demand (this package
