@@ -113,7 +113,10 @@ def build_generator(args):
     settings = gen.CascadeSettings(height=args.height, width=args.width, negative_prompt=args.negative_prompt,
                                    **{k: getattr(args, k) for k in ("steps_c", "steps_b", "cfg_b", "shift_c",
                                                                     "shift_b", "cfg_rho")})
-    return gen.CascadeGenerator(ModelC(cfg, **opts), ModelB(cfg, **opts), settings)
+    source = {"preset": args.preset} if args.preset else {
+        "weights_path": os.path.abspath(cfg.weights_path), "stage_c": cfg.stage_c, "stage_b": cfg.stage_b,
+        "dtype": cfg.dtype}
+    return gen.CascadeGenerator(ModelC(cfg, **opts), ModelB(cfg, **opts), settings, source)
 
 
 def main(argv=None) -> list:
@@ -131,6 +134,7 @@ def main(argv=None) -> list:
     generator = build_generator(args)
     settings = {**generator.describe(), "seed": args.seed, "captions": os.path.abspath(args.captions),
                 "num_captions": len(captions), "reference": os.path.abspath(args.reference)}
+    sweep.check_run_settings(run_dir, {k: v for k, v in settings.items() if k != "reference"})
     sweep.generate_missing(generator, captions, args.guidance_scales, run_dir, args.seed, args.batch_size, progress,
                            meta={"run": args.run_name, "family": args.family})
     del generator

@@ -109,9 +109,9 @@ def _check_same_latents(calls, scales):
 
 def test_evaluate_sd_and_cascade(files, spies, tmp_path):
     d, out = files, tmp_path / "eval"
-    sd_points = evaluate.main(["--family", "sd", "--pretrained_model_name_or_path", str(d / "sd"), "--height", "16",
-                               "--width", "16", "--num_inference_steps", "2", "--guidance_scales", "1", "3",
-                               "--run_name", "tiny-sd", *_common(d, out)])
+    sd = ["--family", "sd", "--pretrained_model_name_or_path", str(d / "sd"), "--height", "16", "--width", "16",
+          "--guidance_scales", "1", "3", "--run_name", "tiny-sd", *_common(d, out)]
+    sd_points = evaluate.main([*sd, "--num_inference_steps", "2"])
     sd_spy = spies[0]
     assert [(c, g) for c, g, _ in sd_spy.calls] == [(CAPTIONS[:2], 1.0), (CAPTIONS[2:], 1.0), (CAPTIONS[:2], 3.0),
                                                     (CAPTIONS[2:], 3.0)]  # batches of consecutive captions
@@ -154,6 +154,9 @@ def test_evaluate_sd_and_cascade(files, spies, tmp_path):
     assert n == 1 and [(c, g) for c, g, _ in sd_spy.calls] == [([CAPTIONS[1]], 3.0)]
     np.testing.assert_array_equal(np.asarray(Image.open(missing)), before)
     assert os.path.getmtime(out / "tiny-sd" / "g3" / "00000.png") == kept_mtime
+    # the kept images of a run are never mixed with images of other settings
+    with pytest.raises(ValueError, match=r"other settings \(num_inference_steps: \[2\] -> \[3\]\)"):
+        evaluate.main([*sd, "--num_inference_steps", "3"])
 
 
 def test_read_captions(tmp_path):

@@ -14,6 +14,7 @@ every guidance scale (PaddleMIX `generate_images.py` does the same).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
@@ -38,14 +39,14 @@ class SDGenerator:
     family = "sd"
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: Optional[dict] = None,
-                 settings: SDSettings = SDSettings()):
+                 settings: SDSettings = SDSettings(), source: Optional[dict] = None):
         from ldm.sd.sampling import SCHEDULERS
 
         if settings.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {settings.scheduler!r}")
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler_config = dict(scheduler_config or {})
-        self.settings = settings
+        self.settings, self.source = settings, dict(source or {})
 
     @classmethod
     def from_pretrained(cls, pretrained: str, unet_path: Optional[str] = None, settings: SDSettings = SDSettings(),
@@ -55,7 +56,8 @@ class SDGenerator:
         from ldm.sd.loading import load_for_inference
 
         unet, vae, te, tok, sched = load_for_inference(pretrained, unet_path, allow_pickle=allow_pickle)
-        return cls(unet, vae, te, tok, sched, settings)
+        source = {"pretrained": os.path.abspath(pretrained), "unet": os.path.abspath(unet_path) if unet_path else None}
+        return cls(unet, vae, te, tok, sched, settings, source)
 
     def __call__(self, captions: Sequence[str], seed: int, guidance_scale: float) -> np.ndarray:
         from ldm.sd.sampling import generate, make_scheduler
@@ -67,7 +69,8 @@ class SDGenerator:
                         negative_prompt=s.negative_prompt)
 
     def describe(self) -> dict:
-        return {"family": self.family, **asdict(self.settings)}
+        """What made the images (settings and where the networks came from), JSON-able."""
+        return {"family": self.family, **asdict(self.settings), "source": self.source}
 
 
 @dataclass(frozen=True)
@@ -87,11 +90,12 @@ class CascadeSettings:
 class CascadeGenerator:
     family = "cascade"
 
-    def __init__(self, model_c, model_b, settings: CascadeSettings = CascadeSettings()):
+    def __init__(self, model_c, model_b, settings: CascadeSettings = CascadeSettings(), source: Optional[dict] = None):
         from ldm.cascade.pipeline import check_size
 
         self.height, self.width = check_size(settings.height, settings.width)
         self.model_c, self.model_b, self.settings = model_c, model_b, settings
+        self.source = dict(source or {})
 
     def __call__(self, captions: Sequence[str], seed: int, guidance_scale: float) -> np.ndarray:
         s, captions = self.settings, list(captions)
@@ -105,4 +109,5 @@ class CascadeGenerator:
         return np.asarray(images)
 
     def describe(self) -> dict:
-        return {"family": self.family, **asdict(self.settings), "height": self.height, "width": self.width}
+        return {"family": self.family, **asdict(self.settings), "height": self.height, "width": self.width,
+                "source": self.source}

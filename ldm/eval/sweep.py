@@ -4,6 +4,7 @@ scale by FID and CLIP score, and report the runs as JSON, CSV and a plot of FID 
 Layout of an output folder (one folder can hold several runs, which share the table and the plot):
 
     <output_dir>/<run>/g<scale>/<k:05d>.png   caption k at that scale, sampled from seed + k
+    <output_dir>/<run>/settings.json          what made the images (a rerun must match it)
     <output_dir>/results.json                 {"runs": {run: {"settings", "points": [...]}}}
     <output_dir>/results.csv                  one row per (run, guidance scale)
     <output_dir>/fid_clip.png                 FID (y) against CLIP score (x), one line per run,
@@ -26,7 +27,7 @@ from ldm.eval.fid import FeatureStats, FrechetReference, inception_features
 from ldm.eval.images import load_image
 from ldm.utils import atomic_open, get_logger, save_png
 
-__all__ = ["read_captions", "scale_dir", "image_path", "generate_missing", "score_images", "scale_point",
+__all__ = ["read_captions", "scale_dir", "image_path", "check_run_settings", "generate_missing", "score_images", "scale_point",
            "reference_statistics", "update_results", "write_table", "plot_runs", "RESULTS_JSON", "RESULTS_CSV", "RESULTS_PLOT", "CAPTION_COLUMNS"]
 
 logger = get_logger(__name__)
@@ -96,6 +97,28 @@ def _runs(indices: Sequence[int], batch_size: int) -> Iterator[list[int]]:
         chunk.append(i)
     if chunk:
         yield chunk
+
+
+RUN_SETTINGS = "settings.json"
+GROWABLE = ("num_captions",)  # a run may be extended to more captions, nothing else may change
+
+
+def check_run_settings(run_dir, settings: dict) -> None:
+    """Record `settings` in <run_dir>/settings.json, or, when the folder already holds a run, check
+    that it was made with the same settings: kept images of other settings would mix silently."""
+    path = os.path.join(os.fspath(run_dir), RUN_SETTINGS)
+    settings = json.loads(json.dumps(settings))  # as JSON reads it back (tuples -> lists)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        diff = sorted(k for k in set(old) | set(settings) if k not in GROWABLE and old.get(k) != settings.get(k))
+        if diff:
+            raise ValueError(f"{run_dir} holds images made with other settings ({', '.join(diff)}: "
+                             f"{[old.get(k) for k in diff]} -> {[settings.get(k) for k in diff]}); "
+                             "use another --run_name or remove that folder")
+    os.makedirs(os.fspath(run_dir), exist_ok=True)
+    with atomic_open(path, "w") as f:
+        json.dump(settings, f, indent=1)
 
 
 def generate_missing(generator: Callable, captions: Sequence[str], guidance_scales: Sequence[float], run_dir,
