@@ -6,7 +6,9 @@ runs this file as a worker: `train_stage_c_trainer.main` for one epoch of the 8-
 (2 steps of 2 images per rank), recording each rank's captions, then every rank writes its own
 Stage C parameters; once as plain data parallel, once with ZeRO stage 1 (`--sharding stage1`,
 optimiser state split over the ranks) and recompute. Stage 2 needs a GPU. The test checks that the ranks read disjoint halves of the data and end with
-identical parameters that differ from the initial ones.
+identical parameters that differ from the initial ones. A third case stops a ZeRO-1 run at a
+checkpoint and resumes it: every rank restores its own optimizer shard and RNG states, and the end
+equals the uninterrupted run bit for bit.
 """
 import os
 import subprocess
@@ -36,16 +38,21 @@ def worker(out, extra):
     np.savez(os.path.join(out, f"params_rank{rank}.npz"), **state)
 
 
+def launch(out, extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    log = os.path.join(out, "log")
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", log,
+           os.path.abspath(__file__), str(out), *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    logs = "".join(open(os.path.join(log, f)).read()[-3000:] for f in sorted(os.listdir(log)))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs
+
+
 @pytest.mark.parametrize("extra", [[], ["--sharding", "stage1", "--recompute", "True"]], ids=["dp", "zero1_recompute"])
 def test_two_process_gloo(tmp_path, extra):
     from ldm.cascade.components import tiny_components
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
-           str(tmp_path / "log"), os.path.abspath(__file__), str(tmp_path), *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    logs = "".join(open(os.path.join(tmp_path / "log", f)).read()[-3000:] for f in sorted(os.listdir(tmp_path / "log")))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs
+    launch(tmp_path, extra)
     caps = [open(tmp_path / "captions" / f"rank{r}.txt", encoding="utf-8").read().splitlines() for r in (0, 1)]
     every = sorted(open(os.path.join(DEMO, f), encoding="utf-8").read().strip() for f in os.listdir(DEMO) if f.endswith(".txt"))
     assert len(caps[0]) == len(caps[1]) == 4  # 2 steps x 2 images per rank
@@ -58,6 +65,27 @@ def test_two_process_gloo(tmp_path, extra):
     assert sum(not np.array_equal(p0[k], init[k].numpy()) for k in p0.files) > len(p0.files) // 2  # it trained
     assert os.path.isfile(tmp_path / "train" / "stage_c.safetensors")
     assert os.path.isfile(tmp_path / "train" / "stage_c_ema.safetensors")
+
+
+def test_two_process_zero1_resume_is_exact(tmp_path):
+    from ldm.weights import load_state_dict
+
+    common = ["--sharding", "stage1", "--lr_scheduler_type", "constant", "--save_steps", "2"]
+    launch(tmp_path / "straight", common + ["--max_steps", "4"])
+    launch(tmp_path / "resumed", common + ["--max_steps", "2"])
+    launch(tmp_path / "resumed", common + ["--max_steps", "4"])  # resumes from its checkpoint-2
+    ck2 = set(os.listdir(tmp_path / "resumed" / "train" / "checkpoint-2"))
+    assert {"optimizer.shard00.safetensors", "optimizer.shard01.safetensors", "rng_state_rank0.json",
+            "rng_state_rank1.json", "train_c_state_rank1.json"} <= ck2
+    assert not [n for n in ck2 if n.endswith((".pdopt", ".pdparams", ".pth"))], ck2
+    for r in (0, 1):
+        a, b = (np.load(tmp_path / run / f"params_rank{r}.npz") for run in ("straight", "resumed"))
+        for k in a.files:
+            assert np.array_equal(a[k], b[k]), (r, k)
+    for name in ("stage_c_ema.safetensors", "checkpoint-4/optimizer.shard00.safetensors",
+                 "checkpoint-4/optimizer.shard01.safetensors"):
+        a, b = (load_state_dict(tmp_path / run / "train" / name) for run in ("straight", "resumed"))
+        assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a), name
 
 
 if __name__ == "__main__":

@@ -305,7 +305,7 @@ def optimizer_state_from_named(tensors: Dict[str, np.ndarray], scalars: Dict, na
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{where}: {len(unknown)} entries of parameters the task does not train, e.g. {unknown[:3]}")
+        raise ValueError(f"{where}: {len(unknown)} entries of parameters the task does not have, e.g. {unknown[:3]}")
     if master:
         state["master_weights"] = master
     return state
@@ -392,8 +392,7 @@ class CheckpointStateCallback(TrainerCallback):
         os.makedirs(folder, exist_ok=True)
         writes_optimizer = args.data_parallel_rank == 0 if args.use_hybrid_parallel else args.should_save
         if writes_optimizer or args.should_save:
-            names = {p.name: n for n, p in self.task.trainable_parameters().items()}
-            tensors, scalars = named_optimizer_state(optimizer.state_dict(), names)
+            tensors, scalars = named_optimizer_state(optimizer.state_dict(), self._names())
         if writes_optimizer:
             save_safetensors(tensors, os.path.join(folder, OPTIMIZER_FILE.format(_shard_suffix(args))))
         if args.should_save:
@@ -451,20 +450,24 @@ class CheckpointStateCallback(TrainerCallback):
             epochs, batches, per_epoch = self._resumed
             state.epoch += epochs + (batches / per_epoch if self._loop_epochs <= 1 else 0.0)
 
+    def _names(self) -> Dict[str, str]:
+        """{paddle parameter name: structured name} of every parameter of the task."""
+        return {p.name: n for n, p in self.task.named_parameters()}
+
     def _load_optimizer(self, args, ckpt, optimizer, lr_scheduler) -> None:
-        names = {p.name: n for n, p in self.task.trainable_parameters().items()}
         path = os.path.join(ckpt, OPTIMIZER_FILE.format(_shard_suffix(args)))
         sched_path = os.path.join(ckpt, SCHEDULER_FILE)
         if os.path.isfile(path):
             with open(sched_path, encoding="utf-8") as f:
                 scalars = json.load(f)
-            opt_state = optimizer_state_from_named(load_state_dict(path), scalars["optimizer"], names, where=path)
+            opt_state = optimizer_state_from_named(load_state_dict(path), scalars["optimizer"], self._names(), where=path)
             sched, scaler = scalars["lr_scheduler"], scalars.get("grad_scaler") or {}
         else:
             legacy = os.path.join(ckpt, LEGACY_OPTIMIZER_FILE.format(_shard_suffix(args)))
             if not os.path.isfile(legacy):
                 raise FileNotFoundError(f"{ckpt}: no optimizer state ({os.path.basename(path)}) to resume from")
-            opt_state = rename_optimizer_state(read_legacy_state(legacy), _legacy_name_map(ckpt, names))
+            trained = {p.name: n for n, p in self.task.trainable_parameters().items()}
+            opt_state = rename_optimizer_state(read_legacy_state(legacy), _legacy_name_map(ckpt, trained))
             sched = read_legacy_state(os.path.join(ckpt, LEGACY_SCHEDULER_FILE))
             scaler_path = os.path.join(ckpt, LEGACY_SCALER_FILE)
             scaler = read_legacy_state(scaler_path) if os.path.isfile(scaler_path) else {}
