@@ -336,7 +336,8 @@ def _legacy_name_map(checkpoint: str, names: Dict[str, str]) -> Dict[str, str]:
     current = {s: p for p, s in names.items()}
     missing = sorted(set(current) - set(saved))
     if missing:
-        raise ValueError(f"{path}: {len(missing)} parameters of the model are not in the checkpoint, e.g. {missing[:3]}")
+        raise ValueError(f"{path}: {len(missing)} parameters of the model are not in the checkpoint, "
+                         f"e.g. {missing[:3]}")
     return {saved[s]: current[s] for s in current if saved[s] != current[s]}
 
 
@@ -460,7 +461,8 @@ class CheckpointStateCallback(TrainerCallback):
         if os.path.isfile(path):
             with open(sched_path, encoding="utf-8") as f:
                 scalars = json.load(f)
-            opt_state = optimizer_state_from_named(load_state_dict(path), scalars["optimizer"], self._names(), where=path)
+            opt_state = optimizer_state_from_named(load_state_dict(path), scalars["optimizer"], self._names(),
+                                                   where=path)
             sched, scaler = scalars["lr_scheduler"], scalars.get("grad_scaler") or {}
         else:
             legacy = os.path.join(ckpt, LEGACY_OPTIMIZER_FILE.format(_shard_suffix(args)))
@@ -475,7 +477,8 @@ class CheckpointStateCallback(TrainerCallback):
         optimizer.set_state_dict(opt_state)
         lr_scheduler.set_state_dict(sched)
         if self.scaler is not None and scaler:
-            self.scaler.load_state_dict({k: np.asarray(v, np.float32) if k == "scale" else v for k, v in scaler.items()})
+            self.scaler.load_state_dict({k: np.asarray(v, np.float32) if k == "scale" else v
+                                         for k, v in scaler.items()})
 
     @staticmethod
     def _read_rng(args, ckpt) -> Optional[dict]:

@@ -35,7 +35,7 @@ import numpy as np
 import paddle
 
 from ldm.sd.diffusion import DDPMSchedule, training_terms, weighted_mse
-from ldm.sd.sampling import SD_SCALING_FACTOR, SD_V1_SCHEDULER_CONFIG, tokenize_prompts, vae_scaling_factor
+from ldm.sd.sampling import SD_V1_SCHEDULER_CONFIG, tokenize_prompts, vae_scaling_factor
 from ldm.train.args import DiffusionTrainingArguments, parse_with_env_defaults
 from ldm.train.task import TrainingTask
 from ldm.utils import get_logger
@@ -45,7 +45,7 @@ logger = get_logger("ldm.train.sd")
 
 __all__ = ["SDModelArguments", "SDDataArguments", "SDTrainingArguments", "parse_sd_args", "ENV_FLAG_DEFAULTS",
            "SDTask", "build_sd_trainer", "build_task", "build_dataset", "DEFAULT_VALIDATION_PROMPTS",
-           "SD_SCALING_FACTOR", "UNET_WEIGHTS", "UNET_EMA_DIR"]
+           "UNET_WEIGHTS", "UNET_EMA_DIR"]
 
 UNET_WEIGHTS = "diffusion_paddle_model.safetensors"  # ppdiffusers' Paddle safetensors file name
 UNET_EMA_DIR = "unet_ema"

@@ -267,7 +267,8 @@ class TrainingTask(nn.Layer):
                 if k in params:
                     p = params[k]
                     backup[k] = p.clone().cpu()  # host copy, one tensor at a time
-                    p.set_value(v.astype(p.dtype) if isinstance(v, paddle.Tensor) else paddle.to_tensor(v).astype(p.dtype))
+                    v = v if isinstance(v, paddle.Tensor) else paddle.to_tensor(v)
+                    p.set_value(v.astype(p.dtype))
             yield bool(backup)
         finally:
             for k, v in backup.items():
