@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import paddle
 from paddlenlp.trainer import PdArgumentParser, TrainingArguments
@@ -23,11 +23,39 @@ class DiffusionTrainingArguments(TrainingArguments):
     record_log_dir: Optional[str] = field(
         default=None, metadata={"help": "Debug: append the captions each rank trains on to <dir>/rank<k>.txt."}
     )
+    # training-time evaluation (ldm.train.callbacks.EvaluationCallback), every --eval_steps steps
+    eval_captions: Optional[str] = field(default=None, metadata={
+        "help": "FID and CLIP score every --eval_steps steps on the first --eval_num_images of these captions "
+                "(COCO .tsv/.csv with caption_en or caption, .jsonl, or one per line); logged as eval/fid_g<scale>, "
+                "eval/clip_score_g<scale>. Sampling is shared over the data-parallel ranks, "
+                "--per_device_eval_batch_size images per call, with the EMA weights when --use_ema."})
+    eval_reference: Optional[str] = field(default=None, metadata={
+        "help": "FID reference statistics .npz (pytorch-fid --save-stats, PaddleMIX coco_*.npz, scripts/fid_stats.py)."})
+    eval_num_images: int = field(default=1000, metadata={"help": "Images per guidance scale (>= 2)."})
+    eval_guidance_scales: Optional[List[float]] = field(default=None, metadata={
+        "help": "Guidance scales to evaluate (default: the recipe's preview guidance, SD 7.5, Stage C 5)."})
+    eval_inception: Optional[str] = field(default=None, metadata={
+        "help": "FID Inception weights: inception_fid.safetensors (convert_other_weight.py --inception) or "
+                "PaddleMIX's pp_inception-2015-12-05-6726825d.pdparams."})
+    eval_clip_dir: Optional[str] = field(default=None, metadata={
+        "help": "CLIP for the CLIP score: a folder with clip_text/ and clip_image/ (convert_other_weight.py "
+                "--clip_text_dir/--clip_image_dir ... --output_dir)."})
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.eval_captions:
+            missing = [f"--{k}" for k in ("eval_reference", "eval_inception", "eval_clip_dir") if not getattr(self, k)]
+            if not self.eval_steps or self.eval_steps < 1:
+                missing.insert(0, "--eval_steps N")
+            if missing:
+                raise ValueError(f"--eval_captions needs {', '.join(missing)}")
+            if self.eval_num_images < 2:
+                raise ValueError(f"--eval_num_images must be >= 2 (FID needs a covariance), got {self.eval_num_images}")
+            if self.do_eval:  # PaddleNLP sets it for any --evaluation_strategy other than "no"
+                raise ValueError("--eval_captions evaluates through its own callback; leave --do_eval / "
+                                 "--evaluation_strategy off (there is no evaluation dataset)")
 
 
 def parse_with_env_defaults(classes, env_defaults: Dict[str, str], argv=None, defaults: Optional[dict] = None):

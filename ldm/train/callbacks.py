@@ -4,7 +4,9 @@ They use only the `ldm.train.task.TrainingTask` API:
 - `ema_parameters() -> {name: Parameter}` (EMACallback), `save_ema(checkpoint_dir, shadow)` /
   `load_ema(checkpoint_dir) -> {name: ndarray} | None` (a model without them gets
   `ema.safetensors` in the checkpoint, keyed by the names above);
-- `log_images(pixel_values=..., **kwargs) -> {tag: uint8 (H, W, 3)}` (ImageLoggingCallback).
+- `log_images(pixel_values=..., **kwargs) -> {tag: uint8 (H, W, 3)}` (ImageLoggingCallback);
+- `sample_images(captions, seed, guidance_scale, **kwargs) -> uint8 (N, H, W, 3)` and
+  `evaluating(ema)` (EvaluationCallback: FID and CLIP score through ldm.eval.online).
 The checkpoint callbacks (training state, completeness marker) are in `ldm.train.checkpoint`;
 `DiffusionTrainer` installs them itself.
 
@@ -27,7 +29,7 @@ from ldm.weights import load_state_dict, save_safetensors
 
 logger = get_logger("ldm.train.callbacks")
 
-__all__ = ["EMACallback", "ImageLoggingCallback", "TimingCallback", "EMA_FILE"]
+__all__ = ["EMACallback", "ImageLoggingCallback", "EvaluationCallback", "TimingCallback", "EMA_FILE"]
 
 EMA_FILE = "ema.safetensors"
 
@@ -121,14 +123,68 @@ class ImageLoggingCallback(TrainerCallback):
             return
         t0 = time.time()
         images = model.log_images(pixel_values=self._pixels, **self.log_kwargs)
-        if self._writer is None:
-            from visualdl import LogWriter
-
-            self._writer = LogWriter(logdir=self.logdir or args.logging_dir)
+        self._writer = self._writer or _visualdl_writer(self.logdir or args.logging_dir)
         for tag, img in images.items():
             self._writer.add_image(tag, img, state.global_step)
         self._writer.flush()
         logger.info("logged %d images at step %d in %.1fs", len(images), state.global_step, time.time() - t0)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _visualdl_writer(logdir: str):
+    from visualdl import LogWriter
+
+    return LogWriter(logdir=logdir)
+
+
+class EvaluationCallback(TrainerCallback):
+    """Every `args.eval_steps` optimiser steps: FID and CLIP score of `model.sample_images` on the
+    first `args.eval_num_images` captions of `args.eval_captions`, per guidance scale
+    (ldm.eval.online.OnlineEvaluation: every rank samples its share, features are gathered); rank 0
+    writes `eval/fid_g<scale>` and `eval/clip_score_g<scale>` to VisualDL at that step.
+
+    The Inception network, the CLIP towers and the reference statistics are loaded at train start
+    (a wrong path fails before training). `sample_kwargs` are the recipe's preview settings (steps,
+    size); `ema` the EMACallback, whose weights are evaluated when it has them. `history` keeps
+    (step, metrics) of every evaluation."""
+
+    def __init__(self, sample_kwargs: Optional[dict] = None, ema=None, logdir: Optional[str] = None):
+        self.sample_kwargs = dict(sample_kwargs or {})
+        self.ema, self.logdir = ema, logdir
+        self.evaluation = None
+        self.history = []
+        self._writer = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from ldm.eval.clip_score import ClipScorer
+        from ldm.eval.inception import load_inception
+        from ldm.eval.online import OnlineEvaluation
+
+        scales = args.eval_guidance_scales or [model.default_guidance_scale]
+        self.evaluation = OnlineEvaluation(
+            args.eval_captions, args.eval_reference, load_inception(args.eval_inception),
+            ClipScorer.from_dir(args.eval_clip_dir), args.eval_num_images, scales, seed=args.seed,
+            batch_size=args.per_device_eval_batch_size)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % args.eval_steps:
+            return
+        t0 = time.time()
+        with model.evaluating(self.ema):
+            metrics = self.evaluation.run(
+                lambda captions, seed, g: model.sample_images(captions, seed, g, **self.sample_kwargs))
+        self.history.append((state.global_step, metrics))
+        if state.is_world_process_zero:
+            self._writer = self._writer or _visualdl_writer(self.logdir or args.logging_dir)
+            for tag, value in metrics.items():
+                self._writer.add_scalar(tag, value, state.global_step)
+            self._writer.flush()
+        logger.info("evaluated at step %d in %.1fs: %s", state.global_step, time.time() - t0,
+                    ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._writer is not None:
@@ -203,8 +259,10 @@ class TimingCallback(TrainerCallback):
 def standard_callbacks(args, image_kwargs: Optional[dict] = None, extra=(), ema_to_images: bool = False):
     """The callback list both trainers use, in order: timing (samples/s over every data-parallel
     rank), EMA (`args.use_ema`), image logging every `args.image_logging_steps` with
-    `image_kwargs` (plus `ema=` the EMA callback when `ema_to_images`), then `extra`
-    (`DiffusionTrainer` adds the checkpoint callbacks around them). Returns (callbacks, ema_callback_or_None)."""
+    `image_kwargs` (plus `ema=` the EMA callback when `ema_to_images`), evaluation every
+    `args.eval_steps` when `args.eval_captions` (sampling with `image_kwargs` minus the prompts and
+    seed, EMA weights when there are any), then `extra` (`DiffusionTrainer` adds the checkpoint
+    callbacks around them). Returns (callbacks, ema_callback_or_None)."""
     samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.dataset_world_size, 1)
     callbacks = [TimingCallback(samples)]
     ema = EMACallback(args.ema_decay) if args.use_ema else None
@@ -213,4 +271,7 @@ def standard_callbacks(args, image_kwargs: Optional[dict] = None, extra=(), ema_
     if args.image_logging_steps > 0:
         kwargs = dict(image_kwargs or {}, **({"ema": ema} if ema_to_images else {}))
         callbacks.append(ImageLoggingCallback(args.image_logging_steps, kwargs))
+    if getattr(args, "eval_captions", None):
+        sample_kwargs = {k: v for k, v in (image_kwargs or {}).items() if k not in ("prompts", "seed")}
+        callbacks.append(EvaluationCallback(sample_kwargs, ema))
     return callbacks + list(extra), ema

@@ -337,6 +337,20 @@ class SDTask(TrainingTask):
         with open(os.path.join(sched, "scheduler_config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2)
 
+    default_guidance_scale = 7.5
+
+    @paddle.no_grad()
+    def sample_images(self, captions: Sequence[str], seed: int, guidance_scale: float, num_inference_steps: int = 50,
+                      resolution: Optional[int] = None) -> np.ndarray:
+        """uint8 (N, R, R, 3): DDIM samples of `captions` (image i from seed + i); R defaults to the
+        UNet's sample size in pixels."""
+        from ldm.sd.sampling import generate, make_scheduler, vae_scale_factor
+
+        size = resolution or vae_scale_factor(self.vae) * self.unet.config.sample_size
+        return generate(self.unet, self.vae, self.text_encoder, self.tokenizer,
+                        make_scheduler("ddim", self.scheduler_config), list(captions), size, size,
+                        guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, seed=seed)
+
     @paddle.no_grad()
     def log_images(
         self,
@@ -348,16 +362,11 @@ class SDTask(TrainingTask):
         resolution: Optional[int] = None,
     ) -> Dict[str, np.ndarray]:
         """Images to log: {tag: uint8 (H, W, 3)}: samples per guidance scale + VAE reconstructions."""
-        from ldm.sd.sampling import generate, make_scheduler, vae_scale_factor
-
         out = {}
         with self.evaluating():
-            size = resolution or (pixel_values.shape[-1] if pixel_values is not None
-                                  else vae_scale_factor(self.vae) * self.unet.config.sample_size)
+            size = resolution or (pixel_values.shape[-1] if pixel_values is not None else None)
             for g in guidance_scales:
-                images = generate(self.unet, self.vae, self.text_encoder, self.tokenizer,
-                                  make_scheduler("ddim", self.scheduler_config), list(prompts), size, size,
-                                  guidance_scale=g, num_inference_steps=num_inference_steps, seed=seed)
+                images = self.sample_images(prompts, seed, g, num_inference_steps, size)
                 out[f"samples/guidance_{g:g}"] = np.concatenate(list(images), axis=1)  # prompts side by side
             if pixel_values is not None:
                 x = pixel_values[:4]

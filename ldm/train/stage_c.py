@@ -320,6 +320,27 @@ class StageCTask(TrainingTask):
         if self.adaptive and "adaptive_loss" in state:
             self.gdf.loss_weight.set_state_dict(state["adaptive_loss"])
 
+    default_guidance_scale = PREVIEW_CFG
+
+    @paddle.no_grad()
+    def sample_images(self, captions: Sequence[str], seed: int, guidance_scale: float, num_inference_steps: int = 20,
+                      latent_size: int = 24) -> np.ndarray:
+        """uint8 (N, 8 * latent_size, 8 * latent_size, 3): Previewer images of Stage C samples of
+        `captions` (GDF with the preview shift, empty-caption guidance; image i from seed + i).
+        Stage B and A are not part of a Stage C run, so these previews are what it can score."""
+        from ldm.cascade import pipeline as pl
+
+        n = len(captions)
+        text, pooled = self.encode_captions(list(captions))
+        u_text, u_pooled = self.encode_captions([""] * n)
+        img = paddle.zeros([n, 1, self.c_clip_img], "float32")
+        cond = {"clip_text": text, "clip_text_pooled": pooled, "clip_img": img}
+        uncond = {"clip_text": u_text, "clip_text_pooled": u_pooled, "clip_img": paddle.zeros_like(img)}
+        sampling = SamplingConfig(steps=int(num_inference_steps), cfg=float(guidance_scale), shift=PREVIEW_SHIFT)
+        latent = pl.run_gdf(self.gdf, self.stage_c, cond, uncond, sampling, pl.image_noise_fn(seed, n, pl.NOISE_TAG_C),
+                            shape=[n, pl.STAGE_C_CHANNELS, latent_size, latent_size], desc="preview", progress=False)
+        return pl.to_uint8(self.previewer(latent))
+
     @paddle.no_grad()
     def log_images(self, pixel_values: Optional[paddle.Tensor] = None, prompts: Sequence[str] = DEFAULT_PREVIEW_PROMPTS,
                    num_inference_steps: int = 20, seed: int = 0, latent_size: Optional[int] = None,
@@ -332,15 +353,8 @@ class StageCTask(TrainingTask):
         n = len(prompts)
         size = latent_size or (pixel_values.shape[-1] // cfg_mod.EFFNET_STRIDE if pixel_values is not None else 24)
         with self.evaluating(ema) as with_ema:
-            text, pooled = self.encode_captions(list(prompts))
-            u_text, u_pooled = self.encode_captions([""] * n)
-            img = paddle.zeros([n, 1, self.c_clip_img], "float32")
-            cond = {"clip_text": text, "clip_text_pooled": pooled, "clip_img": img}
-            uncond = {"clip_text": u_text, "clip_text_pooled": u_pooled, "clip_img": paddle.zeros_like(img)}
-            sampling = SamplingConfig(steps=int(num_inference_steps), cfg=PREVIEW_CFG, shift=PREVIEW_SHIFT)
-            latent = pl.run_gdf(self.gdf, self.stage_c, cond, uncond, sampling, pl.image_noise_fn(seed, n, pl.NOISE_TAG_C),
-                                shape=[n, pl.STAGE_C_CHANNELS, size, size], desc="preview", progress=False)
-            out = {("preview/ema" if with_ema else "preview/model"): np.concatenate(list(pl.to_uint8(self.previewer(latent))), axis=1)}
+            images = self.sample_images(prompts, seed, PREVIEW_CFG, num_inference_steps, size)
+            out = {("preview/ema" if with_ema else "preview/model"): np.concatenate(list(images), axis=1)}
             if pixel_values is not None:
                 rec = self.previewer(self.encode_latents(pixel_values[:n]))
                 out["preview/batch_reconstruction"] = np.concatenate(list(pl.to_uint8(rec)), axis=1)

@@ -247,9 +247,16 @@ class TrainingTask(nn.Layer):
         self.rng.bit_generator.state = state["rng"]
 
     # ------------------------------------------------------------------------------ previews
+    default_guidance_scale = 1.0  # of sample_images when the run names none (--eval_guidance_scales)
+
     def log_images(self, pixel_values: Optional[paddle.Tensor] = None, **kwargs) -> Dict[str, np.ndarray]:
         """{tag: uint8 [H, W, 3]} preview images; none by default."""
         return {}
+
+    def sample_images(self, captions, seed: int, guidance_scale: float, **kwargs) -> np.ndarray:
+        """uint8 (N, H, W, 3) images of `captions`, image i from seed + i (the generator signature of
+        ldm.eval.generators, used by the training-time evaluation); kwargs: the preview settings."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sample images (no sample_images)")
 
     @contextlib.contextmanager
     def evaluating(self, ema=None):
