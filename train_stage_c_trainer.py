@@ -10,12 +10,9 @@ FLAG_RECOMPUTE set the defaults of --use_ema and --recompute. Checkpoints are re
 automatically from --output_dir (the newest complete checkpoint-N) unless --overwrite_output_dir;
 `scripts/extract_unet_weights.py` turns one into a Stage C weight file for inference.py.
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ldm.train.stage_c import parse_stage_c_args  # noqa: E402
+from ldm.train.stage_c import parse_stage_c_args
 
 
 def main(argv=None):

@@ -8,13 +8,10 @@ Multi-GPU / multi-node: `python -u -m paddle.distributed.launch --gpus 0,1,.. [-
 Flags: seed stable_diffusion_README.md section 4 (ldm/train/sd.py). FLAG_USE_EMA, FLAG_RECOMPUTE and
 FLAG_XFORMERS set the defaults of --use_ema, --recompute, --enable_xformers_memory_efficient_attention.
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ldm.sd.loading import set_offline  # noqa: E402
-from ldm.train.sd import parse_sd_args  # noqa: E402
+from ldm.sd.loading import set_offline
+from ldm.train.sd import parse_sd_args
 
 
 def main(argv=None):

@@ -45,17 +45,15 @@ import io
 import json
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
-from ldm.data.transforms import ImageTransform, decode_image  # noqa: E402
-from ldm.utils import get_logger  # noqa: E402
+from ldm.data.transforms import ImageTransform, decode_image
+from ldm.utils import get_logger
 
 logger = get_logger("bench_dataloader")
 

@@ -13,13 +13,11 @@ line then has an "error" field and zero counts), and 0 otherwise.
 """
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.data.check import check_file_list, check_folder  # noqa: E402
-from ldm.data.transforms import DEFAULT_MAX_PIXELS  # noqa: E402
+from ldm.data.check import check_file_list, check_folder
+from ldm.data.transforms import DEFAULT_MAX_PIXELS
 
 
 def parse_args(argv=None):

@@ -22,14 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ldm.cascade import convert  # noqa: E402
-from ldm.clip import convert_clip_dir  # noqa: E402
-from ldm.weights import STORAGE_DTYPES  # noqa: E402
+from ldm.cascade import convert
+from ldm.clip import convert_clip_dir
+from ldm.weights import STORAGE_DTYPES
 
 
 def parse_args(argv=None):

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.cascade.convert import convert_unet_weights  # noqa: E402
-from ldm.cascade.stage_b import STAGE_B_PRESETS  # noqa: E402
-from ldm.cascade.stage_c import STAGE_C_PRESETS  # noqa: E402
-from ldm.weights import STORAGE_DTYPES, WeightsError  # noqa: E402
+from ldm.cascade.convert import convert_unet_weights
+from ldm.cascade.stage_b import STAGE_B_PRESETS
+from ldm.cascade.stage_c import STAGE_C_PRESETS
+from ldm.weights import STORAGE_DTYPES, WeightsError
 
 
 def parse_args(argv=None):

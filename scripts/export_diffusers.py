@@ -8,9 +8,6 @@ The result loads with diffusers `UNet2DConditionModel.from_pretrained("exported/
 import argparse
 import json
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):

@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.cascade.convert import convert_unet_weights  # noqa: E402
-from ldm.train.stage_c import STAGE_C_EMA_FILE, STAGE_C_FILE  # noqa: E402
-from ldm.weights import STORAGE_DTYPES  # noqa: E402
-from ldm.train.checkpoint import COMPLETE_MARKER, find_resume_checkpoint, is_complete, list_checkpoints  # noqa: E402
+from ldm.cascade.convert import convert_unet_weights
+from ldm.train.stage_c import STAGE_C_EMA_FILE, STAGE_C_FILE
+from ldm.weights import STORAGE_DTYPES
+from ldm.train.checkpoint import COMPLETE_MARKER, find_resume_checkpoint, is_complete, list_checkpoints
 
 
 def parse_args(argv=None):

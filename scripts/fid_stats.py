@@ -14,11 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None):

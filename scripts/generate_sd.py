@@ -11,12 +11,10 @@ text metadata, and prints a JSON summary. Local folders only (no downloads).
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.sd.loading import set_offline  # noqa: E402
-from ldm.sd.sampling import SCHEDULERS  # noqa: E402
+from ldm.sd.loading import set_offline
+from ldm.sd.sampling import SCHEDULERS
 
 
 def parse_args(argv=None):
