@@ -3,10 +3,13 @@ same weights, same inputs, same process, CPU, fp32.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_stage_c.py            # mid-size config, 24x24, batch 2
     OMP_NUM_THREADS=2 python benchmarks/bench_stage_c.py --profile  # plus per-block-type times
+    OMP_NUM_THREADS=1 python benchmarks/bench_stage_c.py --kernels plain  # without the CPU kernels
 
 The default "mid" network is the 1B layout (two CTA levels, 64-wide heads) at width 768, 12 heads
 and depth [[2, 6], [6, 2]] (0.14B parameters), so one step takes seconds on one CPU core;
-`--preset 1B` times the real lite prior.
+`--preset 1B` times the real lite prior. Our side runs with the CPU kernels of
+`ldm.cascade.cpu_kernels` switched on (what a CPU run uses); `--kernels plain` times the
+default path (SDPA attention, reference-shaped GRN). The JSON says which ran.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from ldm.cascade.common import AttnBlock, ResBlock, TimestepBlock  # noqa: E402
+from ldm.cascade.cpu_kernels import set_fast_cpu_kernels  # noqa: E402
 from ldm.cascade.convert import export_unet_weights  # noqa: E402
 from ldm.cascade.stage_c import StageC, stage_c_config  # noqa: E402
 
@@ -32,9 +36,10 @@ MID = dict(c_cond=768, c_hidden=[768, 768], nhead=[12, 12], blocks=[[2, 6], [6, 
 
 
 def build_pair(preset: str, seed: int = 0):
-    cfg = stage_c_config("1B", **MID) if preset == "mid" else stage_c_config(preset)
+    config = stage_c_config("1B", **MID) if preset == "mid" else stage_c_config(preset)
+    cfg = config.to_dict()  # plain lists, for diffusers
     paddle.seed(seed)
-    ours = StageC(**cfg)
+    ours = StageC(config)
     with paddle.no_grad():
         for p in ours.parameters():  # random everywhere (no zero fast paths)
             fan = int(np.prod(p.shape[:-1])) if len(p.shape) == 2 else int(np.prod(p.shape[1:])) or 1
@@ -141,7 +146,10 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=24)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--kernels", choices=["cpu", "plain"], default="cpu",
+                   help="cpu: ldm.cascade.cpu_kernels switched on (default); plain: the default network path")
     args = p.parse_args(argv)
+    set_fast_cpu_kernels(args.kernels == "cpu")
 
     import torch
 
@@ -153,7 +161,7 @@ def main(argv=None):
     ours_best, ours_cpu = best_of(lambda: run_ours(ours, a), args.repeats)
     ref_best, ref_cpu = best_of(lambda: run_ref(ref, a), args.repeats)
     result = {
-        "preset": args.preset, "batch": args.batch, "latent": [cfg["c_in"], args.size, args.size], "threads": threads,
+        "preset": args.preset, "kernels": args.kernels, "batch": args.batch, "latent": [cfg["c_in"], args.size, args.size], "threads": threads,
         "parameters": int(sum(int(np.prod(p.shape)) for p in ours.parameters())),
         "ours_s": round(ours_best, 4), "diffusers_s": round(ref_best, 4), "ratio": round(ours_best / ref_best, 3),
         "ours_cpu_s": round(ours_cpu, 4), "diffusers_cpu_s": round(ref_cpu, 4), "cpu_ratio": round(ours_cpu / ref_cpu, 3),

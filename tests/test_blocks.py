@@ -1,8 +1,8 @@
 """The Stable Cascade networks go through their layers (issue 10 item 1), CPU, tiny sizes.
 
-- every layer that owns a parameter (Linear, Conv2D, BatchNorm, GRN, Embedding, ...) and every
-  LayerNorm of StageC / StageB / StageA / EfficientNetEncoder / Previewer runs in one forward, in
-  train and in eval mode, with the CPU kernels off and on;
+- every sub-layer of StageC / StageB / StageA / EfficientNetEncoder / Previewer (each Linear,
+  Conv2D, LayerNorm, BatchNorm, GRN, Embedding, activation, ...) runs in one forward, in train
+  and in eval mode, with the CPU kernels off and on (no layer is bypassed, none is dead);
 - attention: paddle's scaled_dot_product_attention vs the matmul fallback (and the CPU kernel),
   alone and inside AttnBlock with and without self-attention, max abs diff <= 1e-5; the fallback
   is chosen when the op raises;
@@ -89,14 +89,20 @@ def _leaf_layers(net):
     return out
 
 
+def _callable_layers(net):
+    """Every sub-layer but the plain containers (LayerList / LayerDict have no forward)."""
+    return {name: layer for name, layer in net.named_sublayers() if not isinstance(layer, (nn.LayerList, nn.LayerDict))}
+
+
 @pytest.mark.parametrize("name", sorted(NETWORKS))
 def test_every_layer_runs_in_one_forward(name, kernels):
     build, run = NETWORKS[name]
     net = build()
-    layers = _leaf_layers(net)
-    kinds = {type(layer) for layer in layers.values()}
+    layers = _callable_layers(net)  # hooks on every one of them: no dead sub-layers either
+    kinds = {type(layer) for layer in _leaf_layers(net).values()}
     assert any(issubclass(k, nn.Linear) for k in kinds) or name in ("effnet", "previewer")
     assert any(issubclass(k, nn.Conv2D) for k in kinds)
+    assert set(_leaf_layers(net)) - {""} <= set(layers)
     for mode in ("train", "eval"):
         getattr(net, mode)()
         fired = set()
