@@ -5,6 +5,8 @@
         --captions coco30k.tsv --num_images 1000 --guidance_scales 3 4 5 6 7 8 \
         --reference coco_256_1k.npz --inception weights/inception_fid.safetensors \
         --clip_dir weights/clip-vit-base-patch32 --output_dir eval --run_name step5000
+    python scripts/evaluate.py --family sd --unet_path out/checkpoint-5000 --vae_path sd-v1-4/vae \
+        --text_encoder_path sd-v1-4/text_encoder --scheduler ddim --num_inference_steps 50 ...
     python scripts/evaluate.py --family cascade [--preset tiny] --steps_c 20 --steps_b 10 ...
 
 Writes <output_dir>/<run_name>/g<scale>/<k:05d>.png (caption k from seed + k at every scale; files
@@ -23,6 +25,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ldm.utils import quiet_third_party, run_main
+
+if __name__ == "__main__":
+    quiet_third_party()  # before paddle is imported (issue 12 item 15)
 
 import config as C  # noqa: E402
 from ldm.eval import generators as gen  # noqa: E402
@@ -56,8 +63,17 @@ def parse_args(argv=None):
     m.add_argument("--eval_batch_size", type=int, default=50)
     m.add_argument("--no_progress", action="store_true")
     s = p.add_argument_group("Stable Diffusion (--family sd)")
-    s.add_argument("--pretrained_model_name_or_path", help="local pipeline folder (vae/, text_encoder/, tokenizer/)")
-    s.add_argument("--unet_path", help="trained unet/ or unet_ema/ folder (default: <pretrained>/unet)")
+    s.add_argument("--pretrained_model_name_or_path",
+                   help="local pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/); optional when "
+                        "--unet_path, --vae_path and --text_encoder_path are given")
+    s.add_argument("--unet_path", help="trained unet/ or unet_ema/ folder, or a training checkpoint folder (its unet/, "
+                                       "and its text_encoder/ if trained) (default: <pretrained>/unet)")
+    s.add_argument("--vae_path", help="VAE folder (default: <pretrained>/vae)")
+    s.add_argument("--text_encoder_path", help="CLIP text encoder folder (default: <pretrained>/text_encoder)")
+    s.add_argument("--tokenizer_path", help="tokenizer folder (default: <pretrained>/tokenizer, else a tokenizer/ "
+                                            "beside the text encoder)")
+    s.add_argument("--scheduler_path", help="folder with scheduler_config.json (default: the one beside the UNet, "
+                                            "else <pretrained>/scheduler, else SD v1 defaults)")
     s.add_argument("--scheduler", choices=SCHEDULERS, default=gen.SDSettings.scheduler)
     s.add_argument("--num_inference_steps", type=int, default=gen.SDSettings.num_inference_steps)
     s.add_argument("--allow_pickle_weights", action="store_true", help="also read PyTorch .bin pickles (trusted only)")
@@ -72,8 +88,9 @@ def parse_args(argv=None):
         default = getattr(gen.CascadeSettings, name)
         c.add_argument(f"--{name}", type=type(default), default=default)
     args = p.parse_args(argv)
-    if args.family == "sd" and not args.pretrained_model_name_or_path:
-        p.error("--family sd needs --pretrained_model_name_or_path")
+    if args.family == "sd" and not args.pretrained_model_name_or_path and not (
+            args.unet_path and args.vae_path and args.text_encoder_path):
+        p.error("--family sd needs --pretrained_model_name_or_path, or --unet_path, --vae_path and --text_encoder_path")
     if not args.clip_dir and not (args.clip_text_dir and args.clip_vision_dir):
         p.error("give --clip_dir, or --clip_text_dir and --clip_vision_dir")
     if min(args.batch_size, args.eval_batch_size, args.num_images or 1) < 1:
@@ -93,7 +110,9 @@ def build_generator(args):
         settings = gen.SDSettings(height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
                                   scheduler=args.scheduler, negative_prompt=args.negative_prompt)
         return gen.SDGenerator.from_pretrained(args.pretrained_model_name_or_path, args.unet_path, settings,
-                                               allow_pickle=args.allow_pickle_weights)
+                                               allow_pickle=args.allow_pickle_weights, vae_path=args.vae_path,
+                                               text_encoder_path=args.text_encoder_path,
+                                               tokenizer_path=args.tokenizer_path, scheduler_path=args.scheduler_path)
     from ldm.cascade import components as cp
     from ldm.cascade.pipeline import check_dtype
     from ldm.model_b import ModelB
@@ -155,7 +174,4 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    sys.exit(run_main(main))

@@ -200,3 +200,32 @@ def test_image_sources(tmp_path):
     assert count_images(tmp_path / "dir", limit=2) == 2 and count_images(tmp_path / "data.filelist") is None
     with pytest.raises(FileNotFoundError):
         list(iter_images(tmp_path / "nothing"))
+
+
+def test_evaluate_sd_from_component_folders(files, tmp_path):
+    """--family sd without a pipeline folder: a training checkpoint folder (its unet/) + --vae_path
+    + --text_encoder_path + --tokenizer_path + --scheduler_path give the pipeline folder's images."""
+    import shutil
+
+    d = files
+    ckpt, te_only = tmp_path / "checkpoint-5", tmp_path / "elsewhere" / "text_encoder"
+    shutil.copytree(d / "sd" / "unet", ckpt / "unet")
+    shutil.copytree(d / "sd" / "text_encoder", te_only)  # no tokenizer/ beside it
+    run = ["--family", "sd", "--height", "16", "--width", "16", "--num_inference_steps", "2", "--guidance_scales", "3",
+           "--num_images", "2", "--run_name", "r", *_common(d, tmp_path / "x")]
+    out = {o: ["--output_dir", str(tmp_path / o)] for o in ("pipe", "parts")}  # the last --output_dir wins
+    base = evaluate.main([*run, *out["pipe"], "--pretrained_model_name_or_path", str(d / "sd")])
+    parts = ["--unet_path", str(ckpt), "--vae_path", str(d / "sd" / "vae"), "--text_encoder_path", str(te_only),
+             "--scheduler_path", str(d / "sd" / "scheduler")]
+    with pytest.raises(ValueError, match="--tokenizer_path"):
+        evaluate.main([*run, *out["parts"], *parts])
+    points = evaluate.main([*run, *out["parts"], *parts, "--tokenizer_path", str(d / "sd" / "tokenizer")])
+    for k in range(2):
+        a, b = (np.asarray(Image.open(tmp_path / o / "r" / "g3" / f"{k:05d}.png")) for o in ("pipe", "parts"))
+        np.testing.assert_array_equal(a, b)
+    assert points[0]["fid"] == pytest.approx(base[0]["fid"], rel=1e-6)
+    assert points[0]["clip_score"] == pytest.approx(base[0]["clip_score"], rel=1e-6)
+    settings = json.loads((tmp_path / "parts" / "r" / "settings.json").read_text())
+    assert settings["source"]["pretrained"] is None and settings["source"]["unet"] == str(ckpt)
+    with pytest.raises(SystemExit):  # no pipeline folder and no VAE folder: refused up front
+        evaluate.parse_args([*run, "--unet_path", str(ckpt), "--text_encoder_path", str(te_only)])

@@ -49,14 +49,22 @@ class SDGenerator:
         self.settings, self.source = settings, dict(source or {})
 
     @classmethod
-    def from_pretrained(cls, pretrained: str, unet_path: Optional[str] = None, settings: SDSettings = SDSettings(),
-                        allow_pickle: bool = False) -> "SDGenerator":
-        """A local pipeline folder (vae/, text_encoder/, tokenizer/, scheduler/, unet/) and optionally
-        a trained UNet folder (e.g. a training checkpoint's unet/ or unet_ema/)."""
+    def from_pretrained(cls, pretrained: Optional[str], unet_path: Optional[str] = None,
+                        settings: SDSettings = SDSettings(), allow_pickle: bool = False, vae_path: Optional[str] = None,
+                        text_encoder_path: Optional[str] = None, tokenizer_path: Optional[str] = None,
+                        scheduler_path: Optional[str] = None) -> "SDGenerator":
+        """A local pipeline folder (vae/, text_encoder/, tokenizer/, scheduler/, unet/) and/or the
+        components' own folders: a trained UNet folder (a checkpoint's unet/ or unet_ema/) or a
+        training checkpoint folder, VAE, text encoder, tokenizer, scheduler
+        (ldm.sd.loading.load_for_inference)."""
         from ldm.sd.loading import load_for_inference
 
-        unet, vae, te, tok, sched = load_for_inference(pretrained, unet_path, allow_pickle=allow_pickle)
-        source = {"pretrained": os.path.abspath(pretrained), "unet": os.path.abspath(unet_path) if unet_path else None}
+        unet, vae, te, tok, sched = load_for_inference(pretrained, unet_path, allow_pickle=allow_pickle,
+                                                       vae_path=vae_path, text_encoder_path=text_encoder_path,
+                                                       tokenizer_path=tokenizer_path, scheduler_path=scheduler_path)
+        paths = {"pretrained": pretrained, "unet": unet_path, "vae": vae_path, "text_encoder": text_encoder_path,
+                 "tokenizer": tokenizer_path, "scheduler": scheduler_path}
+        source = {k: os.path.abspath(v) if v else None for k, v in paths.items()}
         return cls(unet, vae, te, tok, sched, settings, source)
 
     def __call__(self, captions: Sequence[str], seed: int, guidance_scale: float) -> np.ndarray:

@@ -331,26 +331,65 @@ def load_scheduler_config(folder: Optional[str]) -> dict:
         return json.load(fh)
 
 
-def load_for_inference(pretrained: Optional[str], unet_path: Optional[str] = None, allow_pickle: bool = False):
+CHECKPOINT_UNET_DIR = "unet"  # a training checkpoint holds unet/ (+ unet_ema/, text_encoder/, scheduler/)
+
+
+def _unet_folder(unet_path: str) -> str:
+    """A UNet folder, or a training checkpoint folder (no config.json, a unet/ inside): its unet/."""
+    inner = os.path.join(unet_path, CHECKPOINT_UNET_DIR)
+    if os.path.isdir(unet_path) and not os.path.isfile(os.path.join(unet_path, "config.json")) and os.path.isdir(inner):
+        logger.info("UNet: %s is a training checkpoint, using its %s/", unet_path, CHECKPOINT_UNET_DIR)
+        return inner
+    return unet_path
+
+
+def load_for_inference(pretrained: Optional[str], unet_path: Optional[str] = None, allow_pickle: bool = False,
+                       vae_path: Optional[str] = None, text_encoder_path: Optional[str] = None,
+                       tokenizer_path: Optional[str] = None, scheduler_path: Optional[str] = None):
     """(unet, vae, text_encoder, tokenizer, scheduler_config) for sampling, all in eval mode.
 
-    The UNet comes from `unet_path` (a trained `unet/` or `unet_ema/` folder) or <pretrained>/unet.
-    The scheduler config is the one saved next to the trained UNet (it carries the training
-    prediction_type) if present, else <pretrained>/scheduler, else SD v1 defaults.
+    The UNet comes from `unet_path` (a trained `unet/` or `unet_ema/` folder, or a training
+    checkpoint folder holding `unet/`) or <pretrained>/unet. The VAE, text encoder and tokenizer
+    come from their own folders when given, else from <pretrained>/vae, text_encoder, tokenizer; the
+    tokenizer also defaults to a `tokenizer/` beside the text encoder, and the text encoder of a
+    checkpoint whose text encoder was trained (<checkpoint>/text_encoder) wins over the pipeline's.
+    So `pretrained` may be None when every component has its folder. The scheduler config is
+    `scheduler_path`'s, else the one saved next to the trained UNet (it carries the training
+    prediction_type), else <pretrained>/scheduler, else SD v1 defaults.
     PyTorch pickle weights (.bin) are refused unless allow_pickle (trusted files only).
     """
-    if not pretrained:
-        raise ValueError("--pretrained_model_name_or_path (a local pipeline folder) is required")
-    _check_folder(pretrained, "pipeline")
-    unet_dir = unet_path or os.path.join(pretrained, "unet")
+    if pretrained:
+        _check_folder(pretrained, "pipeline")
+    elif not (unet_path and vae_path and text_encoder_path):
+        raise ValueError("give a local pipeline folder (--pretrained_model_name_or_path), or the UNet, VAE and "
+                         "text encoder folders (--unet_path --vae_path --text_encoder_path)")
+    unet_dir = _unet_folder(unet_path) if unet_path else os.path.join(pretrained, "unet")
     if unet_dir.endswith(".json"):
         raise ValueError(f"{unet_dir} is a config, not trained weights: sampling needs a UNet folder")
+    trained_te = os.path.join(os.path.dirname(os.path.normpath(unet_dir)), "text_encoder")
+    if not text_encoder_path and unet_path and unet_dir != unet_path and os.path.isdir(trained_te):
+        logger.info("text encoder: the checkpoint's trained %s", trained_te)
+        text_encoder_path = trained_te
+    te_dir = resolve_component(text_encoder_path, pretrained, "text_encoder")
+    tok_dir = resolve_component(tokenizer_path, pretrained, "tokenizer")
+    if not tokenizer_path and not (tok_dir and os.path.isdir(tok_dir)):
+        sibling = os.path.join(os.path.dirname(os.path.normpath(text_encoder_path or te_dir)), "tokenizer")
+        if os.path.isdir(sibling):
+            tok_dir = sibling
+    if not tok_dir:
+        raise ValueError("no tokenizer: pass --tokenizer_path (none beside the text encoder, no pipeline folder)")
+    _check_folder(tok_dir, "tokenizer")
     unet = load_unet(unet_dir, allow_pickle)
-    vae = load_vae(os.path.join(pretrained, "vae"), allow_pickle)
-    te = load_text_encoder(os.path.join(pretrained, "text_encoder"), allow_pickle)
-    tok = load_tokenizer(os.path.join(pretrained, "tokenizer"))
+    vae = load_vae(resolve_component(vae_path, pretrained, "vae"), allow_pickle)
+    te = load_text_encoder(te_dir, allow_pickle)
+    tok = load_tokenizer(tok_dir)
     sched = {}
-    for cand in (os.path.join(os.path.dirname(os.path.normpath(unet_dir)), "scheduler"), os.path.join(pretrained, "scheduler")):
+    candidates = [scheduler_path] if scheduler_path else [
+        os.path.join(os.path.dirname(os.path.normpath(unet_dir)), "scheduler"),
+        os.path.join(pretrained, "scheduler") if pretrained else None]
+    for cand in candidates:
+        if scheduler_path and not os.path.isfile(os.path.join(cand, "scheduler_config.json")):
+            raise FileNotFoundError(f"scheduler: no scheduler_config.json in {cand!r}")
         sched = load_scheduler_config(cand)
         if sched:
             logger.info("scheduler config from %s", cand)
