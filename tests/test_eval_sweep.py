@@ -229,3 +229,18 @@ def test_evaluate_sd_from_component_folders(files, tmp_path):
     assert settings["source"]["pretrained"] is None and settings["source"]["unet"] == str(ckpt)
     with pytest.raises(SystemExit):  # no pipeline folder and no VAE folder: refused up front
         evaluate.parse_args([*run, "--unet_path", str(ckpt), "--text_encoder_path", str(te_only)])
+
+
+def test_plot_without_matplotlib(tmp_path, monkeypatch):
+    """No matplotlib: a warning naming it and the missing plot, no traceback; JSON / CSV unaffected."""
+    import sys
+
+    warned = []
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    monkeypatch.setattr(sweep.logger, "warning", lambda msg, *a: warned.append(msg % a))
+    results = {"runs": {"r": {"settings": {"family": "sd"},
+                              "points": [{"guidance_scale": 3.0, "fid": 10.0, "clip_score": 20.0, "num_images": 2}]}}}
+    assert sweep.plot_runs(tmp_path, results) is None
+    assert len(warned) == 1 and "matplotlib is not installed" in warned[0] and sweep.RESULTS_PLOT in warned[0]
+    assert not (tmp_path / sweep.RESULTS_PLOT).exists()
+    assert os.path.exists(sweep.write_table(tmp_path, results))

@@ -219,9 +219,14 @@ def write_table(output_dir, results: dict) -> str:
 def plot_runs(output_dir, results: dict) -> Optional[str]:
     """<output_dir>/fid_clip.png: FID against CLIP score, one line per run, points labelled with
     their guidance scale. Lower is better for FID, higher for CLIP score: the best trade-offs sit
-    at the bottom right. Runs without CLIP scores are left out (None if none is left)."""
-    import matplotlib
-
+    at the bottom right. Runs without CLIP scores are left out (None if none is left). Without
+    matplotlib (requirements.txt) nothing is plotted: a warning says so and None is returned."""
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("matplotlib is not installed: no %s written (results.json / results.csv are); "
+                       "`pip install 'matplotlib>=3.7,<4'` (requirements.txt), then rerun to plot", RESULTS_PLOT)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
