@@ -75,7 +75,11 @@ def parse_args(argv=None):
 def convert_inception_pth(pth: str, out: str) -> str:
     """pytorch-fid's Inception .pth -> our inception_fid.safetensors. torch is imported here only,
     and the pickle is read with weights_only=True (tensors and containers, no code)."""
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise ValueError("--inception FILE.pth needs torch (this conversion only, once): pip install torch "
+                         "(CPU build; requirements.txt). PaddleMIX's pp_inception .pdparams needs no conversion.") from None
 
     from ldm.eval.inception import convert_inception_state
 
