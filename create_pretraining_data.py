@@ -11,7 +11,12 @@ import argparse
 import os
 import sys
 
-from ldm.data.prepare import create_pretraining_data
+from ldm.utils import quiet_third_party, run_main
+
+if __name__ == "__main__":
+    quiet_third_party()  # before paddle is imported (issue 12 item 15)
+
+from ldm.data.prepare import create_pretraining_data  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -52,4 +57,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

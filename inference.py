@@ -6,8 +6,14 @@
 import argparse
 import dataclasses
 import os
+import sys
 
-import config as C
+from ldm.utils import quiet_third_party, run_main
+
+if __name__ == "__main__":
+    quiet_third_party()  # before paddle is imported (issue 12 item 15)
+
+import config as C  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -95,7 +101,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:  # missing weights, bad size/dtype: the message says it all
-        raise SystemExit(f"error: {e}")
+    sys.exit(run_main(main))

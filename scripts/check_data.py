@@ -16,8 +16,13 @@ import json
 import sys
 
 
-from ldm.data.check import check_file_list, check_folder
-from ldm.data.transforms import DEFAULT_MAX_PIXELS
+from ldm.utils import quiet_third_party, run_main
+
+if __name__ == "__main__":
+    quiet_third_party()  # before paddle is imported (issue 12 item 15)
+
+from ldm.data.check import check_file_list, check_folder  # noqa: E402
+from ldm.data.transforms import DEFAULT_MAX_PIXELS  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -75,4 +80,4 @@ def _check(args, num_workers: int) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

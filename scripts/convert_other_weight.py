@@ -22,10 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
-from ldm.cascade import convert
-from ldm.clip import convert_clip_dir
-from ldm.weights import STORAGE_DTYPES
+from ldm.utils import quiet_third_party, run_main
+
+if __name__ == "__main__":
+    quiet_third_party()  # before paddle is imported (issue 12 item 15)
+
+from ldm.cascade import convert  # noqa: E402
+from ldm.clip import convert_clip_dir  # noqa: E402
+from ldm.weights import STORAGE_DTYPES  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -113,4 +119,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
-from ldm.cascade.convert import convert_unet_weights
-from ldm.cascade.stage_b import STAGE_B_PRESETS
-from ldm.cascade.stage_c import STAGE_C_PRESETS
-from ldm.weights import STORAGE_DTYPES, WeightsError
+from ldm.utils import quiet_third_party, run_main
+
+if __name__ == "__main__":
+    quiet_third_party()  # before paddle is imported (issue 12 item 15)
+
+from ldm.cascade.convert import convert_unet_weights  # noqa: E402
+from ldm.cascade.stage_b import STAGE_B_PRESETS  # noqa: E402
+from ldm.cascade.stage_c import STAGE_C_PRESETS  # noqa: E402
+from ldm.weights import STORAGE_DTYPES, WeightsError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -48,4 +54,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

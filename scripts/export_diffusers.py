@@ -8,6 +8,13 @@ The result loads with diffusers `UNet2DConditionModel.from_pretrained("exported/
 import argparse
 import json
 import os
+import sys
+
+
+from ldm.utils import quiet_third_party, run_main
+
+if __name__ == "__main__":
+    quiet_third_party()  # before paddle is imported (issue 12 item 15)
 
 
 def main(argv=None):
@@ -28,4 +35,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

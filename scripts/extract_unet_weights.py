@@ -14,12 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 
-from ldm.cascade.convert import convert_unet_weights
-from ldm.train.stage_c import STAGE_C_EMA_FILE, STAGE_C_FILE
-from ldm.weights import STORAGE_DTYPES
-from ldm.train.checkpoint import COMPLETE_MARKER, find_resume_checkpoint, is_complete, list_checkpoints
+from ldm.utils import quiet_third_party, run_main
+
+if __name__ == "__main__":
+    quiet_third_party()  # before paddle is imported (issue 12 item 15)
+
+from ldm.cascade.convert import convert_unet_weights  # noqa: E402
+from ldm.train.stage_c import STAGE_C_EMA_FILE, STAGE_C_FILE  # noqa: E402
+from ldm.weights import STORAGE_DTYPES  # noqa: E402
+from ldm.train.checkpoint import COMPLETE_MARKER, find_resume_checkpoint, is_complete, list_checkpoints  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -61,4 +67,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

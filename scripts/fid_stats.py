@@ -14,6 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+
+
+from ldm.utils import quiet_third_party, run_main
+
+if __name__ == "__main__":
+    quiet_third_party()  # before paddle is imported (issue 12 item 15)
 
 
 def parse_args(argv=None):
@@ -60,7 +67,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    sys.exit(run_main(main))

@@ -11,10 +11,16 @@ text metadata, and prints a JSON summary. Local folders only (no downloads).
 import argparse
 import json
 import os
+import sys
 
 
-from ldm.sd.loading import set_offline
-from ldm.sd.sampling import SCHEDULERS
+from ldm.utils import quiet_third_party, run_main
+
+if __name__ == "__main__":
+    quiet_third_party()  # before paddle is imported (issue 12 item 15)
+
+from ldm.sd.loading import set_offline  # noqa: E402
+from ldm.sd.sampling import SCHEDULERS  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -74,4 +80,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))
