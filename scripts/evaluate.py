@@ -26,6 +26,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ldm.utils import quiet_third_party, run_main
+
+if __name__ == "__main__":
+    quiet_third_party()  # before paddle is imported (issue 12 item 15)
+
 import config as C  # noqa: E402
 from ldm.eval import generators as gen  # noqa: E402
 from ldm.sd.sampling import SCHEDULERS  # noqa: E402
@@ -169,7 +174,4 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    sys.exit(run_main(main))
