@@ -27,8 +27,8 @@ import paddle
 
 from ldm.utils import atomic_open, get_logger
 from ldm.weights import (
-    KeyTable, Op, WeightSource, WeightsError, finish_loading, key_table, map_key, register_key_table,
-    save_safetensors, weights_metadata,
+    KeyTable, Op, WeightSource, WeightsError, check_regular_file, finish_loading, key_table, map_key, read_json,
+    register_key_table, save_safetensors, weights_metadata,
 )
 
 logger = get_logger(__name__)
@@ -295,7 +295,7 @@ def convert_clip_dir(src_dir, dst_dir, part: str, dtype: str | None = None) -> d
         os.makedirs(dst_dir, exist_ok=True)
         save_safetensors(src, os.path.join(dst_dir, "model.safetensors"), dtype=dtype or "float32", plan=plan,
                          expected=clip_expected_shapes(cfg, part), where=where,
-                         metadata=weights_metadata(model, cfg))
+                         metadata=weights_metadata(model, cfg), finite=True)
     with atomic_open(os.path.join(dst_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
     for fname in _CLIP_PARTS[part]["files"]:
@@ -316,8 +316,11 @@ def load_tokenizer(folder, max_length: int = CLIP_MAX_LENGTH):
 
     folder = os.fspath(folder)
     for f in ("vocab.json", "merges.txt"):
-        if not os.path.isfile(os.path.join(folder, f)):
+        if not os.path.lexists(os.path.join(folder, f)):
             raise FileNotFoundError(f"{folder}: no {f} (a CLIP tokenizer folder needs vocab.json and merges.txt)")
+        check_regular_file(os.path.join(folder, f), "tokenizer file")
+    if not read_json(os.path.join(folder, "vocab.json"), "tokenizer vocabulary"):  # issue 12 item 9
+        raise WeightsError(f"tokenizer vocabulary {os.path.join(folder, 'vocab.json')}: empty (no token)")
     tok = CLIPTokenizer.from_pretrained(folder, model_max_length=max_length)
     tok.model_max_length = max_length
     return tok

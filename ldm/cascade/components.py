@@ -20,7 +20,8 @@ from ldm.cascade import loading
 from ldm.cascade.pipeline import check_dtype
 from ldm.cascade.presets import tiny_builders
 from ldm.cascade.settings import CascadeConfig
-from ldm.utils import get_logger
+from ldm.utils import get_logger, special_file_problem
+from ldm.weights import WeightsError
 
 logger = get_logger("ldm.cascade")
 
@@ -39,9 +40,9 @@ def resolve_weight_file(folder: str, name: str) -> Optional[str]:
     ``<name>.pdparams``; None when absent."""
     base = os.path.join(folder, name)
     if name.endswith(WEIGHT_EXTS):
-        return base if os.path.isfile(base) else None
-    for ext in WEIGHT_EXTS:
-        if os.path.isfile(base + ext):
+        return base if os.path.lexists(base) else None
+    for ext in WEIGHT_EXTS:  # any kind of file counts as present: resolve_weights refuses special ones
+        if os.path.lexists(base + ext):
             return base + ext
     return None
 
@@ -53,13 +54,14 @@ def _file_field(component: str) -> str:
 def resolve_weights(cfg: CascadeConfig, components: Sequence[str]) -> Dict[str, str]:
     """Map each needed component to its file or folder; raise ``MissingWeightsError`` naming
     every missing one and the README section that explains how to get them."""
-    found, missing = {}, []
+    found, missing, special = {}, [], []
     for comp in components:
         name = getattr(cfg, _file_field(comp))
         if comp in ("tokenizer", "text_encoder", "image_encoder"):
             path = os.path.join(cfg.weights_path, name or "")
             need = ("vocab.json", "merges.txt") if comp == "tokenizer" else ("config.json",)
-            absent = [f for f in need if not (name and os.path.isfile(os.path.join(path, f)))]
+            absent = [f for f in need if not (name and os.path.lexists(os.path.join(path, f)))]
+            special += [os.path.join(path, f) for f in need if name and f not in absent]
             if not absent:
                 found[comp] = path
             elif not os.path.isdir(path):
@@ -75,6 +77,10 @@ def resolve_weights(cfg: CascadeConfig, components: Sequence[str]) -> Dict[str, 
             else:
                 alts = name if name.endswith(WEIGHT_EXTS) else f"{name}.safetensors or {name}.pdparams"
                 missing.append((comp, os.path.join(cfg.weights_path, alts), ""))
+    checked = dict.fromkeys([*special, *found.values()])  # in order, once each; a folder counts
+    special = [p for p in (special_file_problem(f, folder=f in found.values()) for f in checked) if p]
+    if special:  # a FIFO or device named like a weight file would block the reader (issue 12 item 6)
+        raise WeightsError("Stable Cascade weights: not regular files:\n" + "\n".join(f"  - {p}" for p in special))
     if missing:
         lines = [f"  - {comp}: {path}" + (f" ({what})" if what else "") for comp, path, what in missing]
         raise MissingWeightsError(

@@ -49,7 +49,7 @@ def convert_unet_weights(inputs, output, stage=None, preset=None, dtype="float32
         cfg = resolve_config(source, stage, preset, plan)
         expected = expected_shapes(STAGE_NETWORKS[stage][0], cfg)
         save_safetensors(source, output, dtype=dtype, plan=plan, expected=expected, where=source.description,
-                         metadata=weights_metadata(model, cfg, source_layout=layout))
+                         metadata=weights_metadata(model, cfg, source_layout=layout), finite=True)
     return {"output": os.fspath(output), "stage": stage, "source_layout": layout, "tensors": len(expected),
             "parameters": int(sum(int(np.prod(s, dtype=np.int64)) for s in expected.values())), "dtype": dtype}
 
@@ -94,7 +94,7 @@ def convert_torch_safetensors(src, dst, kind: str, layout: str = "original", dty
             raise WeightsError(f"{src}: {e}") from e
         cfg, expected = net.config, {k: tuple(v.shape) for k, v in net.state_dict().items()}
         save_safetensors(source, dst, dtype=dtype or "float32", plan=plan, expected=expected, where=src,
-                         metadata=weights_metadata(kind, cfg, source=os.path.basename(src)))
+                         metadata=weights_metadata(kind, cfg, source=os.path.basename(src)), finite=True)
     logger.info("converted %s (%d tensors) -> %s", src, len(plan), dst)
     return cfg.to_dict()
 

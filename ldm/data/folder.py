@@ -40,7 +40,7 @@ import paddle
 
 from ldm.data.spec import DatasetSpec, check_options, register_dataset_kind
 from ldm.data.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTransform, decode_image
-from ldm.utils import get_logger
+from ldm.utils import get_logger, special_file_problem
 
 logger = get_logger(__name__)
 
@@ -72,10 +72,17 @@ def scan_folder(root: str) -> tuple[list[tuple[str, str]], list[str]]:
     images: list[str] = []
     captions: dict[str, str] = {}
     for entry in os.scandir(root):
-        if entry.name.startswith(".") or not entry.is_file():
+        if entry.name.startswith("."):
             continue
         stem, ext = os.path.splitext(entry.name)
         ext = ext.lower()
+        if ext not in IMAGE_EXTENSIONS and ext != CAPTION_EXTENSION:
+            continue
+        problem = special_file_problem(entry.path)  # a symlink loop, FIFO, device (issue 12 items 6, 9)
+        if problem or not os.path.isfile(entry.path):
+            if problem:
+                logger.warning("skipped: %s", problem)
+            continue
         if ext in IMAGE_EXTENSIONS:
             images.append(entry.name)
         elif ext == CAPTION_EXTENSION:
@@ -148,7 +155,8 @@ class FolderDataset(paddle.io.Dataset):
             if not skip_missing_captions:
                 raise ValueError(
                     f"{len(missing)} image(s) in {self.root} have no caption file NAME.txt "
-                    f"(pass skip_missing_captions=True to skip them):{_list_for_error(missing)}"
+                    f"(pass --skip_missing_captions True to skip them; option skip_missing_captions=True of the "
+                    f"dataset):{_list_for_error(missing)}"
                 )
             logger.warning(
                 "skipping %d image(s) without a caption in %s:%s", len(missing), self.root, _list_for_error(missing)

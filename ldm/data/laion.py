@@ -48,7 +48,7 @@ import paddle
 
 from ldm.data.spec import DatasetSpec, check_options, register_dataset_kind
 from ldm.data.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTransform, decode_image
-from ldm.utils import dist_info, get_logger
+from ldm.utils import dist_info, get_logger, shorten, special_file_problem
 
 logger = get_logger(__name__)
 
@@ -105,6 +105,7 @@ def open_part(path: str):
 
 _SNIFF_BYTES = 65536
 _SNIFF_LINES = 8
+MAX_LISTING_LINE = 4096  # PATH_MAX on Linux: a longer line is no path (issue 12 item 5)
 
 
 def _is_number(token: str) -> bool:
@@ -123,6 +124,8 @@ def _listing_like(line: str, listing: str) -> bool:
     """
     if line.startswith("#"):
         return True
+    if len(line) > MAX_LISTING_LINE:
+        return False  # e.g. a record whose caption alone fills the sniffed bytes
     if line.count("\t") >= 2:
         return False  # caption \t placeholder \t base64: a record
     parts = line.rsplit(None, 1)
@@ -139,14 +142,18 @@ def sniff_file_kind(path: str) -> str:
     gzip magic -> part file. Otherwise the first few non-empty lines are looked at: a listing has
     only listing-like lines (`path`, `path<whitespace>weight`, `# comment`); anything else - a
     record with >= 3 tab-separated columns, or a line that is neither - makes it a part file,
-    whose bad lines are then counted as `too_few_columns` like any other bad record.
+    whose bad lines are then counted as `too_few_columns` like any other bad record. A line
+    longer than MAX_LISTING_LINE, or a first line that does not end within the sniffed 64 KiB,
+    is no path, so such a file is a part file too (issue 12 item 5).
     """
     if is_gzip(path):
         return "part"
     with open(path, "rb") as f:
         head = f.read(_SNIFF_BYTES)
     lines = head.split(b"\n")
-    if len(head) == _SNIFF_BYTES and len(lines) > 1:
+    if len(head) == _SNIFF_BYTES:
+        if len(lines) == 1:
+            return "part"  # no line end in 64 KiB: not a listing of paths (a record with a huge caption)
         lines = lines[:-1]  # the last line may be cut by the read size
     sniffed = [ln.strip() for ln in lines if ln.strip()][:_SNIFF_LINES]
     if not sniffed:
@@ -157,17 +164,30 @@ def sniff_file_kind(path: str) -> str:
     return "listing"
 
 
-def resolve_listed_path(entry: str, listing: str) -> str:
-    """Working directory first, then the listing's own folder (issue 2)."""
+def resolve_listed_path(entry: str, listing: str, lineno: Optional[int] = None) -> str:
+    """Working directory first, then the listing's own folder (issue 2). A missing file, or one
+    that is not a regular file (a FIFO, /dev/zero: reading it would hang), is a LaionDataError
+    naming the listing and its line (issue 12 items 6, 9)."""
+    where = f"{listing}:{lineno}" if lineno else listing
     entry = os.path.expanduser(entry)
-    if os.path.isabs(entry) or os.path.exists(entry):
-        return entry
-    beside = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(listing)), entry))
-    if os.path.exists(beside):
-        return beside
-    raise LaionDataError(
-        f"{listing}: listed file {entry!r} not found (tried {os.path.abspath(entry)} and {beside})"
-    )
+    if os.path.isabs(entry):
+        if not os.path.lexists(entry):
+            raise LaionDataError(f"{where}: listed file {shorten(entry)!r} not found")
+        found = entry
+    elif os.path.exists(entry):
+        found = entry
+    else:
+        beside = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(listing)), entry))
+        if not os.path.exists(beside):
+            raise LaionDataError(
+                f"{where}: listed file {shorten(entry)!r} not found "
+                f"(tried {shorten(os.path.abspath(entry))} and {shorten(beside)})"
+            )
+        found = beside
+    problem = special_file_problem(found)
+    if problem:
+        raise LaionDataError(f"{where}: listed {shorten(problem)}")
+    return found
 
 
 def _parse_listing_line(line: str, listing: str, lineno: int) -> tuple[str, float]:
@@ -178,7 +198,9 @@ def _parse_listing_line(line: str, listing: str, lineno: int) -> tuple[str, floa
         except ValueError:
             return line, 1.0  # a path containing whitespace, no weight
         if not np.isfinite(weight) or weight < 0:
-            raise LaionDataError(f"{listing}:{lineno}: sampling weight must be finite and >= 0, got {parts[1]!r}")
+            raise LaionDataError(
+                f"{listing}:{lineno}: sampling weight must be finite and >= 0, got {shorten(parts[1])!r}"
+            )
         return parts[0], weight
     return line, 1.0
 
@@ -192,7 +214,7 @@ def read_listing(listing: str) -> list[tuple[str, float, int]]:
             if not line or line.startswith("#"):
                 continue
             path, weight = _parse_listing_line(line, listing, lineno)
-            out.append((resolve_listed_path(path, listing), weight, lineno))
+            out.append((resolve_listed_path(path, listing, lineno), weight, lineno))
     return out
 
 
@@ -203,6 +225,9 @@ def expand_file_list(file_list: str) -> list[FileEntry]:
     `.filelist.list` -> `.filelist` -> parts); the kind of each file is sniffed from its content.
     Weights multiply down the levels.
     """
+    problem = special_file_problem(file_list)
+    if problem:
+        raise LaionDataError(f"file list {problem}")
     if not os.path.isfile(file_list):
         raise LaionDataError(f"file list {file_list!r} does not exist")
     kinds: dict[str, str] = {}

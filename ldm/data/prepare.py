@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from ldm.data.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from ldm.utils import atomic_open, get_logger
+from ldm.utils import atomic_open, get_logger, special_file_problem
 
 logger = get_logger(__name__)
 
@@ -108,7 +108,11 @@ def _parse_json_line(raw: bytes, caption_key: str, image_key: str, jsonl_dir: st
 
 
 def encode_image_file(path: str, max_pixels: Optional[int]):
-    """Worker: ("ok", base64 text) or (reason, message). Bytes are kept as-is."""
+    """Worker: ("ok", base64 text) or (reason, message). Bytes are kept as-is. A FIFO or device
+    (`/dev/zero`) is refused before it is opened: reading it would block or never end."""
+    problem = special_file_problem(path)
+    if problem:
+        return "unreadable_image", problem
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -204,6 +208,9 @@ def create_pretraining_data(
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if not output_name or os.sep in output_name:
         raise ValueError(f"output_name must be a plain file name, got {output_name!r}")
+    problem = special_file_problem(input_path)
+    if problem:
+        raise ValueError(f"input jsonl {problem}")
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"input jsonl {input_path!r} does not exist")
     from tqdm import tqdm

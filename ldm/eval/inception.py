@@ -320,7 +320,8 @@ def convert_inception_state(state, dst, layout: str = "torch", source: str = "")
     dst = os.fspath(dst)
     plan = key_table(MODEL_NAME).plan({k: tuple(v.shape) for k, v in state.items()}, layout)
     save_safetensors(state, dst, dtype="float32", plan=plan, expected=_expected_shapes(), where=source or "state dict",
-                     metadata=weights_metadata(MODEL_NAME, source=os.path.basename(source), source_layout=layout))
+                     metadata=weights_metadata(MODEL_NAME, source=os.path.basename(source), source_layout=layout),
+                     finite=True)
     logger.info("converted %s (%d tensors) -> %s", source or "state dict", len(plan), dst)
     return dst
 

@@ -205,6 +205,9 @@ def _build_empty(cls, folder: str):
     """A ppdiffusers model from <folder>/config.json, without spending time on random init."""
     from ppdiffusers.utils.paddle_utils import no_init_weights
 
+    from ldm.weights import read_json
+
+    read_json(os.path.join(folder, "config.json"), "model config")  # a malformed one: named (issue 12 item 9)
     config = cls.load_config(folder)
     with no_init_weights(_enable=True):
         return cls.from_config(config)
@@ -217,6 +220,10 @@ def _load_diffusers_model(cls, folder: str, what: str, allow_pickle: bool = Fals
     from ldm.weights import assign_state_dict
 
     _check_folder(folder, what)
+    if os.path.lexists(os.path.join(folder, "config.json")):  # checked before the weights (issue 12 item 9)
+        from ldm.weights import read_json
+
+        read_json(os.path.join(folder, "config.json"), f"{what} config")
     try:
         path, layout = _select_weights(folder, what, _DIFFUSERS_WEIGHTS)
     except PickleRefusedError:
@@ -244,10 +251,11 @@ def load_unet(path: str, allow_pickle: bool = False):
     from ppdiffusers import UNet2DConditionModel
 
     if path.endswith(".json"):
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise _missing(path, "UNet config")
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+        from ldm.weights import read_json
+
+        config = read_json(path, "UNet config")  # invalid JSON, a FIFO...: a WeightsError naming it
         logger.info("UNet: RANDOM initialisation from config %s (pretraining, no UNet weights loaded)", path)
         return UNet2DConditionModel.from_config(config)
     _check_folder(path, "UNet")

@@ -36,7 +36,7 @@ from .dtypes import (
     check_storage_dtype,
     fp32_to_bf16,
 )
-from .files import SafetensorsReader, SafetensorsWriter
+from .files import SafetensorsReader, SafetensorsWriter, check_regular_file
 from .keys import (
     BN_RULES,
     DROP_PATTERNS,
@@ -53,15 +53,15 @@ from .keys import (
 )
 from .metadata import FORMAT, TORCH_FORMAT, WeightsInfo, read_info, weights_metadata
 from .pdparams import TRAINER_STATE_GLOBALS, load_pdparams, load_pickle_restricted
-from .source import StateSource, WeightSource, iter_state_dict, load_state_dict, opened
+from .source import StateSource, WeightSource, iter_state_dict, load_state_dict, opened, read_json
 from .write import save_safetensors
 
 __all__ = [
     "WeightsError", "STORAGE_DTYPES", "STORAGE_TAGS", "ST_DTYPES", "FLOAT_TAGS", "check_storage_dtype",
     "bf16_to_fp32", "fp32_to_bf16",
     "FORMAT", "TORCH_FORMAT", "WeightsInfo", "weights_metadata", "read_info",
-    "SafetensorsReader", "SafetensorsWriter", "WeightSource", "StateSource", "opened", "load_state_dict",
-    "iter_state_dict", "load_pdparams", "load_pickle_restricted", "TRAINER_STATE_GLOBALS",
+    "SafetensorsReader", "SafetensorsWriter", "check_regular_file", "WeightSource", "StateSource", "opened", "load_state_dict",
+    "iter_state_dict", "read_json", "load_pdparams", "load_pickle_restricted", "TRAINER_STATE_GLOBALS",
     "check_state_dict", "assign_state_dict", "finish_loading", "save_safetensors",
     "Op", "apply_op", "identity_plan", "DROP_PATTERNS", "BN_RULES", "map_key", "rules_plan", "KeyTable",
     "rule_table", "register_key_table", "key_table", "registered_models",

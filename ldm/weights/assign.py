@@ -11,11 +11,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Callable
 
-from .dtypes import WeightsError, check_storage_dtype, paddle_dtype_name, tag_kind
+from ldm.utils import get_logger
+
+from .dtypes import WeightsError, check_storage_dtype, count_nonfinite, paddle_dtype_name, tag_kind
 from .keys import Op, identity_plan
 from .source import opened, stream_plan
 
 __all__ = ["check_state_dict", "assign_state_dict", "finish_loading"]
+
+logger = get_logger(__name__)
 
 
 def check_state_dict(
@@ -72,6 +76,9 @@ def assign_state_dict(layer, weights, where: str | None = None, plan: Mapping[st
                     wrong.append(f"{k}: file {tag} vs model {want}")
         check_state_dict(expected, {k: op.shape for k, op in plan.items()}, where, ignore_missing, wrong)
         for name, arr in stream_plan(src, plan):
+            bad = count_nonfinite(arr)
+            if bad:  # loaded anyway (a diverged checkpoint can still be inspected), but said (issue 12 item 7)
+                logger.warning("%s: tensor %r holds %d NaN/Inf value(s)", where, name, bad)
             t = targets[name]
             value = paddle.to_tensor(arr)
             if value.dtype != t.dtype:

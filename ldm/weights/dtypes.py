@@ -106,3 +106,12 @@ def stored(arr: np.ndarray, tag: str) -> np.ndarray:
     if tag == "BF16":
         return fp32_to_bf16(arr.astype(np.float32, copy=False))
     return arr.astype(ST_DTYPES[tag], copy=False)
+
+
+def count_nonfinite(arr) -> int:
+    """Number of NaN / Inf values of a floating array (0 for other dtypes): conversion and merging
+    refuse them, the assigner warns (issue 12 item 7)."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind != "f" or arr.size == 0 or np.isfinite(arr).all():
+        return 0
+    return int(arr.size - np.count_nonzero(np.isfinite(arr)))

@@ -32,16 +32,29 @@ __all__ = ["WeightSource", "StateSource", "opened", "stream_plan", "load_state_d
 PDPARAMS_SUFFIXES = (".pdparams", ".pdparams.bin")
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str, what: str = "json file") -> dict:
+    """A JSON object file (config.json, vocab.json, *.index.json); a missing or special file, an
+    empty one, invalid JSON or a non-object is one WeightsError naming the file (issue 12 item 9)."""
     try:
-        with open(check_regular_file(path, "json file"), encoding="utf-8") as f:
-            return json.load(f)
+        with open(check_regular_file(path, what), encoding="utf-8") as f:
+            data = json.load(f)
     except (ValueError, RecursionError) as e:
-        raise WeightsError(f"{path}: not valid JSON: {e}") from e
+        raise WeightsError(f"{what} {path}: not valid JSON ({'empty file' if _is_empty(path) else e})") from e
+    if not isinstance(data, dict):
+        raise WeightsError(f"{what} {path}: not a JSON object (a JSON {type(data).__name__})")
+    return data
+
+
+def _is_empty(path: str) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:
+        return False
+
 
 
 def _index_shards(index: str) -> list[str]:
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise WeightsError(f"{index}: no weight_map")
     folder = os.path.dirname(index)
@@ -165,7 +178,7 @@ class WeightSource(_Source):
     def _folder_files(self, folder: str) -> list[str]:
         cfg = os.path.join(folder, "config.json")
         if os.path.exists(cfg):
-            self.config = _read_json(cfg)
+            self.config = read_json(cfg)
         for pattern in ("*.safetensors.index.json", "*.safetensors", "*.pdparams.index.json", "*.pdparams"):
             found = sorted(glob.glob(os.path.join(folder, pattern)))
             if not found:
