@@ -34,7 +34,14 @@ def parse_args(argv=None):
     p.add_argument("--weights_path", default=C.CASCADE.weights_path)
     p.add_argument("--model_c_version", default=C.CASCADE.model_c_version, choices=list(C.STAGE_C_FILES))
     p.add_argument("--model_b_version", default=C.CASCADE.model_b_version, choices=list(C.STAGE_B_FILES))
-    p.add_argument("--stage_c", help="Stage C weight file instead of the folder's (e.g. a fine-tuned one)")
+    p.add_argument("--stage_c", help="Stage C weight file instead of the folder's (e.g. a fine-tuned one; "
+                                     "with --preset tiny: a tiny Stage C, other sizes are refused)")
+    p.add_argument("--stage_b", help="Stage B weight file instead of the folder's (scripts/extract_unet_weights.py "
+                                     "of a Stage B run; with --preset tiny: a tiny Stage B)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="Stage C LoRA (community format: kohya, OneTrainer, train_stage_c_trainer.py --lora_rank); "
+                        "repeatable, SCALE default 1")
+    p.add_argument("--lora_b", action="append", default=[], metavar="FILE[:SCALE]", help="Stage B LoRA, as --lora")
     p.add_argument("--preset", choices=["tiny"], default=None, help="random tiny networks, no weight files")
     p.add_argument("--image", help="image for CLIP image conditioning (variation)")
     p.add_argument("--init_image", help="image to start Stage C from (image-to-image)")
@@ -47,9 +54,36 @@ def parse_args(argv=None):
         p.error("--batch_size, --steps_c and --steps_b must be >= 1")
     if not 0.0 < args.strength <= 1.0:
         p.error(f"--strength must be in (0, 1], got {args.strength}")
+    from ldm.lora import parse_lora_arg
+
+    args.lora, args.lora_b = [parse_lora_arg(v) for v in args.lora], [parse_lora_arg(v) for v in args.lora_b]
+    for f in [f for f, _ in args.lora + args.lora_b] + [f for f in (args.stage_c, args.stage_b) if f]:
+        if not os.path.isfile(f):
+            p.error(f"no such file: {f}")
     args.height = args.height or (C.TINY_SIZE if args.preset else C.HEIGHT)
     args.width = args.width or (C.TINY_SIZE if args.preset else C.WIDTH)
     return args
+
+
+def run_components(cfg, args):
+    """The networks of the run: the weights folder or the tiny preset, with --stage_c / --stage_b
+    files (of the preset's size under --preset tiny) and the LoRA files applied in memory."""
+    from ldm.cascade import components as cp
+    from ldm.cascade.loading import load_stage_b, load_stage_c
+    from ldm.lora import with_lora
+
+    shared = cp.shared_components(cfg, args.preset, cp.NEEDED_C + cp.NEEDED_B)
+    comps = cp.Components(dict(shared.builders), shared.dtype)
+    if args.preset == "tiny":  # the file must be a tiny network: another size fails on its shapes
+        if args.stage_c:
+            comps.builders["stage_c"] = lambda: load_stage_c(cfg.stage_c, "tiny")
+        if args.stage_b:
+            comps.builders["stage_b"] = lambda: load_stage_b(cfg.stage_b, "tiny")
+    if args.lora:
+        comps.builders["stage_c"] = with_lora(comps.builders["stage_c"], args.lora, "c")
+    if args.lora_b:
+        comps.builders["stage_b"] = with_lora(comps.builders["stage_b"], args.lora_b, "b")
+    return comps
 
 
 def main(argv=None):
@@ -70,10 +104,12 @@ def main(argv=None):
         cfg = dataclasses.replace(cfg, stage_b=C.STAGE_B_FILES[args.model_b_version])
     if args.stage_c:  # an explicit file, relative to the working directory
         cfg = dataclasses.replace(cfg, stage_c=os.path.abspath(args.stage_c))
+    if args.stage_b:
+        cfg = dataclasses.replace(cfg, stage_b=os.path.abspath(args.stage_b))
     if args.preset is None:  # one error listing every missing file, before any network is built
         extra = (("image_encoder",) if args.image else ()) + (("effnet",) if args.init_image else ())
         cp.resolve_weights(cfg, cp.NEEDED_C + cp.NEEDED_B + extra)
-    opts = dict(preset=args.preset, low_memory=args.low_memory, progress=not args.no_progress)
+    opts = dict(low_memory=args.low_memory, progress=not args.no_progress, components=run_components(cfg, args))
     model, model_b = ModelC(cfg, **opts).eval(), ModelB(cfg, **opts).eval()
     image, init_image = [Image.open(f) if f else None for f in (args.image, args.init_image)]
 

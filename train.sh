@@ -6,7 +6,22 @@
 #   MODEL_VERSION=tiny sh train.sh                # offline CPU demo on assets/demo_dataset (~2 minutes)
 #   GPUS=0,1,2,3 sh train.sh                      # multi-GPU: python -m paddle.distributed.launch --gpus
 #   MODEL_VERSION=3.6B GPUS=0,1,2,3,4,5,6,7 SHARDING=stage2 RECOMPUTE=True USE_BF16=True sh train.sh
+#   STAGE=b sh train.sh                           # Stage B (700M lite; MODEL_VERSION=3B, or tiny offline)
+#   LoRA: sh train.sh --lora_rank 4 --lora_alpha 1  # only the adapters train (either stage)
 # Extra flags are passed through: sh train.sh --use_ema True --adaptive_loss_weight True
+STAGE=${STAGE:-c}
+if [ "${STAGE}" = "b" ]; then
+    TRAINER=train_stage_b_trainer.py
+    MODEL_VERSION=${MODEL_VERSION:-700M}
+    RESOLUTION=${RESOLUTION:-$([ "${MODEL_VERSION}" = "tiny" ] && echo 128 || echo 1024)}
+    NUM_INFERENCE_STEPS=${NUM_INFERENCE_STEPS:-10}
+    OUTPUT_DIR=${OUTPUT_DIR:-./train_output_b}
+elif [ "${STAGE}" = "c" ]; then
+    TRAINER=train_stage_c_trainer.py
+else
+    echo "STAGE must be b or c, got ${STAGE}" >&2
+    exit 2
+fi
 MODEL_VERSION=${MODEL_VERSION:-1B}
 if [ "${MODEL_VERSION}" = "tiny" ]; then
     DATASET_PATH=${DATASET_PATH:-./assets/demo_dataset}
@@ -36,7 +51,7 @@ TRAINING_PYTHON=${TRAINING_PYTHON:-"python -u"}
 if [ -n "${GPUS}" ]; then
     TRAINING_PYTHON="python -u -m paddle.distributed.launch --gpus ${GPUS}"
 fi
-${TRAINING_PYTHON} train_stage_c_trainer.py \
+${TRAINING_PYTHON} ${TRAINER} \
     --do_train \
     --dataset_path ${DATASET_PATH} \
     --output_dir ${OUTPUT_DIR} \

@@ -1,4 +1,4 @@
-"""Extract the fine-tuned Stage C weights from a `train_stage_c_trainer.py` output.
+"""Extract the fine-tuned Stage C or Stage B weights from a `train_stage_c_trainer.py` / `train_stage_b_trainer.py` output.
 
     python scripts/extract_unet_weights.py --checkpoint ./train_output/checkpoint-1000 --output stage_c_ft.safetensors
     python scripts/extract_unet_weights.py --checkpoint ./train_output --ema --output stage_c_ema.safetensors
@@ -7,7 +7,10 @@
 complete checkpoint). The output is this project's Stage C safetensors (network config in the
 metadata): `ldm.cascade.loading.load_stage_c(path, preset=None)` loads it, and inference.py uses it
 when it is placed in the weights folder under the Stage C name of config.py (stage_c_lite.safetensors
-for the 1B model; .safetensors is preferred over the seed's .pdparams).
+for the 1B model; .safetensors is preferred over the seed's .pdparams) or passed as `--stage_c FILE`.
+A Stage B run (stage_b.safetensors) gives a Stage B file for `inference.py --stage_b FILE`; --stage
+picks one when a folder holds both (default: whichever it holds). A LoRA run's adapters are already
+a file of their own: <output_dir>/stage_c_lora.safetensors (inference.py --lora) or stage_b_lora (--lora_b).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ if __name__ == "__main__":
     quiet_third_party()  # before paddle is imported (issue 12 item 15)
 
 from ldm.cascade.convert import convert_unet_weights  # noqa: E402
+from ldm.train.stage_b import STAGE_B_EMA_FILE, STAGE_B_FILE  # noqa: E402
 from ldm.train.stage_c import STAGE_C_EMA_FILE, STAGE_C_FILE  # noqa: E402
 from ldm.weights import STORAGE_DTYPES  # noqa: E402
 from ldm.train.checkpoint import COMPLETE_MARKER, find_resume_checkpoint, is_complete, list_checkpoints  # noqa: E402
@@ -33,15 +37,31 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True, help="checkpoint-N folder or the training --output_dir")
     p.add_argument("--output", required=True, help="output .safetensors (written atomically)")
     p.add_argument("--ema", action="store_true", help="extract the EMA weights (training with --use_ema)")
+    p.add_argument("--stage", choices=["auto", "c", "b"], default="auto",
+                   help="which network: auto (the one the folder holds), c or b")
     p.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="float32", help="storage dtype of the output")
     p.add_argument("--allow_incomplete", action="store_true",
                    help=f"accept a checkpoint without {COMPLETE_MARKER} (a save that was interrupted)")
     return p.parse_args(argv)
 
 
-def find_weights(folder: str, ema: bool, allow_incomplete: bool = False) -> str:
-    """The Stage C (or EMA) file of a checkpoint or output folder; errors name what is missing."""
-    name = STAGE_C_EMA_FILE if ema else STAGE_C_FILE
+FILES = {"c": (STAGE_C_FILE, STAGE_C_EMA_FILE), "b": (STAGE_B_FILE, STAGE_B_EMA_FILE)}
+
+
+def weights_stage(folder: str, stage: str = "auto") -> str:
+    """"c" or "b": the stage whose weights `folder` (or its newest complete checkpoint) holds."""
+    if stage != "auto":
+        return stage
+    places = [folder] + ([find_resume_checkpoint(folder)] if os.path.isdir(folder) else [])
+    found = [s for s, (name, _) in FILES.items() if any(p and os.path.isfile(os.path.join(p, name)) for p in places)]
+    if len(found) > 1:
+        raise ValueError(f"{folder} holds Stage C and Stage B weights: pass --stage c or --stage b")
+    return found[0] if found else "c"
+
+
+def find_weights(folder: str, ema: bool, allow_incomplete: bool = False, stage: str = "c") -> str:
+    """The Stage C / B (or EMA) file of a checkpoint or output folder; errors name what is missing."""
+    name = FILES[stage][1 if ema else 0]
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--checkpoint {folder} is not a folder")
     if os.path.isfile(os.path.join(folder, name)):
@@ -59,8 +79,9 @@ def find_weights(folder: str, ema: bool, allow_incomplete: bool = False) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    src = find_weights(args.checkpoint, args.ema, args.allow_incomplete)
-    summary = convert_unet_weights(src, args.output, stage="c", preset=None, dtype=args.dtype, source_format="paddle")
+    stage = weights_stage(args.checkpoint, args.stage)
+    src = find_weights(args.checkpoint, args.ema, args.allow_incomplete, stage)
+    summary = convert_unet_weights(src, args.output, stage=stage, preset=None, dtype=args.dtype, source_format="paddle")
     summary["input"] = src
     print(json.dumps(summary))
     return summary

@@ -39,6 +39,7 @@ from ldm.cascade import settings as cfg_mod
 from ldm.cascade.settings import CascadeConfig, SamplingConfig
 from ldm.cascade.stage_c import StageCConfig
 from ldm.train.args import DiffusionTrainingArguments, check_precision, parse_with_env_defaults
+from ldm.train.lora import LoRAArguments, enable_lora, write_lora_files
 from ldm.train.task import TrainingTask
 from ldm.utils import get_logger
 
@@ -70,7 +71,7 @@ NO_IMAGE_ENCODER = ("", "none")
 # Arguments
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class StageCModelArguments:
+class StageCModelArguments(LoRAArguments):
     model_version: str = field(default=CascadeConfig.model_c_version, metadata={
         "help": "Stage C size: 1B (lite), 3.6B, or tiny (random tiny networks, offline, for tests/demos)."})
     weights_path: str = field(default=cfg_mod.WEIGHTS_PATH, metadata={"help": "Folder of the weight files (config.py)."})
@@ -91,6 +92,7 @@ class StageCModelArguments:
         "help": "Probability of a CLIP image embedding (when an image encoder is configured)."})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.model_version not in MODEL_VERSIONS:
             raise ValueError(f"--model_version must be one of {MODEL_VERSIONS}, got {self.model_version!r}")
         if self.model_max_length <= 0 or self.num_inference_steps <= 0:
@@ -306,8 +308,13 @@ class StageCTask(TrainingTask):
 
     def save_trained(self, folder: str, only_updated: bool = True) -> None:
         super().save_trained(folder, only_updated)
+        write_lora_files(self, folder)  # with --lora_rank: stage_c_lora.safetensors (community format)
         with open(os.path.join(folder, TRAIN_CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump({"stage_c_config": self.config.to_dict(), "adaptive_loss_weight": self.adaptive}, f, indent=1)
+
+    def save_ema(self, folder: str, shadow) -> None:
+        super().save_ema(folder, shadow)
+        write_lora_files(self, folder, shadow)
 
     def train_state(self) -> dict:
         state = super().train_state()
@@ -380,6 +387,9 @@ def build_stage_c_trainer(model_args, data_args, training_args, components=None,
     task = StageCTask(comps, config or stage_c_config_of(model_args.model_version), model_args.adaptive_loss_weight,
                       use_image, model_args.model_max_length, model_args.caption_dropout, model_args.image_embed_prob,
                       seed=training_args.seed, rank=max(training_args.process_index, 0))
+    spec = model_args.lora_spec()
+    if spec is not None:  # --lora_rank: only the adapters train (ldm.train.lora)
+        enable_lora(task, "stage_c", "c", spec, seed=training_args.seed)
     if training_args.recompute:
         task.enable_recompute()
     dataset = build_dataset(DatasetSpec(  # [0, 1]: what EfficientNet takes

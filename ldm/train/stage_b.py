@@ -1,0 +1,346 @@
+"""Stage B fine-tuning: arguments, the training task (`StageBTask`), the builder.
+
+Training step (Stability-AI/StableCascade `train/train_b.py` `get_conditions`, `forward_pass`,
+`_pyramid_noise`, and `train/base.py`; facts only):
+- latents: frozen Stage A `encode(images)[0]` of the [0, 1] image (4 x R/4 x R/4);
+- EfficientNet latents: one factor f ~ U(0.5, 1) per batch; the image resized (nearest) to
+  floor(R * f / 32) * 32 per side, through the frozen EfficientNet encoder (ImageNet-normalised);
+  zeros for the samples with rand > 0.9 (~10%);
+- text: pooled CLIP bigG `text_embeds` [B, 1, 1280], the caption replaced by "" with probability 5%;
+- noise: pyramid noise: epsilon ~ N(0, 1), plus, for i = 1 .. 9, N(0, 1) noise of size
+  (H / 2^i, W / 2^i) upsampled (nearest) times 0.75^i when one side is in [1, 16], stopping when a
+  side reaches 1, divided by sqrt(sum of the squared multipliers) (the original sizes both sides
+  from the height; this uses each side's own);
+- GDF `diffuse(latents, shift=1, loss_shift=1)`, per-sample MSE(pred, epsilon) over C, H, W,
+  times the P2 or the adaptive loss weight (buckets updated with the unweighted losses), averaged.
+- previews: Stage B samples conditioned on the batch's EfficientNet latents (cfg 1.5, shift 1,
+  10 steps, the empty caption and zero latents as the unconditional), decoded by Stage A, and the
+  Stage A reconstruction of the batch.
+
+The draws come from the task's per-rank generator (its state in `train_b_state_rank<k>.json`).
+Checkpoint files: `stage_b.safetensors` / `stage_b_ema.safetensors` (our Paddle layout, network
+config in the metadata: `ldm.cascade.loading.load_stage_b(path, preset=None)`, `inference.py
+--stage_b`), `train_b_config.json`; with `--lora_rank`, the adapters (ldm.train.lora).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from ldm.cascade import settings as cfg_mod
+from ldm.cascade.settings import CascadeConfig, SamplingConfig
+from ldm.cascade.stage_b import StageBConfig, stage_b_config
+from ldm.train.args import check_precision, parse_with_env_defaults
+from ldm.train.lora import LoRAArguments, enable_lora, write_lora_files
+from ldm.train.stage_c import (CAPTION_DROPOUT, DEFAULT_PREVIEW_PROMPTS, ENV_FLAG_DEFAULTS, TRAIN_SHIFT, StageCDataArguments,
+                               StageCTask, StageCTrainingArguments)
+from ldm.train.task import TrainingTask
+from ldm.utils import get_logger
+
+logger = get_logger("ldm.train.stage_b")
+
+__all__ = ["StageBModelArguments", "StageBDataArguments", "parse_stage_b_args", "StageBTask", "build_stage_b_trainer",
+           "build_stage_b_components", "pyramid_noise", "STAGE_B_FILE", "STAGE_B_EMA_FILE"]
+
+MODEL_VERSIONS = (*cfg_mod.STAGE_B_FILES, "tiny")
+STAGE_B_FILE = "stage_b.safetensors"
+STAGE_B_EMA_FILE = "stage_b_ema.safetensors"
+TRAIN_CONFIG_FILE = "train_b_config.json"
+EFFNET_PROB = 0.9  # train_b.py: np.random.rand(b) <= 0.9 gets EfficientNet latents
+EFFNET_FACTOR = (0.5, 1.0)  # train_b.py: np.random.uniform(0.5, 1)
+PYRAMID_LEVELS, PYRAMID_SIZE_RANGE, PYRAMID_DECAY = 10, (1, 16), 0.75  # forward_pass / _pyramid_noise
+PREVIEW_CFG, PREVIEW_SHIFT, PREVIEW_STEPS = 1.5, 1.0, 10  # train_b.py sampling_configs
+SIZE_MULTIPLE = cfg_mod.SIZE_MULTIPLE  # Stage A / 4, Stage B patch 2 and its downscalers
+
+
+@dataclass
+class StageBModelArguments(LoRAArguments):
+    model_version: str = field(default=CascadeConfig.model_b_version, metadata={
+        "help": "Stage B size: 700M (lite), 3B, or tiny (random tiny networks, offline, for tests/demos)."})
+    weights_path: str = field(default=cfg_mod.WEIGHTS_PATH, metadata={"help": "Folder of the weight files (config.py)."})
+    stage_b: Optional[str] = field(default=None, metadata={
+        "help": "Stage B weights to fine-tune (name in weights_path or a path); default stage_b_lite (700M) / stage_b "
+                "(3B). With tiny: optional weights of a tiny Stage B."})
+    stage_a: str = field(default=CascadeConfig.stage_a, metadata={"help": "Stage A (VQGAN) weights."})
+    effnet: str = field(default=CascadeConfig.effnet, metadata={"help": "EfficientNet encoder weights."})
+    clip_text: str = field(default=CascadeConfig.clip_text, metadata={"help": "CLIP bigG text folder (model + tokenizer)."})
+    adaptive_loss_weight: bool = field(default=False, metadata={"help": "AdaptiveLossWeight instead of P2."})
+    model_max_length: int = field(default=77, metadata={"help": "Tokenizer max length (captions are truncated)."})
+    num_inference_steps: int = field(default=PREVIEW_STEPS, metadata={"help": "Sampler steps of the preview images."})
+    caption_dropout: float = field(default=CAPTION_DROPOUT, metadata={"help": "Probability of an empty caption."})
+    effnet_prob: float = field(default=EFFNET_PROB, metadata={
+        "help": "Probability that a sample gets its EfficientNet latents (else zeros)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.model_version not in MODEL_VERSIONS:
+            raise ValueError(f"--model_version must be one of {MODEL_VERSIONS}, got {self.model_version!r}")
+        if self.model_max_length <= 0 or self.num_inference_steps <= 0:
+            raise ValueError("--model_max_length and --num_inference_steps must be positive")
+        for name in ("caption_dropout", "effnet_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
+class StageBDataArguments(StageCDataArguments):
+    resolution: int = field(default=1024, metadata={"help": f"Training image size (square, multiple of "
+                                                            f"{SIZE_MULTIPLE}); the Stage B latent is resolution / 4."})
+
+    def __post_init__(self):
+        if self.resolution < SIZE_MULTIPLE or self.resolution % SIZE_MULTIPLE:
+            raise ValueError(f"--resolution must be a positive multiple of {SIZE_MULTIPLE} for Stage B, "
+                             f"got {self.resolution}")
+
+
+def cascade_defaults(cascade: CascadeConfig) -> dict:
+    return dict(model_version=cascade.model_b_version, weights_path=cascade.weights_path, effnet=cascade.effnet,
+                stage_a=cascade.stage_a, clip_text=cascade.clip_text)
+
+
+def parse_stage_b_args(argv=None, cascade: Optional[CascadeConfig] = None):
+    """(model, data, training) arguments, as `parse_stage_c_args` (FLAG_USE_EMA / FLAG_RECOMPUTE
+    defaults, `cascade` the defaults of the weight flags)."""
+    m, d, t = parse_with_env_defaults(
+        (StageBModelArguments, StageBDataArguments, StageCTrainingArguments), ENV_FLAG_DEFAULTS, argv,
+        defaults=cascade_defaults(cascade) if cascade is not None else None)
+    check_precision(t)
+    return m, d, t
+
+
+def build_stage_b_components(model_args):
+    """Stage B, Stage A, EfficientNet, tokenizer + CLIP text of the run (tiny: the offline preset)."""
+    from ldm.cascade import components as cp
+
+    if model_args.model_version == "tiny":
+        from ldm.cascade.loading import load_stage_b
+
+        comps = cp.tiny_components()
+        if model_args.stage_b:
+            comps.builders["stage_b"] = lambda: load_stage_b(model_args.stage_b, "tiny")
+        return comps
+    cfg = dataclasses.replace(
+        CascadeConfig(), weights_path=model_args.weights_path, effnet=model_args.effnet, stage_a=model_args.stage_a,
+        stage_b=model_args.stage_b or cfg_mod.STAGE_B_FILES[model_args.model_version], clip_text=model_args.clip_text,
+        clip_image=None, model_b_version=model_args.model_version, dtype="float32")
+    try:
+        return cp.file_components(cfg, ["tokenizer", "text_encoder", "stage_b", "stage_a", "effnet"])
+    except cp.MissingWeightsError as e:
+        raise cp.MissingWeightsError(f"{e}\nFor an offline demo without weights: --model_version tiny "
+                                     f"(STAGE=b MODEL_VERSION=tiny sh train.sh).") from None
+
+
+def pyramid_noise(eps: np.ndarray, rng: np.random.Generator, levels: int = PYRAMID_LEVELS,
+                  size_range=PYRAMID_SIZE_RANGE) -> np.ndarray:
+    """Pyramid noise of `eps` [B, C, H, W] (see the module docstring); extra draws from `rng`."""
+    b, c, hh, ww = eps.shape
+    out = eps.astype(np.float32).copy()
+    multipliers = [1.0]
+    for i in range(1, levels):
+        m = PYRAMID_DECAY ** i
+        h, w = hh // (2 ** i), ww // (2 ** i)
+        if size_range is None or size_range[0] <= h <= size_range[1] or size_range[0] <= w <= size_range[1]:
+            offset = rng.standard_normal((b, c, h, w), dtype=np.float32)
+            rows, cols = (np.arange(hh) * h) // hh, (np.arange(ww) * w) // ww  # nearest upsampling
+            out += offset[:, :, rows][:, :, :, cols] * np.float32(m)
+            multipliers.append(m)
+        if h <= 1 or w <= 1:
+            break
+    return (out / np.float32(sum(m * m for m in multipliers) ** 0.5)).astype(np.float32)
+
+
+class StageBTask(TrainingTask):
+    """Stage B (trained) + frozen Stage A, EfficientNet, CLIP text encoder.
+
+    forward(pixel_values [B, 3, R, R] in [0, 1], caption [B] str) -> scalar loss.
+    """
+
+    state_file = "train_b_state_rank{}.json"
+    rng_tag = 0x5B
+
+    def __init__(self, components, config, adaptive_loss_weight: bool = False, model_max_length: int = 77,
+                 caption_dropout: float = CAPTION_DROPOUT, effnet_prob: float = EFFNET_PROB, seed: int = 0, rank: int = 0):
+        super().__init__(seed=seed, rank=rank)
+        from ldm.cascade.gdf import stable_cascade_gdf
+
+        self.config = StageBConfig.from_dict(config)
+        self.add_trained("stage_b", components.get("stage_b"))
+        self.add_frozen("stage_a", components.get("stage_a"))
+        self.add_frozen("effnet", components.get("effnet"))
+        self.add_frozen("text_encoder", components.get("text_encoder"))
+        self.tokenizer = components.get("tokenizer")
+        max_pos = getattr(getattr(self.text_encoder, "config", None), "max_position_embeddings", model_max_length)
+        if model_max_length > max_pos:
+            raise ValueError(f"--model_max_length {model_max_length} exceeds the text encoder's {max_pos} positions")
+        self.tokenizer.model_max_length = int(model_max_length)
+        self.gdf = stable_cascade_gdf(adaptive_loss_weight=adaptive_loss_weight)
+        self.adaptive = bool(adaptive_loss_weight)
+        self.caption_dropout, self.effnet_prob = float(caption_dropout), float(effnet_prob)
+        self.c_effnet = int(self.config.c_effnet)
+        self.train()
+
+    # the conditioning shared with Stage C (EfficientNet latents, CLIP text, t / epsilon draws)
+    encode_effnet = StageCTask.encode_latents
+    encode_captions = StageCTask.encode_captions
+    draw = StageCTask.draw
+
+    def train_state(self) -> dict:
+        state = super().train_state()
+        if self.adaptive:
+            state["adaptive_loss"] = self.gdf.loss_weight.state_dict()
+        return state
+
+    def set_train_state(self, state: dict) -> None:
+        super().set_train_state(state)
+        if self.adaptive and "adaptive_loss" in state:
+            self.gdf.loss_weight.set_state_dict(state["adaptive_loss"])
+
+    @paddle.no_grad()
+    def encode_latents(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
+        """[B, 3, R, R] in [0, 1] -> Stage A latents [B, 4, R/4, R/4] (float32)."""
+        return self.stage_a.encode(pixel_values.astype("float32"))[0].astype("float32")
+
+    @paddle.no_grad()
+    def effnet_conditions(self, pixel_values: paddle.Tensor, factor: float, use: np.ndarray) -> paddle.Tensor:
+        """EfficientNet latents of the images resized (nearest) by `factor` to a multiple of 32,
+        for the samples with use[i]; zeros elsewhere. [B, 16, h, w]."""
+        b, _, hh, ww = pixel_values.shape
+        eh, ew = int((hh * factor) // 32) * 32, int((ww * factor) // 32) * 32
+        if eh < 32 or ew < 32:
+            raise ValueError(f"images of {hh}x{ww} are too small for EfficientNet latents at factor {factor:.3f}")
+        out = paddle.zeros([b, self.c_effnet, eh // 32, ew // 32], "float32")
+        idx = np.nonzero(use)[0]
+        if len(idx):
+            small = F.interpolate(pixel_values.astype("float32")[paddle.to_tensor(idx)], size=[eh, ew], mode="nearest")
+            lat = self.encode_effnet(small)
+            out = paddle.scatter(out, paddle.to_tensor(idx), lat, overwrite=True) if len(idx) < b else lat
+        return out
+
+    def draw_noise(self, shape):
+        t, eps = self.draw(shape)
+        return t, paddle.to_tensor(pyramid_noise(eps.numpy(), self.rng))
+
+    def forward(self, pixel_values: paddle.Tensor, caption: Sequence[str], **unused) -> paddle.Tensor:
+        b = pixel_values.shape[0]
+        if len(caption) != b:
+            raise ValueError(f"{len(caption)} captions for {b} images")
+        keep = self.rng.random(b) >= self.caption_dropout
+        factor = float(self.rng.uniform(*EFFNET_FACTOR))
+        use = self.rng.random(b) < self.effnet_prob
+        effnet = self.effnet_conditions(pixel_values, factor, use)
+        pooled = self.encode_captions([c if k else "" for c, k in zip(caption, keep)])[1]  # (B, 1, c_clip)
+        latents = self.encode_latents(pixel_values)  # (B, 4, R/4, R/4)
+        t, eps = self.draw_noise(latents.shape)
+        with paddle.no_grad():
+            d = self.gdf.diffuse(latents, epsilon=eps, t=t, shift=TRAIN_SHIFT, loss_shift=TRAIN_SHIFT)
+        pred = self.stage_b(d.noised, d.noise_cond, effnet=effnet, clip=pooled)
+        loss = ((pred.astype("float32") - d.target) ** 2).mean(axis=[1, 2, 3])  # (B,)
+        if self.adaptive:
+            self.gdf.loss_weight.update_buckets(d.logSNR, loss)
+        return (loss * d.loss_weight).mean()
+
+    @paddle.no_grad()
+    def denoising_loss(self, latents, eps, t, effnet, clip) -> float:
+        """Mean MSE(pred, epsilon) at fixed noise, times and conditions (held-out evaluation)."""
+        with self.evaluating():
+            d = self.gdf.diffuse(latents, epsilon=eps, t=t, shift=TRAIN_SHIFT, loss_shift=TRAIN_SHIFT)
+            pred = self.stage_b(d.noised, d.noise_cond, effnet=effnet, clip=clip)
+            return float(((pred.astype("float32") - d.target) ** 2).mean())
+
+    # -------------------------------------------------------------------------- task hooks
+    def enable_recompute(self) -> None:
+        self.stage_b.enable_gradient_checkpointing()
+        logger.info("recompute: activation checkpointing on every Stage B block")
+
+    def write_part(self, name: str, folder: str, state, ema: bool) -> None:
+        from ldm.weights import save_safetensors, weights_metadata
+
+        path = os.path.join(folder, STAGE_B_EMA_FILE if ema else STAGE_B_FILE)
+        save_safetensors(state, path, dtype="float32", metadata=weights_metadata("stage_b", self.config))
+
+    def save_trained(self, folder: str, only_updated: bool = True) -> None:
+        super().save_trained(folder, only_updated)
+        write_lora_files(self, folder)
+        with open(os.path.join(folder, TRAIN_CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump({"stage_b_config": self.config.to_dict(), "adaptive_loss_weight": self.adaptive}, f, indent=1)
+
+    def save_ema(self, folder: str, shadow) -> None:
+        super().save_ema(folder, shadow)
+        write_lora_files(self, folder, shadow)
+
+    default_guidance_scale = PREVIEW_CFG
+
+    @paddle.no_grad()
+    def sample_latents(self, effnet: paddle.Tensor, captions: Sequence[str], seed: int, guidance_scale: float,
+                       num_inference_steps: int, size) -> paddle.Tensor:
+        """Stage B latents [N, 4, *size] of `captions` on EfficientNet latents `effnet`."""
+        from ldm.cascade import pipeline as pl
+
+        n = len(captions)
+        pooled = self.encode_captions(list(captions))[1]
+        u_pooled = self.encode_captions([""] * n)[1]
+        cond, uncond = {"effnet": effnet, "clip": pooled}, {"effnet": paddle.zeros_like(effnet), "clip": u_pooled}
+        sampling = SamplingConfig(steps=int(num_inference_steps), cfg=float(guidance_scale), shift=PREVIEW_SHIFT)
+        return pl.run_gdf(self.gdf, self.stage_b, cond, uncond, sampling, pl.image_noise_fn(seed, n, pl.NOISE_TAG_B),
+                          shape=[n, pl.STAGE_B_CHANNELS, *size], desc="preview", progress=False)
+
+    @paddle.no_grad()
+    def log_images(self, pixel_values: Optional[paddle.Tensor] = None, prompts: Sequence[str] = DEFAULT_PREVIEW_PROMPTS,
+                   num_inference_steps: int = PREVIEW_STEPS, seed: int = 0, ema=None, **unused) -> Dict[str, np.ndarray]:
+        """{tag: uint8 [H, W, 3]}: Stage A decodes of Stage B samples on the EfficientNet latents of the
+        batch (with the EMA weights when `ema` has them; captions `prompts`), and the Stage A
+        reconstruction of the batch. Stage B needs images to condition on: none without a batch."""
+        from ldm.cascade import pipeline as pl
+
+        if pixel_values is None:
+            return {}
+        x = pixel_values.astype("float32")
+        n = min(len(prompts), x.shape[0])
+        x = x[:n]
+        out = {}
+        with self.evaluating(ema) as with_ema:
+            effnet = self.encode_effnet(x)
+            size = [x.shape[-2] // 4, x.shape[-1] // 4]
+            lat = self.sample_latents(effnet, list(prompts)[:n], seed, PREVIEW_CFG, num_inference_steps, size)
+            img = self.stage_a.decode(lat).clip(0.0, 1.0)
+            out["preview/ema" if with_ema else "preview/model"] = np.concatenate(list(pl.to_uint8(img)), axis=1)
+            rec = self.stage_a.decode(self.encode_latents(x)).clip(0.0, 1.0)
+            out["preview/batch_reconstruction"] = np.concatenate(list(pl.to_uint8(rec)), axis=1)
+        return out
+
+
+def build_stage_b_trainer(model_args, data_args, training_args, components=None, config=None):
+    """(DiffusionTrainer, task, ema_callback) ready for `trainer.fit(resume, ema)`; as
+    `ldm.train.stage_c.build_stage_c_trainer`."""
+    from ldm.data import DatasetSpec, build_dataset
+    from ldm.train.callbacks import standard_callbacks
+    from ldm.train.trainer import DiffusionTrainer
+
+    comps = components if components is not None else build_stage_b_components(model_args)
+    if config is None:
+        config = comps.get("stage_b").config if model_args.stage_b else stage_b_config(model_args.model_version)
+    task = StageBTask(comps, config, model_args.adaptive_loss_weight, model_args.model_max_length,
+                      model_args.caption_dropout, model_args.effnet_prob, seed=training_args.seed,
+                      rank=max(training_args.process_index, 0))
+    spec = model_args.lora_spec()
+    if spec is not None:
+        enable_lora(task, "stage_b", "b", spec, seed=training_args.seed)
+    if training_args.recompute:
+        task.enable_recompute()
+    dataset = build_dataset(DatasetSpec(  # [0, 1]: what Stage A and EfficientNet take
+        "folder", data_args.dataset_path, resolution=data_args.resolution, normalize="zero_one",
+        center_crop=data_args.center_crop, random_flip=data_args.random_flip, seed=training_args.seed,
+        options={"skip_missing_captions": data_args.skip_missing_captions})) if training_args.do_train else None
+    image_kwargs = dict(prompts=tuple(training_args.preview_prompts or DEFAULT_PREVIEW_PROMPTS),
+                        num_inference_steps=model_args.num_inference_steps, seed=training_args.seed)
+    callbacks, ema = standard_callbacks(training_args, image_kwargs, ema_to_images=True)
+    trainer = DiffusionTrainer(model=task, args=training_args, train_dataset=dataset, callbacks=callbacks)
+    trainer.set_optimizer_grouped_parameters(list(task.trainable_parameters().values()))
+    return trainer, task, ema

@@ -1,0 +1,39 @@
+"""Stable Cascade Stage B fine-tuning with the PaddleNLP Trainer (`STAGE=b sh train.sh`).
+
+    python -u train_stage_b_trainer.py --do_train --dataset_path ./assets/demo_dataset \
+        --output_dir ./train_output_b --model_version tiny --resolution 128 --max_steps 20
+
+The same flags and behaviour as train_stage_c_trainer.py (data, EMA, checkpoints and exact resume,
+VisualDL, multi-GPU through `python -m paddle.distributed.launch`, --sharding, --recompute,
+--lora_rank), plus Stage B's own: --stage_a, --effnet_prob; flags: ldm/train/stage_b.py.
+`scripts/extract_unet_weights.py` turns a checkpoint into a Stage B file for `inference.py --stage_b`.
+"""
+
+
+from ldm.utils import quiet_third_party, run_main
+
+if __name__ == "__main__":
+    quiet_third_party()  # before paddle is imported
+
+from ldm.train.stage_b import parse_stage_b_args  # noqa: E402
+
+
+def main(argv=None):
+    import config
+
+    model_args, data_args, training_args = parse_stage_b_args(argv, cascade=config.CASCADE)
+    from ldm.train.checkpoint import resolve_resume
+    from ldm.train.stage_b import build_stage_b_trainer
+    from ldm.utils import set_seed
+
+    set_seed(training_args.seed)
+    resume = resolve_resume(training_args.output_dir, training_args.resume_from_checkpoint,
+                            training_args.overwrite_output_dir) if training_args.do_train else None
+    trainer, _, ema = build_stage_b_trainer(model_args, data_args, training_args)
+    if training_args.do_train:  # final stage_b.safetensors (+ stage_b_ema.safetensors, train_b_config.json)
+        trainer.fit(resume, ema)
+    return trainer
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))  # the project's errors: one `error: ...` line, exit 1 (--debug: traceback)
