@@ -1,0 +1,106 @@
+"""Entry points (issue 12 items 8, 15): a project error is one `error: ...` line on stderr, exit
+status 1, no traceback (`--debug` shows it); runs open without third-party warning spam
+(`--verbose` keeps it). Each case runs the script as a user would, in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ldm.utils import run_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOISE = ("ccache", "distutils", "OMP_NUM_THREADS", "DEBUG")
+
+
+def _run(args, cwd, env_extra=None, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="2", **(env_extra or {}))  # > 1: paddle's notice would print
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _one_error_line(proc):
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [i for i, ln in enumerate(proc.stderr.splitlines()) if ln.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    return "\n".join(proc.stderr.splitlines()[errors[0]:])  # the message (some list several files)
+
+
+def test_run_main_unit(capsys):
+    def bad(argv):
+        assert argv == ["--x"]
+        raise FileNotFoundError("no such thing")
+
+    assert run_main(bad, ["--x"]) == 1
+    assert capsys.readouterr().err == "error: no such thing\n"
+    with pytest.raises(FileNotFoundError):
+        run_main(bad, ["--x", "--debug"])
+    assert run_main(lambda argv: 3, []) == 3 and run_main(lambda argv: {"a": 1}, []) == 0
+    with pytest.raises(RuntimeError):  # not a project error: a bug keeps its traceback
+        run_main(lambda argv: (_ for _ in ()).throw(RuntimeError("bug")), [])
+
+
+def test_extract_unet_weights_bad_checkpoint(tmp_path):
+    script = os.path.join(ROOT, "scripts", "extract_unet_weights.py")
+    proc = _run([script, "--checkpoint", str(tmp_path / "none"), "--output", str(tmp_path / "o.safetensors")], tmp_path)
+    assert "is not a folder" in _one_error_line(proc)
+    debug = _run([script, "--checkpoint", str(tmp_path / "none"), "--output", "o.safetensors", "--debug"], tmp_path)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_generate_sd_missing_folder(tmp_path):
+    proc = _run([os.path.join(ROOT, "scripts", "generate_sd.py"), "--pretrained_model_name_or_path",
+                 str(tmp_path / "none"), "--prompt", "x"], tmp_path)
+    assert "none" in _one_error_line(proc)
+
+
+def test_create_pretraining_data_bad_input(tmp_path):
+    proc = _run([os.path.join(ROOT, "create_pretraining_data.py"), "--input_path", "/dev/zero",
+                 "--output_path", str(tmp_path / "out")], tmp_path)
+    assert "/dev/zero is a device" in _one_error_line(proc)
+    proc = _run([os.path.join(ROOT, "create_pretraining_data.py"), "--input_path", str(tmp_path / "none.jsonl"),
+                 "--output_path", str(tmp_path / "out")], tmp_path)
+    assert "does not exist" in _one_error_line(proc)
+
+
+def test_inference_special_weight_file(tmp_path):
+    weights = tmp_path / "w"
+    weights.mkdir()
+    os.mkfifo(weights / "stage_c_lite.safetensors")
+    proc = _run([os.path.join(ROOT, "inference.py"), "--weights_path", str(weights)], tmp_path)
+    assert "is a FIFO" in _one_error_line(proc)
+
+
+def test_check_data_listing_with_dev_zero(tmp_path):
+    listing = tmp_path / "x.filelist"
+    listing.write_text("/dev/zero\n")
+    proc = _run([os.path.join(ROOT, "scripts", "check_data.py"), "--file_list", str(listing)], tmp_path, timeout=120)
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr  # check_data's own status for unusable data
+    assert "x.filelist:1: listed /dev/zero is a device" in proc.stderr
+    assert json.loads(proc.stdout)["valid"] == 0
+
+
+def test_inference_tiny_is_quiet(tmp_path):
+    proc = _run([os.path.join(ROOT, "inference.py"), "--preset", "tiny", "--no_progress", "--output_dir",
+                 str(tmp_path)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert not [ln for ln in lines if any(n in ln for n in NOISE)], proc.stderr
+    assert len(lines) < 15, proc.stderr
+    assert any("random weights" in ln for ln in lines)  # the project's own warning stays
+    verbose = _run([os.path.join(ROOT, "inference.py"), "--preset", "tiny", "--no_progress", "--output_dir",
+                    str(tmp_path), "--verbose"], tmp_path)
+    assert verbose.returncode == 0 and "ccache" in verbose.stderr
+
+
+def test_stage_c_training_step_is_quiet(tmp_path):
+    proc = _run([os.path.join(ROOT, "train_stage_c_trainer.py"), "--do_train", "--dataset_path",
+                 os.path.join(ROOT, "assets", "demo_dataset"), "--output_dir", str(tmp_path / "out"),
+                 "--model_version", "tiny", "--resolution", "64", "--max_steps", "1",
+                 "--per_device_train_batch_size", "1", "--report_to", "none"], tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    noisy = [ln for ln in proc.stderr.splitlines() if any(n in ln for n in NOISE)]
+    assert not noisy, "\n".join(noisy[:20])
