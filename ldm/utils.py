@@ -176,7 +176,8 @@ def quiet_third_party(verbose: bool | None = None) -> None:
     for message in _NOISE:
         warnings.filterwarnings("ignore", message=message)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="(paddle|paddlenlp|ppdiffusers|visualdl)")
-    logging.getLogger("PaddleNLP").addFilter(lambda record: record.levelno >= logging.INFO)
+    logging.getLogger("PaddleNLP").addFilter(  # the argument dump, and a notice about paddlenlp v5 defaults
+        lambda record: record.levelno >= logging.INFO and "will change in v5" not in str(record.msg))
     if "paddle" not in sys.modules:
         stderr = sys.stderr
         sys.stderr = _DropLines(stderr, ("OMP_NUM_THREADS",))  # log handlers made meanwhile keep it: harmless

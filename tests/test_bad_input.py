@@ -270,8 +270,13 @@ def test_conversion_script_prints_one_error_line(tmp_path):
 
 def test_merging_refuses_nan(tmp_path):
     lora = pytest.importorskip("ldm.lora")
-    if "finite=True" not in open(lora.__file__).read():
-        pytest.skip("ldm.lora.merge_lora does not pass finite=True yet (STAGEB's file)")
+    from ldm.weights import WeightsError
+
+    bad, name = _with_nan(_tiny_stage_c(tmp_path / "good.safetensors"), tmp_path / "bad.safetensors")
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(WeightsError, match=rf"tensor '{name}' holds 2 NaN/Inf"):
+        lora.merge_lora(bad, [], str(out))
+    assert not out.exists()
 
 
 def test_load_warns_naming_the_nan_tensor(tmp_path):
