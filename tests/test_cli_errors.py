@@ -104,3 +104,24 @@ def test_stage_c_training_step_is_quiet(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     noisy = [ln for ln in proc.stderr.splitlines() if any(n in ln for n in NOISE)]
     assert not noisy, "\n".join(noisy[:20])
+
+
+def test_sd_training_step_is_quiet(tmp_path):
+    from sd_tiny import build_tiny_sd, write_images_jsonl
+
+    import create_pretraining_data as prep
+
+    build_tiny_sd(tmp_path / "m")
+    jsonl = write_images_jsonl(str(tmp_path / "img"), n=4)
+    assert prep.main(["--input_path", jsonl, "--output_path", str(tmp_path / "data"), "--num_workers", "0"]) == 0
+    proc = _run([os.path.join(ROOT, "train_txt2img_laion400m_trainer.py"), "--do_train", "--output_dir",
+                 str(tmp_path / "out"), "--per_device_train_batch_size", "2", "--max_steps", "1", "--resolution", "16",
+                 "--dataloader_num_workers", "0", "--pretrained_model_name_or_path", str(tmp_path / "m"),
+                 "--unet_name_or_path", str(tmp_path / "m" / "unet_config.json"), "--file_list",
+                 str(tmp_path / "data" / "filelist" / "custom_dataset.filelist.list"), "--model_max_length", "16",
+                 "--num_inference_steps", "2", "--image_logging_steps", "1000", "--report_to", "none"],
+                tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert not [ln for ln in lines if any(n in ln for n in NOISE)], proc.stderr
+    assert len(lines) < 40, proc.stderr  # was ~170 (139 DEBUG lines of arguments)
