@@ -38,10 +38,9 @@ from ldm.cascade import settings as cfg_mod
 from ldm.cascade.settings import CascadeConfig, SamplingConfig
 from ldm.cascade.stage_b import StageBConfig, stage_b_config
 from ldm.train.args import check_precision, parse_with_env_defaults
-from ldm.train.lora import LoRAArguments, enable_lora, write_lora_files
-from ldm.train.stage_c import (CAPTION_DROPOUT, DEFAULT_PREVIEW_PROMPTS, ENV_FLAG_DEFAULTS, TRAIN_SHIFT, StageCDataArguments,
-                               StageCTask, StageCTrainingArguments)
-from ldm.train.task import TrainingTask
+from ldm.train.stage_c import (CAPTION_DROPOUT, DEFAULT_PREVIEW_PROMPTS, ENV_FLAG_DEFAULTS, TRAIN_SHIFT, CascadeTask,
+                               CascadeModelArguments, StageCDataArguments, StageCTask, StageCTrainingArguments,
+                               assemble_trainer)
 from ldm.utils import get_logger
 
 logger = get_logger("ldm.train.stage_b")
@@ -61,32 +60,19 @@ SIZE_MULTIPLE = cfg_mod.SIZE_MULTIPLE  # Stage A / 4, Stage B patch 2 and its do
 
 
 @dataclass
-class StageBModelArguments(LoRAArguments):
+class StageBModelArguments(CascadeModelArguments):
     model_version: str = field(default=CascadeConfig.model_b_version, metadata={
         "help": "Stage B size: 700M (lite), 3B, or tiny (random tiny networks, offline, for tests/demos)."})
-    weights_path: str = field(default=cfg_mod.WEIGHTS_PATH, metadata={"help": "Folder of the weight files (config.py)."})
     stage_b: Optional[str] = field(default=None, metadata={
         "help": "Stage B weights to fine-tune (name in weights_path or a path); default stage_b_lite (700M) / stage_b "
                 "(3B). With tiny: optional weights of a tiny Stage B."})
     stage_a: str = field(default=CascadeConfig.stage_a, metadata={"help": "Stage A (VQGAN) weights."})
-    effnet: str = field(default=CascadeConfig.effnet, metadata={"help": "EfficientNet encoder weights."})
-    clip_text: str = field(default=CascadeConfig.clip_text, metadata={"help": "CLIP bigG text folder (model + tokenizer)."})
-    adaptive_loss_weight: bool = field(default=False, metadata={"help": "AdaptiveLossWeight instead of P2."})
-    model_max_length: int = field(default=77, metadata={"help": "Tokenizer max length (captions are truncated)."})
     num_inference_steps: int = field(default=PREVIEW_STEPS, metadata={"help": "Sampler steps of the preview images."})
-    caption_dropout: float = field(default=CAPTION_DROPOUT, metadata={"help": "Probability of an empty caption."})
     effnet_prob: float = field(default=EFFNET_PROB, metadata={
         "help": "Probability that a sample gets its EfficientNet latents (else zeros)."})
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.model_version not in MODEL_VERSIONS:
-            raise ValueError(f"--model_version must be one of {MODEL_VERSIONS}, got {self.model_version!r}")
-        if self.model_max_length <= 0 or self.num_inference_steps <= 0:
-            raise ValueError("--model_max_length and --num_inference_steps must be positive")
-        for name in ("caption_dropout", "effnet_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
+    versions = MODEL_VERSIONS
+    probabilities = ("caption_dropout", "effnet_prob")
 
 
 @dataclass
@@ -156,7 +142,7 @@ def pyramid_noise(eps: np.ndarray, rng: np.random.Generator, levels: int = PYRAM
     return (out / np.float32(sum(m * m for m in multipliers) ** 0.5)).astype(np.float32)
 
 
-class StageBTask(TrainingTask):
+class StageBTask(CascadeTask):
     """Stage B (trained) + frozen Stage A, EfficientNet, CLIP text encoder.
 
     forward(pixel_values [B, 3, R, R] in [0, 1], caption [B] str) -> scalar loss.
@@ -164,6 +150,9 @@ class StageBTask(TrainingTask):
 
     state_file = "train_b_state_rank{}.json"
     rng_tag = 0x5B
+    lora_target = ("stage_b", "b")
+    weight_files = (STAGE_B_FILE, STAGE_B_EMA_FILE)
+    train_config_file = TRAIN_CONFIG_FILE
 
     def __init__(self, components, config, adaptive_loss_weight: bool = False, model_max_length: int = 77,
                  caption_dropout: float = CAPTION_DROPOUT, effnet_prob: float = EFFNET_PROB, seed: int = 0, rank: int = 0):
@@ -191,16 +180,6 @@ class StageBTask(TrainingTask):
     encode_captions = StageCTask.encode_captions
     draw = StageCTask.draw
 
-    def train_state(self) -> dict:
-        state = super().train_state()
-        if self.adaptive:
-            state["adaptive_loss"] = self.gdf.loss_weight.state_dict()
-        return state
-
-    def set_train_state(self, state: dict) -> None:
-        super().set_train_state(state)
-        if self.adaptive and "adaptive_loss" in state:
-            self.gdf.loss_weight.set_state_dict(state["adaptive_loss"])
 
     @paddle.no_grad()
     def encode_latents(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
@@ -254,27 +233,7 @@ class StageBTask(TrainingTask):
             pred = self.stage_b(d.noised, d.noise_cond, effnet=effnet, clip=clip)
             return float(((pred.astype("float32") - d.target) ** 2).mean())
 
-    # -------------------------------------------------------------------------- task hooks
-    def enable_recompute(self) -> None:
-        self.stage_b.enable_gradient_checkpointing()
-        logger.info("recompute: activation checkpointing on every Stage B block")
-
-    def write_part(self, name: str, folder: str, state, ema: bool) -> None:
-        from ldm.weights import save_safetensors, weights_metadata
-
-        path = os.path.join(folder, STAGE_B_EMA_FILE if ema else STAGE_B_FILE)
-        save_safetensors(state, path, dtype="float32", metadata=weights_metadata("stage_b", self.config))
-
-    def save_trained(self, folder: str, only_updated: bool = True) -> None:
-        super().save_trained(folder, only_updated)
-        write_lora_files(self, folder)
-        with open(os.path.join(folder, TRAIN_CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump({"stage_b_config": self.config.to_dict(), "adaptive_loss_weight": self.adaptive}, f, indent=1)
-
-    def save_ema(self, folder: str, shadow) -> None:
-        super().save_ema(folder, shadow)
-        write_lora_files(self, folder, shadow)
-
+    # -------------------------------------------------------------------------- previews
     default_guidance_scale = PREVIEW_CFG
 
     @paddle.no_grad()
@@ -319,28 +278,10 @@ class StageBTask(TrainingTask):
 def build_stage_b_trainer(model_args, data_args, training_args, components=None, config=None):
     """(DiffusionTrainer, task, ema_callback) ready for `trainer.fit(resume, ema)`; as
     `ldm.train.stage_c.build_stage_c_trainer`."""
-    from ldm.data import DatasetSpec, build_dataset
-    from ldm.train.callbacks import standard_callbacks
-    from ldm.train.trainer import DiffusionTrainer
-
     comps = components if components is not None else build_stage_b_components(model_args)
     if config is None:
         config = comps.get("stage_b").config if model_args.stage_b else stage_b_config(model_args.model_version)
     task = StageBTask(comps, config, model_args.adaptive_loss_weight, model_args.model_max_length,
                       model_args.caption_dropout, model_args.effnet_prob, seed=training_args.seed,
                       rank=max(training_args.process_index, 0))
-    spec = model_args.lora_spec()
-    if spec is not None:
-        enable_lora(task, "stage_b", "b", spec, seed=training_args.seed)
-    if training_args.recompute:
-        task.enable_recompute()
-    dataset = build_dataset(DatasetSpec(  # [0, 1]: what Stage A and EfficientNet take
-        "folder", data_args.dataset_path, resolution=data_args.resolution, normalize="zero_one",
-        center_crop=data_args.center_crop, random_flip=data_args.random_flip, seed=training_args.seed,
-        options={"skip_missing_captions": data_args.skip_missing_captions})) if training_args.do_train else None
-    image_kwargs = dict(prompts=tuple(training_args.preview_prompts or DEFAULT_PREVIEW_PROMPTS),
-                        num_inference_steps=model_args.num_inference_steps, seed=training_args.seed)
-    callbacks, ema = standard_callbacks(training_args, image_kwargs, ema_to_images=True)
-    trainer = DiffusionTrainer(model=task, args=training_args, train_dataset=dataset, callbacks=callbacks)
-    trainer.set_optimizer_grouped_parameters(list(task.trainable_parameters().values()))
-    return trainer, task, ema
+    return assemble_trainer(task, model_args, data_args, training_args)

@@ -71,35 +71,48 @@ NO_IMAGE_ENCODER = ("", "none")
 # Arguments
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class StageCModelArguments(LoRAArguments):
-    model_version: str = field(default=CascadeConfig.model_c_version, metadata={
-        "help": "Stage C size: 1B (lite), 3.6B, or tiny (random tiny networks, offline, for tests/demos)."})
+class CascadeModelArguments(LoRAArguments):
+    """The flags the Stable Cascade recipes (Stage C, Stage B) share; a recipe adds its own and
+    names its versions (`versions`) and probabilities (`probabilities`) for the checks."""
+
     weights_path: str = field(default=cfg_mod.WEIGHTS_PATH, metadata={"help": "Folder of the weight files (config.py)."})
-    stage_c: Optional[str] = field(default=None, metadata={
-        "help": "Stage C weights to fine-tune (name in weights_path or a path); default stage_c_lite (1B) / stage_c "
-                "(3.6B). With tiny: optional weights of a tiny Stage C."})
     effnet: str = field(default=CascadeConfig.effnet, metadata={"help": "EfficientNet encoder weights."})
-    previewer: str = field(default=CascadeConfig.previewer, metadata={"help": "Previewer weights (preview images)."})
     clip_text: str = field(default=CascadeConfig.clip_text, metadata={"help": "CLIP bigG text folder (model + tokenizer)."})
-    clip_image: str = field(default=CascadeConfig.clip_image, metadata={
-        "help": "CLIP ViT-L/14 vision folder for the 10% image embeddings; 'none' disables (zeros). The default "
-                "folder is optional: when it is absent, zeros are used with a warning."})
     adaptive_loss_weight: bool = field(default=False, metadata={"help": "AdaptiveLossWeight instead of P2."})
     model_max_length: int = field(default=77, metadata={"help": "Tokenizer max length (captions are truncated)."})
-    num_inference_steps: int = field(default=20, metadata={"help": "Sampler steps of the logged preview images."})
     caption_dropout: float = field(default=CAPTION_DROPOUT, metadata={"help": "Probability of an empty caption."})
-    image_embed_prob: float = field(default=IMAGE_EMBED_PROB, metadata={
-        "help": "Probability of a CLIP image embedding (when an image encoder is configured)."})
+
+    versions = ()
+    probabilities = ("caption_dropout",)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.model_version not in MODEL_VERSIONS:
-            raise ValueError(f"--model_version must be one of {MODEL_VERSIONS}, got {self.model_version!r}")
+        if self.model_version not in self.versions:
+            raise ValueError(f"--model_version must be one of {self.versions}, got {self.model_version!r}")
         if self.model_max_length <= 0 or self.num_inference_steps <= 0:
             raise ValueError("--model_max_length and --num_inference_steps must be positive")
-        for name in ("caption_dropout", "image_embed_prob"):
+        for name in self.probabilities:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
+class StageCModelArguments(CascadeModelArguments):
+    model_version: str = field(default=CascadeConfig.model_c_version, metadata={
+        "help": "Stage C size: 1B (lite), 3.6B, or tiny (random tiny networks, offline, for tests/demos)."})
+    stage_c: Optional[str] = field(default=None, metadata={
+        "help": "Stage C weights to fine-tune (name in weights_path or a path); default stage_c_lite (1B) / stage_c "
+                "(3.6B). With tiny: optional weights of a tiny Stage C."})
+    previewer: str = field(default=CascadeConfig.previewer, metadata={"help": "Previewer weights (preview images)."})
+    clip_image: str = field(default=CascadeConfig.clip_image, metadata={
+        "help": "CLIP ViT-L/14 vision folder for the 10% image embeddings; 'none' disables (zeros). The default "
+                "folder is optional: when it is absent, zeros are used with a warning."})
+    num_inference_steps: int = field(default=20, metadata={"help": "Sampler steps of the logged preview images."})
+    image_embed_prob: float = field(default=IMAGE_EMBED_PROB, metadata={
+        "help": "Probability of a CLIP image embedding (when an image encoder is configured)."})
+
+    versions = MODEL_VERSIONS
+    probabilities = ("caption_dropout", "image_embed_prob")
 
 
 @dataclass
@@ -194,7 +207,53 @@ def stage_c_config_of(model_version: str) -> StageCConfig:
 # ---------------------------------------------------------------------------------------------
 # The training task
 # ---------------------------------------------------------------------------------------------
-class StageCTask(TrainingTask):
+class CascadeTask(TrainingTask):
+    """What the Stable Cascade recipes (Stage C, Stage B) share beyond TrainingTask: one trained
+    network `part` (with its ldm.lora `stage`, `lora_target`), saved as `weight_files` (float32,
+    network config in the metadata) + `train_config_file`, the community LoRA files of a
+    --lora_rank run, recompute on every block, and the adaptive loss-weight buckets (`self.gdf`,
+    `self.adaptive`) in the per-rank task state of every checkpoint."""
+
+    lora_target = ("stage_c", "c")  # (trained part, ldm.lora stage)
+    weight_files = (STAGE_C_FILE, STAGE_C_EMA_FILE)
+    train_config_file = TRAIN_CONFIG_FILE
+
+    def enable_recompute(self) -> None:
+        part = self.lora_target[0]
+        getattr(self, part).enable_gradient_checkpointing()
+        logger.info("recompute: activation checkpointing on every %s block", part)
+
+    def write_part(self, name: str, folder: str, state, ema: bool) -> None:
+        """<part>[_ema].safetensors, float32, with the network config in the metadata."""
+        from ldm.weights import save_safetensors, weights_metadata
+
+        path = os.path.join(folder, self.weight_files[1 if ema else 0])
+        save_safetensors(state, path, dtype="float32", metadata=weights_metadata(name, self.config))
+
+    def save_trained(self, folder: str, only_updated: bool = True) -> None:
+        super().save_trained(folder, only_updated)
+        write_lora_files(self, folder)  # with --lora_rank: <part>_lora.safetensors (community format)
+        with open(os.path.join(folder, self.train_config_file), "w", encoding="utf-8") as f:
+            json.dump({f"{self.lora_target[0]}_config": self.config.to_dict(), "adaptive_loss_weight": self.adaptive},
+                      f, indent=1)
+
+    def save_ema(self, folder: str, shadow) -> None:
+        super().save_ema(folder, shadow)
+        write_lora_files(self, folder, shadow)
+
+    def train_state(self) -> dict:
+        state = super().train_state()
+        if self.adaptive:
+            state["adaptive_loss"] = self.gdf.loss_weight.state_dict()
+        return state
+
+    def set_train_state(self, state: dict) -> None:
+        super().set_train_state(state)
+        if self.adaptive and "adaptive_loss" in state:
+            self.gdf.loss_weight.set_state_dict(state["adaptive_loss"])
+
+
+class StageCTask(CascadeTask):
     """Stage C (trained) + frozen EfficientNet, CLIP text (+ optional image) encoders, Previewer.
 
     forward(pixel_values [B, 3, R, R] in [0, 1], caption [B] str) -> scalar loss.
@@ -294,39 +353,7 @@ class StageCTask(TrainingTask):
             loss = ((pred.astype("float32") - d.target) ** 2).mean(axis=[1, 2, 3])
             return float((loss * d.loss_weight).mean() if weighted else loss.mean())
 
-    # -------------------------------------------------------------------------- task hooks
-    def enable_recompute(self) -> None:
-        self.stage_c.enable_gradient_checkpointing()
-        logger.info("recompute: activation checkpointing on every Stage C block")
-
-    def write_part(self, name: str, folder: str, state, ema: bool) -> None:
-        """stage_c[_ema].safetensors, float32, with the network config in the metadata."""
-        from ldm.weights import save_safetensors, weights_metadata
-
-        path = os.path.join(folder, STAGE_C_EMA_FILE if ema else STAGE_C_FILE)
-        save_safetensors(state, path, dtype="float32", metadata=weights_metadata("stage_c", self.config))
-
-    def save_trained(self, folder: str, only_updated: bool = True) -> None:
-        super().save_trained(folder, only_updated)
-        write_lora_files(self, folder)  # with --lora_rank: stage_c_lora.safetensors (community format)
-        with open(os.path.join(folder, TRAIN_CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump({"stage_c_config": self.config.to_dict(), "adaptive_loss_weight": self.adaptive}, f, indent=1)
-
-    def save_ema(self, folder: str, shadow) -> None:
-        super().save_ema(folder, shadow)
-        write_lora_files(self, folder, shadow)
-
-    def train_state(self) -> dict:
-        state = super().train_state()
-        if self.adaptive:
-            state["adaptive_loss"] = self.gdf.loss_weight.state_dict()
-        return state
-
-    def set_train_state(self, state: dict) -> None:
-        super().set_train_state(state)
-        if self.adaptive and "adaptive_loss" in state:
-            self.gdf.loss_weight.set_state_dict(state["adaptive_loss"])
-
+    # -------------------------------------------------------------------------- previews
     default_guidance_scale = PREVIEW_CFG
 
     @paddle.no_grad()
@@ -376,10 +403,6 @@ def build_stage_c_trainer(model_args, data_args, training_args, components=None,
 
     components / config: custom networks and their Stage C config (benchmarks, tests); default:
     `build_components(model_args)` and the preset of `--model_version`."""
-    from ldm.data import DatasetSpec, build_dataset
-    from ldm.train.callbacks import standard_callbacks
-    from ldm.train.trainer import DiffusionTrainer
-
     if components is None:
         comps, use_image = build_components(model_args)
     else:
@@ -387,18 +410,29 @@ def build_stage_c_trainer(model_args, data_args, training_args, components=None,
     task = StageCTask(comps, config or stage_c_config_of(model_args.model_version), model_args.adaptive_loss_weight,
                       use_image, model_args.model_max_length, model_args.caption_dropout, model_args.image_embed_prob,
                       seed=training_args.seed, rank=max(training_args.process_index, 0))
+    return assemble_trainer(task, model_args, data_args, training_args,
+                            latent_size=data_args.resolution // cfg_mod.EFFNET_STRIDE)
+
+
+def assemble_trainer(task, model_args, data_args, training_args, **image_kwargs):
+    """(DiffusionTrainer, task, ema_callback) of a Stable Cascade task: its LoRA adapters
+    (--lora_rank), recompute, the folder dataset in [0, 1] (what EfficientNet and Stage A take),
+    the standard callbacks (previews with the EMA weights) and the optimiser's parameter list."""
+    from ldm.data import DatasetSpec, build_dataset
+    from ldm.train.callbacks import standard_callbacks
+    from ldm.train.trainer import DiffusionTrainer
+
     spec = model_args.lora_spec()
     if spec is not None:  # --lora_rank: only the adapters train (ldm.train.lora)
-        enable_lora(task, "stage_c", "c", spec, seed=training_args.seed)
+        enable_lora(task, *task.lora_target, spec, seed=training_args.seed)
     if training_args.recompute:
         task.enable_recompute()
-    dataset = build_dataset(DatasetSpec(  # [0, 1]: what EfficientNet takes
+    dataset = build_dataset(DatasetSpec(
         "folder", data_args.dataset_path, resolution=data_args.resolution, normalize="zero_one",
         center_crop=data_args.center_crop, random_flip=data_args.random_flip, seed=training_args.seed,
         options={"skip_missing_captions": data_args.skip_missing_captions})) if training_args.do_train else None
     image_kwargs = dict(prompts=tuple(training_args.preview_prompts or DEFAULT_PREVIEW_PROMPTS),
-                        num_inference_steps=model_args.num_inference_steps, seed=training_args.seed,
-                        latent_size=data_args.resolution // cfg_mod.EFFNET_STRIDE)
+                        num_inference_steps=model_args.num_inference_steps, seed=training_args.seed, **image_kwargs)
     callbacks, ema = standard_callbacks(training_args, image_kwargs, ema_to_images=True)  # previews with the EMA
     trainer = DiffusionTrainer(model=task, args=training_args, train_dataset=dataset, callbacks=callbacks)
     # a flat list of the trained parameters: weight decay on all of them, as the original's AdamW
