@@ -110,3 +110,54 @@ def test_sd_sample_images_is_generate(tmp_path):
     assert got.shape == (2, 16, 16, 3) and got.dtype == np.uint8
     np.testing.assert_array_equal(got, want)
     assert task.default_guidance_scale == 7.5
+
+
+@pytest.mark.slow
+def test_sd_training_logs_fid_and_clip_score(eval_files, tmp_path):
+    """The SD recipe with the --eval_* flags (1 process, tiny SD, 2 steps): eval/fid_g<s> and
+    eval/clip_score_g<s> at step 2 in VisualDL, equal to scoring the final weights directly with
+    SDTask.sample_images at the recipe's sampling settings (--num_inference_steps, --resolution)."""
+    pytest.importorskip("diffusers")
+    import importlib.util
+
+    from sd_tiny import build_tiny_sd, write_images_jsonl
+
+    from ldm.eval.clip_score import ClipScorer
+    from ldm.eval.inception import load_inception
+    from ldm.eval.online import OnlineEvaluation
+
+    def load(rel):
+        spec = importlib.util.spec_from_file_location(rel[:-3], os.path.join(ROOT, rel))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    d = eval_files
+    build_tiny_sd(str(tmp_path / "m"))
+    jsonl = write_images_jsonl(str(tmp_path / "img"), n=4)
+    assert load("create_pretraining_data.py").main(["--input_path", jsonl, "--output_path", str(tmp_path / "data"),
+                                                     "--per_part_file_num", "4", "--num_workers", "0"]) in (0, None)
+    out = tmp_path / "out"
+    trainer = load("train_txt2img_laion400m_trainer.py").main([
+        "--do_train", "--output_dir", str(out), "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+        "--max_steps", "2", "--lr_scheduler_type", "constant", "--image_logging_steps", "0", "--logging_steps", "1",
+        "--resolution", "16", "--save_steps", "100", "--seed", "23", "--dataloader_num_workers", "0",
+        "--pretrained_model_name_or_path", str(tmp_path / "m"),
+        "--unet_name_or_path", str(tmp_path / "m" / "unet_config.json"),
+        "--file_list", str(tmp_path / "data" / "filelist" / "custom_dataset.filelist.list"), "--model_max_length", "16",
+        "--disable_tqdm", "True", "--num_inference_steps", "2", "--report_to", "visualdl",
+        *_eval_flags(d, "--eval_guidance_scales", "1", "4")])
+    (cb,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, EvaluationCallback)]
+    assert [step for step, _ in cb.history] == [2]
+    metrics = cb.history[0][1]
+    assert sorted(metrics) == ["eval/clip_score_g1", "eval/clip_score_g4", "eval/fid_g1", "eval/fid_g4"]
+    logged = _scalars(out)
+    assert sorted(logged) == sorted(metrics)
+    assert all([s for s, _ in p] == [2] and p[0][1] == pytest.approx(metrics[t], rel=1e-6) for t, p in logged.items())
+    direct = OnlineEvaluation(str(d / "captions.txt"), str(d / "ref.npz"), load_inception(str(d / "inception.safetensors")),
+                              ClipScorer.from_dir(str(d / "clip")), 3, [1.0, 4.0], seed=23, batch_size=3)
+    task = trainer.model
+    with task.evaluating():
+        want = direct.run(lambda c, s, g: task.sample_images(c, s, g, num_inference_steps=2, resolution=16),
+                          rank=0, world_size=1)
+    assert metrics == pytest.approx(want, rel=1e-5)
