@@ -93,9 +93,12 @@ def main(argv=None):
     from ldm.cascade import pipeline as pl
     from ldm.model_b import ModelB
     from ldm.model_c import ModelC
-    from ldm.utils import save_png
+    from ldm.utils import save_png, special_file_problem
 
     height, width = pl.check_size(args.height, args.width)  # fail before loading anything
+    for f in (args.image, args.init_image):  # a FIFO or device would block Image.open (issue 12 item 6)
+        if f and special_file_problem(f):
+            raise ValueError(special_file_problem(f))
     cfg = dataclasses.replace(C.CASCADE, weights_path=args.weights_path, dtype=pl.check_dtype(args.dtype),
                               model_c_version=args.model_c_version, model_b_version=args.model_b_version)
     if args.model_c_version != C.CASCADE.model_c_version:  # the other version's file (config.py keeps custom names)

@@ -327,3 +327,13 @@ def test_malformed_unet_config_is_named(tmp_path):
         load_unet(str(tmp_path))
     with pytest.raises(WeightsError, match=r"config\.json: not valid JSON"):
         load_unet(str(tmp_path / "config.json"))
+
+
+def test_inference_refuses_a_fifo_image(tmp_path):
+    import inference
+
+    fifo = _fifo(tmp_path / "ref.png")
+    with pytest.raises(ValueError, match=r"ref\.png is a FIFO"):
+        _no_hang(lambda: inference.main(["--preset", "tiny", "--image", fifo, "--output_dir", str(tmp_path)]))
+    with pytest.raises(ValueError, match="/dev/zero is a device"):
+        _no_hang(lambda: inference.main(["--preset", "tiny", "--init_image", "/dev/zero"]))
