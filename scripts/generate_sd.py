@@ -14,7 +14,7 @@ import os
 import sys
 
 
-from ldm.utils import quiet_third_party, run_main
+from ldm.utils import quiet_third_party, run_main, special_file_problem
 
 if __name__ == "__main__":
     quiet_third_party()  # before paddle is imported (issue 12 item 15)
@@ -44,6 +44,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     prompts = list(args.prompt or [])
     if args.prompt_file:
+        if special_file_problem(args.prompt_file):  # a FIFO would block (issue 12 item 6)
+            p.error(f"--prompt_file {special_file_problem(args.prompt_file)}")
         with open(args.prompt_file, encoding="utf-8") as f:
             prompts += [line.strip() for line in f if line.strip()]
     if not prompts:

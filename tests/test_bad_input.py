@@ -337,3 +337,22 @@ def test_inference_refuses_a_fifo_image(tmp_path):
         _no_hang(lambda: inference.main(["--preset", "tiny", "--image", fifo, "--output_dir", str(tmp_path)]))
     with pytest.raises(ValueError, match="/dev/zero is a device"):
         _no_hang(lambda: inference.main(["--preset", "tiny", "--init_image", "/dev/zero"]))
+
+
+def test_eval_inputs_refuse_special_files(tmp_path):
+    from ldm.eval.images import load_image
+    from ldm.eval.sweep import read_captions
+
+    with pytest.raises(ValueError, match="captions file .* is a FIFO"):
+        _no_hang(lambda: read_captions(_fifo(tmp_path / "c.tsv")))
+    with pytest.raises(ValueError, match="image /dev/zero is a device"):
+        _no_hang(lambda: load_image("/dev/zero"))
+
+
+def test_generate_sd_refuses_a_fifo_prompt_file(tmp_path, capsys):
+    from scripts import generate_sd
+
+    with pytest.raises(SystemExit):
+        _no_hang(lambda: generate_sd.parse_args(["--pretrained_model_name_or_path", str(tmp_path),
+                                                 "--prompt_file", _fifo(tmp_path / "p.txt")]))
+    assert "is a FIFO" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from ldm.utils import get_logger
+from ldm.utils import get_logger, special_file_problem
 
 __all__ = ["IMAGE_EXTENSIONS", "list_image_files", "iter_images", "count_images", "load_image", "to_float_chw"]
 
@@ -60,6 +60,8 @@ def load_image(path, resolution: Optional[int] = None) -> np.ndarray:
     """One image file as uint8 (H, W, 3) RGB (`Image.open(path).convert("RGB")`)."""
     from PIL import Image
 
+    if special_file_problem(path):  # a FIFO or device would block Image.open (issue 12 item 6)
+        raise ValueError(f"image {special_file_problem(path)}")
     with Image.open(path) as img:
         return _square(img, resolution)
 

@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from ldm.eval.fid import FeatureStats, FrechetReference, inception_features
 from ldm.eval.images import load_image
-from ldm.utils import atomic_open, get_logger, save_png
+from ldm.utils import atomic_open, get_logger, save_png, special_file_problem
 
 __all__ = ["read_captions", "scale_dir", "image_path", "check_run_settings", "generate_missing", "score_images", "scale_point",
            "reference_statistics", "update_results", "write_table", "plot_runs", "RESULTS_JSON", "RESULTS_CSV", "RESULTS_PLOT", "CAPTION_COLUMNS"]
@@ -55,6 +55,8 @@ def read_captions(path, limit: Optional[int] = None) -> list[str]:
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     ext = os.path.splitext(path)[1].lower()
+    if special_file_problem(path):  # a FIFO or device would block or never end (issue 12 item 6)
+        raise ValueError(f"captions file {special_file_problem(path)}")
     with open(path, encoding="utf-8-sig", newline="") as f:
         if ext in (".tsv", ".csv"):
             reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
