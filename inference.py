@@ -57,7 +57,8 @@ def parse_args(argv=None):
     from ldm.lora import parse_lora_arg
 
     args.lora, args.lora_b = [parse_lora_arg(v) for v in args.lora], [parse_lora_arg(v) for v in args.lora_b]
-    for f in [f for f, _ in args.lora + args.lora_b] + [f for f in (args.stage_c, args.stage_b) if f]:
+    # a missing --stage_c/--stage_b of a weights-folder run is listed by resolve_weights with the others
+    for f in [f for f, _ in args.lora + args.lora_b] + [f for f in (args.stage_c, args.stage_b) if f and args.preset]:
         if not os.path.isfile(f):
             p.error(f"no such file: {f}")
     args.height = args.height or (C.TINY_SIZE if args.preset else C.HEIGHT)
