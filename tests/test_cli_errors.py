@@ -29,7 +29,8 @@ def _one_error_line(proc):
     return "\n".join(proc.stderr.splitlines()[errors[0]:])  # the message (some list several files)
 
 
-def test_run_main_unit(capsys):
+def test_run_main_unit(capsys, monkeypatch):
+    monkeypatch.setattr("ldm.utils._quieted", True)  # keep this test process's warning filters as they are
     def bad(argv):
         assert argv == ["--x"]
         raise FileNotFoundError("no such thing")
