@@ -74,6 +74,10 @@ def find_weights(folder: str, ema: bool, allow_incomplete: bool = False, stage: 
     if newest and os.path.isfile(os.path.join(newest, name)):
         return os.path.join(newest, name)
     hint = " (was the run trained with --use_ema?)" if ema else ""
+    lora = os.path.join(folder, f"stage_{stage}_lora{'_ema' if ema else ''}.safetensors")
+    if os.path.isfile(lora):  # a --lora_rank run saves adapters only
+        hint = (f" (a LoRA run: its adapters are {lora}, for inference.py --lora{'_b' if stage == 'b' else ''}; "
+                f"scripts/merge_lora.py merges them into a base file)")
     raise FileNotFoundError(f"no {name} in {folder} or in a complete checkpoint-N inside it{hint}")
 
 

@@ -238,3 +238,10 @@ def test_train_sh_stage_b(tmp_path):
     assert run()[:2] == ["-u", "train_stage_c_trainer.py"]
     with pytest.raises(ValueError, match="multiple of 64"):
         train_b.parse_stage_b_args(["--output_dir", str(tmp_path), "--resolution", "96"])
+
+
+def test_eval_captions_refused_up_front(tmp_path):
+    m, d, t = train_b.parse_stage_b_args(tiny_argv(tmp_path, "--eval_steps", "1", "--eval_captions", "c.txt",
+                                                   "--eval_reference", "r.npz", "--eval_inception", "i", "--eval_clip_dir", "d"))
+    with pytest.raises(ValueError, match="Stage B needs a Stage C latent"):
+        train_b.build_stage_b_trainer(m, d, t)

@@ -278,6 +278,9 @@ class StageBTask(CascadeTask):
 def build_stage_b_trainer(model_args, data_args, training_args, components=None, config=None):
     """(DiffusionTrainer, task, ema_callback) ready for `trainer.fit(resume, ema)`; as
     `ldm.train.stage_c.build_stage_c_trainer`."""
+    if training_args.eval_captions:
+        raise ValueError("--eval_captions samples images from captions alone; Stage B needs a Stage C latent or an "
+                         "image to condition on (evaluate the full pipeline with scripts/evaluate.py)")
     comps = components if components is not None else build_stage_b_components(model_args)
     if config is None:
         config = comps.get("stage_b").config if model_args.stage_b else stage_b_config(model_args.model_version)
