@@ -125,6 +125,19 @@ def test_hook_sees_stage_c_layer_norms_and_grn():
     assert "clip_norm" in names
 
 
+def test_dropout_is_the_identity_in_eval_only():
+    from ldm.cascade.common import Dropout
+
+    x = paddle.ones([4, 256])
+    d = Dropout(0.5)
+    d.eval()
+    assert d(x) is x
+    d.train()
+    paddle.seed(0)
+    y = d(x).numpy()
+    assert (y == 0).any() and np.allclose(y[y != 0], 2.0)
+
+
 # -- attention -------------------------------------------------------------------------------
 def _qkv(rng, b=2, lq=12, lk=17, h=3, d=8):
     return _t(rng, b, lq, h, d), _t(rng, b, lk, h, d), _t(rng, b, lk, h, d)

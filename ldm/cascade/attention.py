@@ -45,6 +45,8 @@ def matmul_attention(q, k, v, dropout_p: float = 0.0, training: bool = False):
 def attention(q, k, v, dropout_p: float = 0.0, training: bool = False):
     """softmax(q k^T / sqrt(D)) v, (B, Lq, H, D) x (B, Lk, H, D) -> (B, Lq, H, D); see the module
     docstring for which implementation runs."""
+    if not training:
+        dropout_p = 0.0  # (paddle's eval-mode dropout would copy the score tensor)
     if cpu_kernels.fast_cpu_kernels_enabled():
         return cpu_kernels.attention(q, k, v, dropout_p, training)
     key = (str(q.dtype), str(q.place))

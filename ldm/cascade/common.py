@@ -37,6 +37,7 @@ __all__ = [
     "GRN_EPS",
     "LayerNorm2d",
     "GlobalResponseNorm",
+    "Dropout",
     "ResBlock",
     "FeedForwardBlock",
     "TimestepBlock",
@@ -88,9 +89,17 @@ class GlobalResponseNorm(nn.Layer):
         return cpu_kernels.scale_shift_channels(x, scale, self.beta) if fast else x * scale + self.beta
 
 
+class Dropout(nn.Dropout):
+    """`nn.Dropout` that returns its input unchanged in eval mode, as torch's does (paddle's
+    eval-mode dropout op copies the tensor: a full pass per block at the bench sizes)."""
+
+    def forward(self, x):
+        return super().forward(x) if self.training else x
+
+
 def _channel_mlp(c_in: int, c: int, dropout: float) -> nn.Sequential:
     # indices 0..4 are part of the checkpoint names: channelwise.0 / .2 (GRN) / .4
-    return nn.Sequential(Linear(c_in, c * 4), nn.GELU(), GlobalResponseNorm(c * 4), nn.Dropout(dropout), Linear(c * 4, c))
+    return nn.Sequential(Linear(c_in, c * 4), nn.GELU(), GlobalResponseNorm(c * 4), Dropout(dropout), Linear(c * 4, c))
 
 
 class ResBlock(nn.Layer):
