@@ -156,6 +156,18 @@ def test_apply_and_merge_equal_the_adapters(lora_runs, tmp_path):
     convert_unet_weights(str(tmp_path / "mo.safetensors"), str(tmp_path / "mo_paddle.safetensors"), stage="c", preset="tiny")
     np.testing.assert_allclose(run_c(load_stage_c(str(tmp_path / "mo_paddle.safetensors"), "tiny"), seed=1), want,
                                atol=1e-5, rtol=0)
+    diff = str(tmp_path / "base_diffusers.safetensors")  # diffusers names (to_q / to_out.0), torch [out, in]
+    export_unet_weights(base, "c", "diffusers", diff)
+    assert merge(["--base", diff, "--lora", file, "--output", str(tmp_path / "md.safetensors")])["layout"] == "diffusers"
+    convert_unet_weights(str(tmp_path / "md.safetensors"), str(tmp_path / "md_paddle.safetensors"), stage="c", preset="tiny")
+    np.testing.assert_allclose(run_c(load_stage_c(str(tmp_path / "md_paddle.safetensors"), "tiny"), seed=1), want,
+                               atol=1e-5, rtol=0)
+    # bfloat16 output keeps the names; unchanged tensors are the base's, rounded
+    merge(["--base", ours, "--lora", file, "--output", str(tmp_path / "mb.safetensors"), "--dtype", "bfloat16"])
+    from ldm.weights import WeightSource
+
+    with WeightSource(str(tmp_path / "mb.safetensors")) as src:
+        assert {src.dtype(k) for k in src.keys()} == {"BF16"} and sorted(src.keys()) == sorted(load_state_dict(ours))
     # inference.py --lora FILE:SCALE builds the same Stage C
     import inference
 
