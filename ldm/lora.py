@@ -376,7 +376,7 @@ def merge_lora(base: str, loras: Sequence[Tuple[str, float]], output: str, dtype
         if dtype is None:  # keep the base's float type (bf16 is widened on read)
             floats = {tags[k] for k in shapes if tags[k] in per_tag}
             dtype = per_tag[floats.pop()] if len(floats) == 1 else None
-        save_safetensors(stream(), output, dtype=dtype, metadata=dict(src.metadata or {}))
+        save_safetensors(stream(), output, dtype=dtype, metadata=dict(src.metadata or {}), finite=True)
     return {"output": output, "stage": stage, "layout": layout, "modules": changed, "tensors_changed": len(deltas),
             "dtype": dtype}
 
