@@ -38,6 +38,7 @@ from __future__ import annotations
 import base64
 import binascii
 import gzip
+import itertools
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -456,16 +457,32 @@ class LaionDataset(paddle.io.IterableDataset):
             self.resolution, center_crop=center_crop, random_flip=random_flip, normalize=normalize
         )
         self.epoch = 0
+        self.start_batches, self.batch_size = 0, 1  # set_start
         self.stats: Optional[ConsumerStats] = None  # the latest pass of this process's consumer
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def set_start(self, batches: int, batch_size: int) -> None:
+        """Resume (issue 12): this rank's DataLoader already consumed `batches` batches of
+        `batch_size` from this stream. A DataLoader takes batch k from worker k % num_workers, so
+        worker w of the resumed loader continues consumer (w + batches) % num_workers at its
+        position: the batches then come exactly as in an uninterrupted run. The consumed samples
+        are read again and dropped (their random draws included)."""
+        if batches < 0 or batch_size < 1:
+            raise ValueError(f"need batches >= 0 and batch_size >= 1, got {batches}, {batch_size}")
+        self.start_batches, self.batch_size = int(batches), int(batch_size)
+
     # -- iteration
     def __iter__(self):
         info = paddle.io.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.iter_consumer(worker, num_workers)
+        if not self.start_batches:
+            return self.iter_consumer(worker, num_workers)
+        done = self.start_batches
+        worker = (worker + done) % num_workers
+        consumed = (done // num_workers + (1 if worker < done % num_workers else 0)) * self.batch_size
+        return itertools.islice(self.iter_consumer(worker, num_workers), consumed, None)
 
     def iter_consumer(self, worker: int = 0, num_workers: int = 1, epoch: Optional[int] = None) -> Iterator[dict]:
         """Samples of consumer (self.rank, worker); one pass, or forever when `infinite`."""
