@@ -12,7 +12,12 @@ automatically from --output_dir (the newest complete checkpoint-N) unless --over
 """
 
 
-from ldm.train.stage_c import parse_stage_c_args
+from ldm.utils import quiet_third_party, run_main
+
+if __name__ == "__main__":
+    quiet_third_party()  # before paddle is imported (issue 12 item 15)
+
+from ldm.train.stage_c import parse_stage_c_args  # noqa: E402
 
 
 def main(argv=None):
@@ -33,4 +38,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main(main))  # the project's errors: one `error: ...` line, exit 1 (--debug: traceback)

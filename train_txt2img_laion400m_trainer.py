@@ -10,8 +10,13 @@ FLAG_XFORMERS set the defaults of --use_ema, --recompute, --enable_xformers_memo
 """
 
 
-from ldm.sd.loading import set_offline
-from ldm.train.sd import parse_sd_args
+from ldm.utils import quiet_third_party, run_main
+
+if __name__ == "__main__":
+    quiet_third_party()  # before paddle is imported (issue 12 item 15)
+
+from ldm.sd.loading import set_offline  # noqa: E402
+from ldm.train.sd import parse_sd_args  # noqa: E402
 
 
 def main(argv=None):
@@ -33,4 +38,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main(main))  # the project's errors: one `error: ...` line, exit 1 (--debug: traceback)

@@ -260,6 +260,7 @@ def exit_with_parent(poll_seconds: float = 1.0, exit_code: int = 1) -> None:
             ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
         except (OSError, AttributeError):  # pragma: no cover - no libc prctl
             pass
+
     def watch():
         while True:
             time.sleep(poll_seconds)

@@ -77,6 +77,14 @@ class EMACallback(TrainerCallback):
         if args.should_save:
             self.save(model, step_checkpoint_dir(args, state))
 
+    def restore(self, model, folder: str) -> Optional[Dict[str, np.ndarray]]:
+        """Shadow = the EMA weights saved in `folder` (the current weights where there are none)."""
+        self.shadow = {k: p.detach().astype("float32").clone() for k, p in self._params(model).items()}
+        loaded = self.load(model, folder)
+        if loaded is None:
+            logger.warning("no EMA weights in %s: the EMA files get the current weights", folder)
+        return loaded
+
     def save(self, model, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
         if hasattr(model, "save_ema"):
@@ -122,6 +130,10 @@ class ImageLoggingCallback(TrainerCallback):
         if self.every <= 0 or state.global_step % self.every or not state.is_world_process_zero:
             return
         t0 = time.time()
+        kw = self.log_kwargs
+        logger.info("step %d: sampling preview images (%s prompt(s), %s step(s) per guidance scale)...",
+                    state.global_step, len(kw["prompts"]) if "prompts" in kw else "default",
+                    kw.get("num_inference_steps", "default"))
         images = model.log_images(pixel_values=self._pixels, **self.log_kwargs)
         self._writer = self._writer or _visualdl_writer(self.logdir or args.logging_dir)
         for tag, img in images.items():
@@ -195,7 +207,9 @@ class EvaluationCallback(TrainerCallback):
 class TimingCallback(TrainerCallback):
     """samples/s, share of wall time spent waiting for data, and the global gradient norm.
 
-    Data wait = time from the end of one step (or train start) to the arrival of the next batch.
+    Data wait = the time the loop waited for batches: the loader's own count when it keeps one
+    (`wait_seconds`, ldm.train.trainer.TimedDataLoader), else the time from the end of one step
+    (or train start) to the arrival of the next batch (which then includes logging and previews).
     The gradient norm (of the parameters with gradients, before clipping, unscaled) is taken
     just before the optimiser step of each logging step.
     """
@@ -207,18 +221,25 @@ class TimingCallback(TrainerCallback):
         self._mark = None
         self._step_start = time.perf_counter()
         self._wait_step = 0.0
+        self._loader_wait = None  # the loader's wait_seconds at its previous batch
         self.history = []  # (global_step, step_seconds, data_wait_seconds) of every step
 
     def _reset(self):
         self._steps, self._wait, self._t0 = 0, 0.0, time.perf_counter()
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         self._reset()
+        self._loader_wait = getattr(train_dataloader, "wait_seconds", None)
         self._mark = self._step_start = time.perf_counter()
 
-    def on_load_data_end(self, args, state, control, **kwargs):
+    def on_load_data_end(self, args, state, control, train_dataloader=None, **kwargs):
         now = time.perf_counter()
-        if self._mark is not None:
+        counted = getattr(train_dataloader, "wait_seconds", None)
+        if counted is not None:
+            wait, self._loader_wait = counted - (self._loader_wait or 0.0), counted
+            self._wait_step += wait
+            self._wait += wait
+        elif self._mark is not None:
             self._wait_step += now - self._mark
             self._wait += now - self._mark
         self._mark = None

@@ -49,9 +49,10 @@ from ldm.weights import TRAINER_STATE_GLOBALS, load_pickle_restricted, load_stat
 
 logger = get_logger("ldm.train.checkpoint")
 
-__all__ = ["COMPLETE_MARKER", "TRAINER_STATE_FILE", "OPTIMIZER_FILE", "SCHEDULER_FILE", "RNG_FILE",
+__all__ = ["COMPLETE_MARKER", "FINAL_MARKER", "LOCK_FILE", "TRAINER_STATE_FILE", "OPTIMIZER_FILE", "SCHEDULER_FILE", "RNG_FILE",
            "mark_complete", "is_complete", "list_checkpoints", "find_resume_checkpoint", "resolve_resume",
-           "rotate_checkpoints", "step_checkpoint_dir", "read_trainer_state", "checkpoint_global_step",
+           "rotate_checkpoints", "remove_stale_temp_files", "write_final_marker", "read_final_marker",
+           "OutputDirLock", "OutputDirLockedError", "step_checkpoint_dir", "read_trainer_state", "checkpoint_global_step",
            "batches_per_epoch", "resume_position", "capture_rng", "restore_rng", "named_optimizer_state",
            "optimizer_state_from_named", "rename_optimizer_state", "read_legacy_state", "CheckpointStateCallback",
            "CheckpointMarkerCallback"]
@@ -68,6 +69,8 @@ LEGACY_SCALER_FILE = "scaler.pdparams"
 LEGACY_RNG_FILE = "rng_state.pth"
 LEGACY_RNG_FILE_DIST = "rng_state_{}.pth"  # world size; a list with one entry per rank
 LEGACY_PARAM_NAMES_FILE = "param_names.json"  # {structured name: paddle name} of the optimizer keys
+FINAL_MARKER = "training_complete.json"  # in --output_dir, after the final files
+LOCK_FILE = ".train.lock"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 _LEGACY_RNG_RE = re.compile(r"^rng_state(_\d+)?\.pth$")
 # TrainerState fields of the run itself, not of the checkpoint (PaddleNLP sets them after loading it)
@@ -99,11 +102,19 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
 
 
 def find_resume_checkpoint(output_dir: str) -> Optional[str]:
-    """Newest complete checkpoint in output_dir (incomplete newer ones are skipped with a warning)."""
+    """Newest complete checkpoint in output_dir (incomplete newer ones, and ones whose
+    trainer_state.json cannot be read, are skipped with a warning naming them)."""
     for step, path in reversed(list_checkpoints(output_dir)):
-        if is_complete(path):
-            return path
-        logger.warning("skipping incomplete checkpoint %s (no %s: the save was interrupted)", path, COMPLETE_MARKER)
+        if not is_complete(path):
+            logger.warning("skipping incomplete checkpoint %s (no %s: the save was interrupted)", path,
+                           COMPLETE_MARKER)
+            continue
+        try:
+            read_trainer_state(path)
+        except ValueError as e:
+            logger.warning("skipping checkpoint %s: %s", path, e)
+            continue
+        return path
     return None
 
 
@@ -152,6 +163,127 @@ def rotate_checkpoints(output_dir: str, keep: int | None) -> list[str]:
             shutil.rmtree(path, ignore_errors=True)
             deleted.append(path)
     return deleted
+
+
+def remove_stale_temp_files(folder: str) -> list[str]:
+    """Delete the temporary files a killed save left in `folder` and its sub-folders (the
+    `.<name>.<random>.tmp` files of `ldm.utils.atomic_open`; checkpoint-N sub-folders excepted).
+    Call it only when no save into `folder` is in flight. Returns the deleted paths."""
+    deleted = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not _CKPT_RE.match(d)]
+        for name in files:
+            if name.startswith(".") and name.endswith(".tmp"):
+                path = os.path.join(root, name)
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    continue
+                deleted.append(path)
+    if deleted:
+        logger.info("removed %d temporary file(s) of an interrupted save in %s", len(deleted), folder)
+    return deleted
+
+
+def write_final_marker(output_dir: str, global_step: int) -> None:
+    """`training_complete.json`: the final files of --output_dir are all written (DiffusionTrainer.fit)."""
+    with atomic_open(os.path.join(output_dir, FINAL_MARKER), "w") as f:
+        json.dump({"global_step": int(global_step)}, f)
+
+
+def read_final_marker(output_dir: str) -> Optional[dict]:
+    path = os.path.join(output_dir, FINAL_MARKER)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class OutputDirLockedError(FileExistsError):
+    """Another live run is writing the same --output_dir."""
+
+
+class OutputDirLock:
+    """`<output_dir>/.train.lock` holding {"pid", "host"} while a run writes the folder (context
+    manager). A lock of a live process refuses with `OutputDirLockedError`; one left by a dead
+    process of this host is taken over (with a warning); one of another host refuses (its pid
+    cannot be checked from here: delete the file if that run is gone)."""
+
+    def __init__(self, output_dir: str, enabled: bool = True):
+        self.path = os.path.join(str(output_dir), LOCK_FILE)
+        self.enabled = enabled
+        self._held = False
+
+    def __enter__(self):
+        if self.enabled:
+            self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def acquire(self) -> None:
+        import socket
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:
+                    continue  # released meanwhile, or unreadable: _holder removed it
+                if holder.get("host") != me["host"] or _pid_alive(holder.get("pid")):
+                    raise OutputDirLockedError(
+                        f"{os.path.dirname(self.path)} is in use by the run of pid {holder.get('pid')} on host "
+                        f"{holder.get('host')} ({self.path}); wait for it, or use another --output_dir "
+                        "(delete the lock file if that run is gone)") from None
+                logger.warning("taking over the lock %s of pid %s, which is no longer running", self.path,
+                               holder.get("pid"))
+                _remove(self.path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._held = True
+            return
+        raise OutputDirLockedError(f"could not take the lock {self.path}")
+
+    def _holder(self) -> Optional[dict]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):  # written half by a process killed right after creating it
+            data = {}
+        if not isinstance(data, dict) or "pid" not in data:
+            return {"pid": None, "host": None}
+        return data
+
+    def release(self) -> None:
+        if self._held:
+            _remove(self.path)
+            self._held = False
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def read_trainer_state(checkpoint: str) -> TrainerState:
@@ -510,6 +642,7 @@ class CheckpointMarkerCallback(TrainerCallback):
             return
         ckpt = step_checkpoint_dir(args, state)
         if os.path.isdir(ckpt):
+            remove_stale_temp_files(ckpt)  # of a killed earlier save of this step; every rank's files are written
             mark_complete(ckpt, state.global_step)
             keep = self.save_total_limit if self.save_total_limit is not None else args.save_total_limit
             rotate_checkpoints(args.output_dir, keep)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import time
 from typing import Dict
 
 import numpy as np
@@ -31,14 +32,15 @@ from paddle.io import DataLoader, IterableDataset
 from paddlenlp.trainer import Trainer
 
 from ldm.data import collate
-from ldm.train.checkpoint import (CheckpointMarkerCallback, CheckpointStateCallback, checkpoint_global_step,
-                                  resume_position)
+from ldm.train.checkpoint import (CheckpointMarkerCallback, CheckpointStateCallback, OutputDirLock,
+                                  checkpoint_global_step, read_final_marker, read_trainer_state,
+                                  remove_stale_temp_files, resume_position, write_final_marker)
 from ldm.train.task import TrainingTask
-from ldm.utils import get_logger
+from ldm.utils import exit_with_parent, get_logger
 
 logger = get_logger("ldm.train.trainer")
 
-__all__ = ["DiffusionTrainer", "worker_init_fn", "SeededBatchSampler"]
+__all__ = ["DiffusionTrainer", "worker_init_fn", "SeededBatchSampler", "TimedDataLoader"]
 
 
 class worker_init_fn:  # noqa: N801 - used like a function, picklable for worker processes
@@ -94,9 +96,16 @@ class DiffusionTrainer(Trainer):
         if args.unified_checkpoint or args.save_sharded_model or args.load_sharded_model:
             raise ValueError("--unified_checkpoint / --save_sharded_model / --load_sharded_model are not supported: "
                              "checkpoints hold the task's own weight files")
+        if os.environ.get("PADDLE_TRAINER_ENDPOINTS"):  # a rank of paddle.distributed.launch: exit with it
+            exit_with_parent()
         keep = args.save_total_limit
+        # a stream resumes at its exact position itself (`set_start`), unless --ignore_data_skip
+        # asks for a fresh stream; the Trainer must never skip batches of it on top
+        self.exact_data_resume = not args.ignore_data_skip
         args = copy.copy(args)  # the caller's arguments stay as parsed
         args.ignore_save_lr_and_optim = args.ignore_load_lr_and_optim = True
+        if isinstance(kwargs.get("train_dataset"), IterableDataset):
+            args.ignore_data_skip = True
         args.save_total_limit = None
         self.checkpoint_state = CheckpointStateCallback(model)
         callbacks = [self.checkpoint_state, *(callbacks or ()), CheckpointMarkerCallback(keep)]
@@ -128,27 +137,60 @@ class DiffusionTrainer(Trainer):
             num_workers=self.args.dataloader_num_workers,
             worker_init_fn=worker_init_fn(self.args.seed, max(self.args.process_index, 0)),
         )
+        resume = self.args.resume_from_checkpoint  # set by _load_from_checkpoint, which train() calls first
         if isinstance(ds, IterableDataset):
-            return DataLoader(ds, drop_last=True, **common)
+            if hasattr(ds, "set_start"):  # micro-batches this rank consumed before the checkpoint
+                done = checkpoint_global_step(resume) * self.args.gradient_accumulation_steps
+                ds.set_start(done if resume and self.exact_data_resume else 0, self.args.per_device_train_batch_size)
+            # the dataset's own error (e.g. LaionDataError: no valid record) must stop the run
+            common["collate_fn"] = _collate_checked
+            return TimedDataLoader(_ErrorCatchingIterable(ds), drop_last=True, **common)
         sampler = SeededBatchSampler(
             ds, batch_size=self.args.per_device_train_batch_size, shuffle=True, drop_last=True,
             num_replicas=self.args.dataset_world_size, rank=self.args.dataset_rank, seed=self.args.seed,
         )
-        resume = self.args.resume_from_checkpoint  # set by _load_from_checkpoint, which train() calls first
         if resume:
             sampler.start_at(*resume_position(checkpoint_global_step(resume), len(sampler), self.args))
         common.pop("batch_size")
-        return DataLoader(ds, batch_sampler=sampler, **common)
+        return TimedDataLoader(ds, batch_sampler=sampler, **common)
 
     def fit(self, resume_from_checkpoint=None, ema=None):
         """`train`, then the final files in `--output_dir`: the task's trained weights, the EMA
-        weights (`ema`: the EMACallback, if any) and trainer_state.json."""
-        self.train(resume_from_checkpoint=resume_from_checkpoint)
+        weights (`ema`: the EMACallback, if any) and trainer_state.json, then `training_complete.json`.
+
+        While it runs, `--output_dir` is locked (`OutputDirLock`: a second run into it refuses).
+        A run whose checkpoint already reached `--max_steps` trains nothing: with the final marker
+        in place it leaves everything as it is; without it (killed during the final save) the
+        final files are written again from that checkpoint."""
+        with OutputDirLock(self.args.output_dir, enabled=self.args.should_save):
+            done = checkpoint_global_step(resume_from_checkpoint)
+            if resume_from_checkpoint and 0 < self.args.max_steps <= done:
+                final = read_final_marker(self.args.output_dir)
+                if final is not None and final.get("global_step") == done:
+                    logger.info("%s: training already finished (step %d of --max_steps %d): nothing to do",
+                                self.args.output_dir, done, self.args.max_steps)
+                    self.state = read_trainer_state(resume_from_checkpoint)
+                    return self
+                logger.info("training already finished at %s (step %d): writing the final files again from it",
+                            resume_from_checkpoint, done)
+                self._load_from_checkpoint(resume_from_checkpoint)
+                if ema is not None:
+                    ema.restore(self.model, resume_from_checkpoint)
+                self.state = read_trainer_state(resume_from_checkpoint)
+            else:
+                self.train(resume_from_checkpoint=resume_from_checkpoint)
+            self._save_final(ema)
+        return self
+
+    def _save_final(self, ema) -> None:
+        out = self.args.output_dir
         self.save_model()
         if ema is not None and self.args.should_save:
-            ema.save(self.model, self.args.output_dir)
+            ema.save(self.model, out)
         self.save_state()
-        return self
+        if self.args.should_save:
+            remove_stale_temp_files(out)
+            write_final_marker(out, self.state.global_step)
 
     def log(self, logs: Dict[str, float], **kwargs) -> None:
         if "loss" in logs:  # training logs only
@@ -173,3 +215,68 @@ class DiffusionTrainer(Trainer):
         self.args.resume_from_checkpoint = str(resume) if resume else None
         if resume:
             self.model.load_trained(str(resume))
+
+
+class TimedDataLoader(DataLoader):
+    """A paddle DataLoader that adds the seconds its consumer waited for each batch to
+    `wait_seconds` (read by `ldm.train.callbacks.TimingCallback`: data waiting only, not the
+    step, logging or preview time between batches)."""
+
+    wait_seconds = 0.0
+
+    def __iter__(self):
+        it = super().__iter__()
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.wait_seconds += time.perf_counter() - t0
+            if isinstance(batch, dict) and _DATASET_ERROR in batch:
+                raise batch[_DATASET_ERROR]
+            yield batch
+
+
+_DATASET_ERROR = "__dataset_error__"
+
+
+class _DatasetFailure:
+    """What `_ErrorCatchingIterable` yields after its dataset raised (picklable: it crosses from a
+    DataLoader worker process or thread to the main loop inside a batch)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class _ErrorCatchingIterable(IterableDataset):
+    """Iterates `dataset`; once it raises, yields `_DatasetFailure(error)` forever, which
+    `_collate_checked` turns into an error batch that `TimedDataLoader` raises in the main loop.
+    paddle reads an IterableDataset in a thread (num_workers 0) or in worker processes whose
+    errors its thread re-raises: either way the thread dies, the main loop waits forever (0
+    workers) or gets an unrelated "Blocking queue is killed" SystemError (workers)."""
+
+    def __init__(self, dataset):
+        super().__init__()
+        self.dataset = dataset
+
+    def __iter__(self):
+        try:
+            yield from self.dataset
+        except Exception as e:  # noqa: BLE001 - re-raised in the main loop
+            failure = _DatasetFailure(e)
+            while True:
+                yield failure
+
+    def __getattr__(self, name):  # set_epoch, stats, ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _collate_checked(samples):
+    for s in samples:
+        if isinstance(s, _DatasetFailure):
+            return {_DATASET_ERROR: s.error, "_": np.zeros(1, np.float32)}  # paddle drops a batch without arrays
+    return collate(samples)

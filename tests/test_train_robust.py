@@ -1,0 +1,425 @@
+"""Issue 12 (training side): nothing lost, nothing hung.
+
+- item 1: a data set without a valid record stops the DataLoader with its LaionDataError within
+  seconds for 0, 1 and 2 workers (paddle reads an IterableDataset in a thread, which died and left
+  the main loop waiting forever with 0 workers); the SD script prints one `error:` line, exit 1;
+- item 2: re-running a finished run changes nothing (both trainers); without the final marker
+  (killed during the final save) the final files are written again from the last checkpoint;
+- item 3: SD resume continues the LAION stream at its exact position: killed + resumed == straight,
+  bit for bit (workers 0 and 2 here; 2 ranks in test_sd_resume_two_ranks, slow);
+- item 4: a rank exits when its launcher dies; a live run's --output_dir is locked;
+- item 9: a corrupt trainer_state.json is skipped on auto-resume (warning naming it), an error
+  naming it when given explicitly;
+- item 10: `.tmp` files of a killed save are removed when that checkpoint is written again;
+- item 14: data_wait_fraction counts data waiting only (<= 1), previews are cheap by default.
+"""
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import paddle
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from laion_fixtures import make_parts, write_filelist  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------ helpers
+class _Task:
+    """A tiny TrainingTask class (built lazily: ldm.train imports paddlenlp)."""
+
+    @staticmethod
+    def make():
+        from ldm.train.task import TrainingTask
+
+        class Task(TrainingTask):
+            def __init__(self):
+                super().__init__()
+                self.add_trained("net", paddle.nn.Linear(1, 1))
+
+            def forward(self, pixel_values, caption):
+                return self.net(pixel_values.mean().reshape([1, 1])).sum()
+
+        return Task()
+
+
+def _trainer(tmp_path, ds, workers=0, **kw):
+    from paddlenlp.trainer import TrainingArguments
+
+    from ldm.train.trainer import DiffusionTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2,
+                             dataloader_num_workers=workers, seed=1, report_to="none", **kw)
+    return DiffusionTrainer(model=_Task.make(), args=args, train_dataset=ds)
+
+
+def _capture(*names):
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    for name in names:
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+    return records, lambda: [logging.getLogger(n).removeHandler(handler) for n in names]
+
+
+def _snapshot(folder):
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, folder)] = (os.stat(p).st_mtime_ns, hashlib.sha1(fh.read()).hexdigest())
+    return out
+
+
+# ------------------------------------------------------------------------------------------ item 1
+@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("bad", ["empty_part", "random_bytes"])
+def test_no_valid_record_stops_the_loader(tmp_path, workers, bad):
+    from ldm.data import DatasetSpec, build_dataset
+    from ldm.data.laion import LaionDataError
+
+    part = tmp_path / "bad.part"
+    part.write_bytes(b"" if bad == "empty_part" else np.random.default_rng(0).bytes(4000))
+    listing = write_filelist(tmp_path / "x.filelist", [str(part)])
+    ds = build_dataset(DatasetSpec("laion", listing, resolution=8, options={"infinite": True}), rank=0, world_size=1)
+    loader = _trainer(tmp_path, ds, workers).get_train_dataloader()
+    result = {}
+
+    def consume():
+        try:
+            for _ in loader:
+                pass
+        except Exception as e:  # noqa: BLE001
+            result["error"] = e
+
+    t0 = time.time()
+    if workers == 0:  # it hung here: consume in a thread that the test can give up on
+        thread = threading.Thread(target=consume, daemon=True)
+        thread.start()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), f"the loader hangs ({workers} workers, {bad})"
+    else:  # worker processes need the main thread (signal handlers); they raised paddle's SystemError
+        consume()
+    assert isinstance(result.get("error"), LaionDataError), result
+    assert "bad.part" in str(result["error"]) or "x.filelist" in str(result["error"])
+    assert time.time() - t0 < 30
+
+
+@pytest.mark.slow
+def test_sd_script_without_valid_record_prints_one_error_line(sd_env):
+    bad = sd_env / "random.part"
+    bad.write_bytes(np.random.default_rng(1).bytes(4000))
+    t0 = time.time()
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train_txt2img_laion400m_trainer.py"),
+                          *_sd_argv(sd_env, sd_env / "o_bad", 2, file_list=bad)],
+                         capture_output=True, text=True, timeout=120, env=_env())
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "gave no valid sample" in errors[0], res.stderr[-3000:]
+    assert time.time() - t0 < 90
+
+
+# ------------------------------------------------------------------------------------------ SD runs
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("FLAG_USE_EMA", "FLAG_RECOMPUTE", "FLAG_XFORMERS"):
+        env.pop(k, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def sd_env(tmp_path_factory):
+    from sd_tiny import build_tiny_sd, write_images_jsonl
+
+    root = tmp_path_factory.mktemp("sd")
+    build_tiny_sd(root / "m")
+    jsonl = write_images_jsonl(str(root / "img"), n=12)
+    subprocess.run([sys.executable, os.path.join(ROOT, "create_pretraining_data.py"), "--input_path", jsonl,
+                    "--output_path", str(root / "data"), "--per_part_file_num", "4", "--num_workers", "0"],
+                   check=True, capture_output=True, timeout=120, env=_env())
+    return root
+
+
+def _sd_argv(root, out, max_steps, workers=0, file_list=None, *extra):
+    file_list = file_list or root / "data" / "filelist" / "custom_dataset.filelist.list"
+    return ["--do_train", "--output_dir", str(out), "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+            "--max_steps", str(max_steps), "--lr_scheduler_type", "constant", "--image_logging_steps", "0",
+            "--logging_steps", "1", "--resolution", "16", "--save_steps", "2", "--seed", "23",
+            "--dataloader_num_workers", str(workers), "--pretrained_model_name_or_path", str(root / "m"),
+            "--unet_name_or_path", str(root / "m" / "unet_config.json"), "--file_list", str(file_list),
+            "--model_max_length", "16", "--disable_tqdm", "True", "--report_to", "none", *extra]
+
+
+def _sd_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sd_train_script", os.path.join(ROOT, "train_txt2img_laion400m_trainer.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def _unet(folder):
+    from ldm.weights import load_state_dict
+
+    return load_state_dict(os.path.join(str(folder), "unet", "diffusion_paddle_model.safetensors"))
+
+
+def _assert_same(a, b):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# ------------------------------------------------------------------------------------------ item 2
+def test_sd_finished_run_is_left_as_is(sd_env, monkeypatch):
+    monkeypatch.setattr(os, "environ", _env())
+    main, out = _sd_main(), sd_env / "o_done"
+    assert main(_sd_argv(sd_env, out, 2)).state.global_step == 2
+    assert json.loads((out / "training_complete.json").read_text()) == {"global_step": 2}
+    before = _snapshot(out)
+    records, undo = _capture("ldm.train.trainer")
+    try:
+        trainer = main(_sd_argv(sd_env, out, 2))
+    finally:
+        undo()
+    assert trainer.state.global_step == 2
+    assert _snapshot(out) == before  # nothing rewritten, no step 3
+    assert any("training already finished" in m and "nothing to do" in m for m in records), records
+
+    # killed during the final save: no final marker, the final weights half written
+    os.remove(out / "training_complete.json")
+    (out / "unet" / "diffusion_paddle_model.safetensors").write_bytes(b"partial")
+    trainer = main(_sd_argv(sd_env, out, 2))
+    assert trainer.state.global_step == 2
+    _assert_same(_unet(out), _unet(out / "checkpoint-2"))
+    assert json.loads((out / "training_complete.json").read_text()) == {"global_step": 2}
+    assert not (out / "checkpoint-3").exists()
+
+
+def test_stage_c_finished_run_is_left_as_is(tmp_path):
+    from test_train_stage_c import script, tiny_argv
+
+    argv = tiny_argv(tmp_path / "c", "--max_steps", "2", "--save_steps", "2")
+    assert script.main(argv).state.global_step == 2
+    before = _snapshot(tmp_path / "c")
+    assert script.main(argv).state.global_step == 2
+    assert _snapshot(tmp_path / "c") == before
+
+
+# ------------------------------------------------------------------------------------------ items 3, 10
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sd_resume_replays_the_stream_exactly(sd_env, monkeypatch, workers):
+    monkeypatch.setattr(os, "environ", _env())
+    main = _sd_main()
+    straight, resumed = sd_env / f"o_straight{workers}", sd_env / f"o_resumed{workers}"
+    records = sd_env / f"records{workers}"
+    # 3 steps x batch 2 = 6 records before the stop, 12 records in all (a pass boundary is crossed)
+    main(_sd_argv(sd_env, straight, 6, workers, None, "--save_steps", "3", "--record_log_dir", str(records / "a")))
+    main(_sd_argv(sd_env, resumed, 3, workers, None, "--save_steps", "3", "--record_log_dir", str(records / "b")))
+    # a save of step 6 killed earlier: its leftovers must go when checkpoint-6 is written again
+    stale = resumed / "checkpoint-6" / "unet"
+    os.makedirs(stale)
+    (stale / ".diffusion_paddle_model.safetensors.x1y2.tmp").write_bytes(b"half")
+    (resumed / "checkpoint-6" / ".optimizer.safetensors.abcd.tmp").write_bytes(b"half")
+    trainer = main(_sd_argv(sd_env, resumed, 6, workers, None, "--save_steps", "3",
+                            "--record_log_dir", str(records / "b")))
+    assert trainer.state.global_step == 6
+    seen_a = (records / "a" / "rank0.txt").read_text().splitlines()
+    seen_b = (records / "b" / "rank0.txt").read_text().splitlines()
+    assert seen_a == seen_b and len(seen_a) == 12
+    _assert_same(_unet(straight), _unet(resumed))
+    _assert_same(_unet(straight / "checkpoint-6"), _unet(resumed / "checkpoint-6"))
+    leftovers = [f for _, _, fs in os.walk(resumed) for f in fs if f.endswith(".tmp")]
+    assert leftovers == []
+
+
+@pytest.mark.slow
+def test_sd_resume_two_ranks(sd_env):
+    def launch(out, max_steps, logs):
+        cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(logs),
+               os.path.join(ROOT, "tests", "sd_dist_worker.py"),
+               *_sd_argv(sd_env, out, max_steps, 0, None, "--save_steps", "2", "--record_log_dir", str(out) + "_rec")]
+        res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400, cwd=str(sd_env))
+        text = "".join(f.read_text()[-2000:] for f in sorted(logs.glob("workerlog.*")))
+        assert res.returncode == 0, text + res.stderr[-2000:]
+
+    straight, resumed = sd_env / "d_straight", sd_env / "d_resumed"
+    launch(straight, 4, sd_env / "l1")
+    launch(resumed, 2, sd_env / "l2")
+    launch(resumed, 4, sd_env / "l3")
+    for rank in (0, 1):
+        a = (sd_env / "d_straight_rec" / f"rank{rank}.txt").read_text().splitlines()
+        b = (sd_env / "d_resumed_rec" / f"rank{rank}.txt").read_text().splitlines()
+        assert a == b and len(a) == 8
+        wa, wb = np.load(straight / f"final_rank{rank}.npz"), np.load(resumed / f"final_rank{rank}.npz")
+        for k in wa.files:
+            np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+
+
+# ------------------------------------------------------------------------------------------ item 4
+def test_process_exits_when_its_parent_is_killed(tmp_path):
+    pidfile = tmp_path / "child.pid"
+    child = ("import os, sys, time; sys.path.insert(0, %r); from ldm.utils import exit_with_parent; "
+             "exit_with_parent(poll_seconds=0.2); open(%r, 'w').write(str(os.getpid())); time.sleep(60)"
+             % (ROOT, str(pidfile)))
+    parent = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', %r]); time.sleep(60)" % child)
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    try:
+        for _ in range(200):
+            if pidfile.exists() and pidfile.read_text():
+                break
+            time.sleep(0.05)
+        pid = int(pidfile.read_text())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        t0 = time.time()
+        while time.time() - t0 < 10:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the child outlived its killed parent by 10 s")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_output_dir_lock(tmp_path):
+    import socket
+
+    from ldm.train.checkpoint import LOCK_FILE, OutputDirLock, OutputDirLockedError
+
+    out = tmp_path / "out"
+    with OutputDirLock(str(out)):
+        held = json.loads((out / LOCK_FILE).read_text())
+        assert held == {"pid": os.getpid(), "host": socket.gethostname()}
+        with pytest.raises(OutputDirLockedError, match=f"pid {os.getpid()} on host"):
+            OutputDirLock(str(out)).acquire()
+    assert not (out / LOCK_FILE).exists()
+    # a live process of this host holds it: refused; a dead one: taken over; another host: refused
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (out / LOCK_FILE).write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        with pytest.raises(OutputDirLockedError, match=str(out)):
+            OutputDirLock(str(out)).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with OutputDirLock(str(out)):
+        assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
+    with pytest.raises(OutputDirLockedError, match="elsewhere"):
+        OutputDirLock(str(out)).acquire()
+
+
+def test_second_run_into_a_locked_output_dir_refuses(tmp_path):
+    import socket
+
+    from ldm.train.checkpoint import LOCK_FILE, OutputDirLockedError
+    from test_train_stage_c import script, tiny_argv
+
+    out = tmp_path / "c"
+    os.makedirs(out)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK_FILE).write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        with pytest.raises(OutputDirLockedError):
+            script.main(tiny_argv(out, "--max_steps", "1", "--save_steps", "1"))
+        assert not (out / "checkpoint-1").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+# ------------------------------------------------------------------------------------------ items 9, 10
+def _fake_checkpoint(out, step, state_text):
+    ckpt = out / f"checkpoint-{step}"
+    os.makedirs(ckpt)
+    (ckpt / "trainer_state.json").write_text(state_text)
+    (ckpt / "checkpoint_complete.json").write_text(json.dumps({"global_step": step}))
+    return ckpt
+
+
+def test_corrupt_trainer_state_is_named(tmp_path):
+    from ldm.train.checkpoint import checkpoint_global_step, resolve_resume
+
+    out = tmp_path / "out"
+    good = _fake_checkpoint(out, 2, json.dumps({"global_step": 2}))
+    bad = _fake_checkpoint(out, 4, '{"global_step": 4,')
+    records, undo = _capture("ldm.train.checkpoint")
+    try:
+        assert resolve_resume(str(out), None) == str(good)
+    finally:
+        undo()
+    assert any("skipping checkpoint" in m and str(bad) in m for m in records), records
+    with pytest.raises(ValueError, match="trainer_state.json: not a readable trainer state"):
+        checkpoint_global_step(resolve_resume(str(out), str(bad)))
+
+
+def test_marker_callback_removes_temp_files_of_a_killed_save(tmp_path):
+    from types import SimpleNamespace
+
+    from ldm.train.checkpoint import CheckpointMarkerCallback, is_complete
+
+    out = tmp_path / "out"
+    ckpt = out / "checkpoint-3"
+    os.makedirs(ckpt / "unet")
+    (ckpt / "unet" / ".w.safetensors.abc.tmp").write_bytes(b"x")
+    (ckpt / ".scheduler.json.def.tmp").write_bytes(b"x")
+    (ckpt / "keep.json").write_text("{}")
+    args = SimpleNamespace(should_save=True, output_dir=str(out), save_total_limit=None)
+    CheckpointMarkerCallback().on_save(args, SimpleNamespace(global_step=3), None)
+    assert sorted(os.listdir(ckpt)) == ["checkpoint_complete.json", "keep.json", "unet"]
+    assert os.listdir(ckpt / "unet") == [] and is_complete(str(ckpt))
+
+
+# ------------------------------------------------------------------------------------------ item 14
+def test_data_wait_fraction_counts_data_waiting_only(tmp_path):
+    from types import SimpleNamespace
+
+    from ldm.train.callbacks import TimingCallback
+
+    class Slow(paddle.io.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            time.sleep(0.01)
+            return {"pixel_values": np.zeros((3, 2, 2), np.float32), "caption": str(i)}
+
+    loader = _trainer(tmp_path, Slow()).get_train_dataloader()
+    timing, args, state = TimingCallback(2), SimpleNamespace(logging_steps=1), SimpleNamespace(global_step=0)
+    timing.on_train_begin(args, state, None, train_dataloader=loader)
+    fractions = []
+    for _ in loader:
+        timing.on_load_data_end(args, state, None, train_dataloader=loader)
+        time.sleep(0.02)  # the step
+        timing.on_step_end(args, state, None)
+        time.sleep(0.2)  # a preview / checkpoint save after the step, before the log
+        fractions.append(timing.pop_logs()["data_wait_fraction"])
+    assert len(fractions) == 4 and max(fractions) <= 1.0, fractions
+    assert np.mean(fractions[1:]) < 0.5, fractions
+
+
+def test_sd_previews_are_cheap_by_default():
+    from ldm.train.sd import DEFAULT_VALIDATION_PROMPTS, parse_sd_args
+
+    m, _, t = parse_sd_args(["--output_dir", "x"])
+    assert m.num_inference_steps <= 20 and len(DEFAULT_VALIDATION_PROMPTS) <= 2
+    assert not t.ignore_data_skip  # resume continues the stream exactly
