@@ -109,11 +109,12 @@ def find_resume_checkpoint(output_dir: str) -> Optional[str]:
             logger.warning("skipping incomplete checkpoint %s (no %s: the save was interrupted)", path,
                            COMPLETE_MARKER)
             continue
-        try:
-            read_trainer_state(path)
-        except ValueError as e:
-            logger.warning("skipping checkpoint %s: %s", path, e)
-            continue
+        if os.path.isfile(os.path.join(path, TRAINER_STATE_FILE)):  # a missing one is named when it is read
+            try:
+                read_trainer_state(path)
+            except ValueError as e:
+                logger.warning("skipping checkpoint %s: %s", path, e)
+                continue
         return path
     return None
 
