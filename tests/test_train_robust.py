@@ -171,10 +171,10 @@ def _sd_main():
     return mod.main
 
 
-def _unet(folder):
+def _unet(folder, part="unet"):
     from ldm.weights import load_state_dict
 
-    return load_state_dict(os.path.join(str(folder), "unet", "diffusion_paddle_model.safetensors"))
+    return load_state_dict(os.path.join(str(folder), part, "diffusion_paddle_model.safetensors"))
 
 
 def _assert_same(a, b):
@@ -187,12 +187,13 @@ def _assert_same(a, b):
 def test_sd_finished_run_is_left_as_is(sd_env, monkeypatch):
     monkeypatch.setattr(os, "environ", _env())
     main, out = _sd_main(), sd_env / "o_done"
-    assert main(_sd_argv(sd_env, out, 2)).state.global_step == 2
+    argv = _sd_argv(sd_env, out, 2, 0, None, "--use_ema", "True", "--ema_decay", "0.5")
+    assert main(argv).state.global_step == 2
     assert json.loads((out / "training_complete.json").read_text()) == {"global_step": 2}
     before = _snapshot(out)
     records, undo = _capture("ldm.train.trainer")
     try:
-        trainer = main(_sd_argv(sd_env, out, 2))
+        trainer = main(argv)
     finally:
         undo()
     assert trainer.state.global_step == 2
@@ -202,9 +203,13 @@ def test_sd_finished_run_is_left_as_is(sd_env, monkeypatch):
     # killed during the final save: no final marker, the final weights half written
     os.remove(out / "training_complete.json")
     (out / "unet" / "diffusion_paddle_model.safetensors").write_bytes(b"partial")
-    trainer = main(_sd_argv(sd_env, out, 2))
+    os.remove(out / "unet_ema" / "diffusion_paddle_model.safetensors")
+    trainer = main(argv)
     assert trainer.state.global_step == 2
     _assert_same(_unet(out), _unet(out / "checkpoint-2"))
+    ema = _unet(out, "unet_ema")
+    _assert_same(ema, _unet(out / "checkpoint-2", "unet_ema"))
+    assert any(np.abs(ema[k] - _unet(out)[k]).max() > 0 for k in ema)  # the average, not the weights
     assert json.loads((out / "training_complete.json").read_text()) == {"global_step": 2}
     assert not (out / "checkpoint-3").exists()
 
