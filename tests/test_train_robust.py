@@ -428,3 +428,47 @@ def test_sd_previews_are_cheap_by_default():
     m, _, t = parse_sd_args(["--output_dir", "x"])
     assert m.num_inference_steps <= 20 and len(DEFAULT_VALIDATION_PROMPTS) <= 2
     assert not t.ignore_data_skip  # resume continues the stream exactly
+
+
+@pytest.mark.slow
+def test_ranks_exit_when_the_launcher_is_killed(sd_env):
+    out, logs = sd_env / "orphans", sd_env / "orphan_logs"
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(logs),
+           os.path.join(ROOT, "train_txt2img_laion400m_trainer.py"), *_sd_argv(sd_env, out, 100000),
+           "--save_steps", "100000"]
+    launcher = subprocess.Popen(cmd, env=_env(), cwd=str(sd_env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ranks = []
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 180:  # until rank 0 trains
+            log = logs / "workerlog.0"
+            if log.exists() and "global_step" in log.read_text(errors="replace"):
+                break
+            time.sleep(0.5)
+        ranks = [int(p) for p in subprocess.run(["ps", "--ppid", str(launcher.pid), "-o", "pid="],
+                                                capture_output=True, text=True).stdout.split()]
+        assert len(ranks) == 2, ranks
+        launcher.kill()
+        launcher.wait()
+        t0 = time.time()
+        while time.time() - t0 < 15 and any(_alive(p) for p in ranks):
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in ranks), "ranks outlived their killed launcher by 15 s"
+    finally:
+        for p in ranks:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its new parent) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
