@@ -472,3 +472,19 @@ def _alive(pid):
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.slow
+def test_stage_c_script_error_is_one_line(tmp_path):
+    from test_train_stage_c import tiny_argv
+
+    argv = tiny_argv(tmp_path / "c", "--max_steps", "1")
+    argv[argv.index("--dataset_path") + 1] = str(tmp_path / "no_such_folder")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train_stage_c_trainer.py"), *argv],
+                         capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "no_such_folder" in res.stderr, res.stderr[-3000:]
+    assert [line for line in res.stderr.splitlines() if line.startswith("error: ")], res.stderr[-3000:]
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train_stage_c_trainer.py"), *argv, "--debug"],
+                         capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT)
+    assert res.returncode == 1 and "Traceback" in res.stderr
