@@ -65,7 +65,8 @@ def lora_argv(out, *extra):
     return ["--do_train", "--dataset_path", DEMO, "--output_dir", str(out), "--model_version", "tiny",
             "--resolution", "64", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
             "--logging_steps", "1", "--seed", "3", "--report_to", "none", "--disable_tqdm", "True",
-            "--image_logging_steps", "0", "--lora_rank", "4", "--lora_alpha", "2", "--lora_targets", "linear", *extra]
+            "--image_logging_steps", "0", "--lora_rank", "4", "--lora_alpha", "2", "--lora_targets", "linear",
+            "--multi_aspect_ratio", "1", *extra]  # square crops: numbers as before buckets
 
 
 @pytest.fixture(scope="module")

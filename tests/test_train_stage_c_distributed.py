@@ -31,7 +31,8 @@ def worker(out, extra):
         "--do_train", "--dataset_path", DEMO, "--output_dir", os.path.join(out, "train"), "--model_version", "tiny",
         "--resolution", "64", "--per_device_train_batch_size", "2", "--max_steps", "2", "--learning_rate", "1e-3",
         "--logging_steps", "1", "--save_steps", "100", "--seed", "7", "--report_to", "none", "--disable_tqdm", "True",
-        "--image_logging_steps", "0", "--use_ema", "True", "--record_log_dir", os.path.join(out, "captions"), *extra,
+        "--image_logging_steps", "0", "--use_ema", "True", "--record_log_dir", os.path.join(out, "captions"),
+        "--multi_aspect_ratio", "1", *extra,  # square crops: the 8 demo images split 4 + 4 as before buckets
     ])
     rank = paddle.distributed.get_rank()
     state = {k: v.numpy() for k, v in trainer.model.stage_c.state_dict().items()}

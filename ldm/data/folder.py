@@ -38,6 +38,7 @@ from typing import Sequence
 import numpy as np
 import paddle
 
+from ldm.data.buckets import AspectBuckets, image_size
 from ldm.data.spec import DatasetSpec, check_options, register_dataset_kind
 from ldm.data.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTransform, decode_image
 from ldm.utils import get_logger, special_file_problem
@@ -122,9 +123,15 @@ class FolderDataset(paddle.io.Dataset):
         verify_images: decode every image once at construction (see module doc).
         skip_corrupt_images: with verify_images, drop bad images (warning) instead of raising.
         max_pixels: decompression-bomb limit passed to decode_image (None disables it).
+        multi_aspect_ratio: ratios w/h (`ldm.data.buckets`): each image gets the size of the bucket
+            of its nearest ratio (about `resolution` pixels in area, sides multiples of
+            `size_multiple`), listed in `item_sizes`; None: every image at `resolution`.
+        size_multiple: the bucket sides' multiple (32 for Stage C, 64 for Stage B).
     Attributes:
         samples: [(image_path, caption)] in file-name order.
         skipped: {"missing_caption": [paths], "corrupt": [(path, reason)]}.
+        item_sizes: with multi_aspect_ratio, the (h, w) of every sample (the Trainer then batches
+            by size: `ldm.data.buckets.BucketBatchSampler`); else None.
     """
 
     def __init__(
@@ -139,6 +146,8 @@ class FolderDataset(paddle.io.Dataset):
         verify_images: bool = True,
         skip_corrupt_images: bool = False,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        multi_aspect_ratio: Sequence[float] | None = None,
+        size_multiple: int = 32,
     ):
         super().__init__()
         self.root = os.fspath(root)
@@ -172,6 +181,14 @@ class FolderDataset(paddle.io.Dataset):
         if verify_images:
             samples = self._verify(samples, skip_corrupt_images)
         self.samples: list[tuple[str, str]] = samples
+        self.item_sizes: list[tuple[int, int]] | None = None
+        self._bucket_transforms: dict = {}
+        if multi_aspect_ratio:
+            buckets = AspectBuckets(self.transform.height if self.transform.height == self.transform.width
+                                    else (self.transform.height, self.transform.width), multi_aspect_ratio, size_multiple)
+            self.item_sizes = [buckets.assign(*image_size(path)) for path, _ in samples]
+            self._bucket_transforms = {hw: ImageTransform(hw, center_crop=center_crop, random_flip=random_flip,
+                                                          normalize=normalize) for hw in set(self.item_sizes)}
 
     def _verify(self, samples, skip: bool):
         good, bad = [], []
@@ -218,10 +235,12 @@ class FolderDataset(paddle.io.Dataset):
         except ImageDecodeError as e:
             raise ValueError(f"cannot read image {path}: {e}") from None
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        return {"pixel_values": self.transform(img, rng), "caption": caption}
+        transform = self.transform if self.item_sizes is None else self._bucket_transforms[self.item_sizes[index]]
+        return {"pixel_values": transform(img, rng), "caption": caption}
 
 
-FOLDER_OPTIONS = ("skip_missing_captions", "verify_images", "skip_corrupt_images", "max_pixels")
+FOLDER_OPTIONS = ("skip_missing_captions", "verify_images", "skip_corrupt_images", "max_pixels", "multi_aspect_ratio",
+                  "size_multiple")
 
 
 def build_folder_dataset(spec: DatasetSpec, rank: int | None = None, world_size: int | None = None) -> FolderDataset:

@@ -151,6 +151,7 @@ class StageBTask(CascadeTask):
     state_file = "train_b_state_rank{}.json"
     rng_tag = 0x5B
     lora_target = ("stage_b", "b")
+    size_multiple = SIZE_MULTIPLE  # aspect-bucket sides: Stage A / 4, patch 2, three halvings (64 px)
     weight_files = (STAGE_B_FILE, STAGE_B_EMA_FILE)
     train_config_file = TRAIN_CONFIG_FILE
 

@@ -38,6 +38,7 @@ import paddle
 from ldm.cascade import settings as cfg_mod
 from ldm.cascade.settings import CascadeConfig, SamplingConfig
 from ldm.cascade.stage_c import StageCConfig
+from ldm.data.buckets import OFFICIAL_ASPECT_RATIOS, parse_aspect_ratios
 from ldm.train.args import DiffusionTrainingArguments, check_precision, parse_with_env_defaults
 from ldm.train.lora import LoRAArguments, enable_lora, write_lora_files
 from ldm.train.task import TrainingTask
@@ -124,10 +125,15 @@ class StageCDataArguments:
     center_crop: bool = field(default=True, metadata={"help": "Centre crop (else a random crop)."})
     random_flip: bool = field(default=False, metadata={"help": "Random horizontal flip."})
     skip_missing_captions: bool = field(default=False, metadata={"help": "Skip images without NAME.txt."})
+    multi_aspect_ratio: List[str] = field(default_factory=lambda: list(OFFICIAL_ASPECT_RATIOS), metadata={
+        "help": "Aspect buckets (ldm.data.buckets): ratios w/h such as 1/1 2/3 3/4 9/16 or 0.75, each in both "
+                "orientations; an image goes to the nearest one at about --resolution^2 pixels and every batch holds "
+                "one bucket. Default: the official list. 1 turns buckets off (square crops)."})
 
     def __post_init__(self):
         if self.resolution < 32 or self.resolution % 32:
             raise ValueError(f"--resolution must be a positive multiple of 32 (EfficientNet stride), got {self.resolution}")
+        parse_aspect_ratios(self.multi_aspect_ratio)  # a bad ratio fails here, not at the dataset
 
 
 @dataclass
@@ -215,6 +221,7 @@ class CascadeTask(TrainingTask):
     `self.adaptive`) in the per-rank task state of every checkpoint."""
 
     lora_target = ("stage_c", "c")  # (trained part, ldm.lora stage)
+    size_multiple = cfg_mod.EFFNET_STRIDE  # image sides of the aspect buckets (EfficientNet stride)
     weight_files = (STAGE_C_FILE, STAGE_C_EMA_FILE)
     train_config_file = TRAIN_CONFIG_FILE
 
@@ -414,6 +421,13 @@ def build_stage_c_trainer(model_args, data_args, training_args, components=None,
                             latent_size=data_args.resolution // cfg_mod.EFFNET_STRIDE)
 
 
+def bucket_options(task, data_args) -> dict:
+    """Folder-dataset options of --multi_aspect_ratio (none when it is off): the ratios and the
+    task's size multiple (`size_multiple`: 32 for Stage C, 64 for Stage B)."""
+    ratios = parse_aspect_ratios(getattr(data_args, "multi_aspect_ratio", None))
+    return {"multi_aspect_ratio": ratios, "size_multiple": task.size_multiple} if ratios else {}
+
+
 def assemble_trainer(task, model_args, data_args, training_args, **image_kwargs):
     """(DiffusionTrainer, task, ema_callback) of a Stable Cascade task: its LoRA adapters
     (--lora_rank), recompute, the folder dataset in [0, 1] (what EfficientNet and Stage A take),
@@ -430,7 +444,8 @@ def assemble_trainer(task, model_args, data_args, training_args, **image_kwargs)
     dataset = build_dataset(DatasetSpec(
         "folder", data_args.dataset_path, resolution=data_args.resolution, normalize="zero_one",
         center_crop=data_args.center_crop, random_flip=data_args.random_flip, seed=training_args.seed,
-        options={"skip_missing_captions": data_args.skip_missing_captions})) if training_args.do_train else None
+        options={"skip_missing_captions": data_args.skip_missing_captions, **bucket_options(task, data_args)},
+    )) if training_args.do_train else None
     image_kwargs = dict(prompts=tuple(training_args.preview_prompts or DEFAULT_PREVIEW_PROMPTS),
                         num_inference_steps=model_args.num_inference_steps, seed=training_args.seed, **image_kwargs)
     callbacks, ema = standard_callbacks(training_args, image_kwargs, ema_to_images=True)  # previews with the EMA

@@ -32,6 +32,7 @@ from paddle.io import DataLoader, IterableDataset
 from paddlenlp.trainer import Trainer
 
 from ldm.data import collate
+from ldm.data.buckets import BucketBatchSampler
 from ldm.train.checkpoint import (CheckpointMarkerCallback, CheckpointStateCallback, OutputDirLock,
                                   checkpoint_global_step, read_final_marker, read_trainer_state,
                                   remove_stale_temp_files, resume_position, write_final_marker)
@@ -145,10 +146,15 @@ class DiffusionTrainer(Trainer):
             # the dataset's own error (e.g. LaionDataError: no valid record) must stop the run
             common["collate_fn"] = _collate_checked
             return TimedDataLoader(_ErrorCatchingIterable(ds), drop_last=True, **common)
-        sampler = SeededBatchSampler(
-            ds, batch_size=self.args.per_device_train_batch_size, shuffle=True, drop_last=True,
-            num_replicas=self.args.dataset_world_size, rank=self.args.dataset_rank, seed=self.args.seed,
-        )
+        sizes = getattr(ds, "item_sizes", None)  # multi-aspect buckets: every batch from one size
+        if sizes is not None and len(set(sizes)) > 1:
+            sampler = BucketBatchSampler(ds, sizes, self.args.per_device_train_batch_size, self.args.dataset_world_size,
+                                         self.args.dataset_rank, seed=self.args.seed)
+        else:
+            sampler = SeededBatchSampler(
+                ds, batch_size=self.args.per_device_train_batch_size, shuffle=True, drop_last=True,
+                num_replicas=self.args.dataset_world_size, rank=self.args.dataset_rank, seed=self.args.seed,
+            )
         if resume:
             sampler.start_at(*resume_position(checkpoint_global_step(resume), len(sampler), self.args))
         common.pop("batch_size")
