@@ -28,7 +28,8 @@ import numpy as np
 import paddle
 from PIL import Image
 
-__all__ = ["OFFICIAL_ASPECT_RATIOS", "parse_aspect_ratios", "AspectBuckets", "image_size", "BucketBatchSampler"]
+__all__ = ["OFFICIAL_ASPECT_RATIOS", "parse_aspect_ratios", "AspectBuckets", "image_size", "ResumableSampler",
+           "BucketBatchSampler"]
 
 # configs/training/finetune_c_*.yaml multi_aspect_ratio (w / h)
 OFFICIAL_ASPECT_RATIOS = ("1/1", "1/2", "1/3", "2/3", "3/4", "1/5", "2/5", "3/5", "4/5", "1/6", "5/6", "9/16")
@@ -112,7 +113,28 @@ def image_size(path: str) -> Tuple[int, int]:
     return (h, w) if orientation in _SWAP_ORIENTATIONS else (w, h)
 
 
-class BucketBatchSampler(paddle.io.DistributedBatchSampler):
+class ResumableSampler:
+    """The resume position of a batch sampler with `set_epoch` (this one and
+    `ldm.train.trainer.SeededBatchSampler`): `start_at(epochs, batches)` makes loop epoch 0 the
+    data epoch `epochs`, whose first `batches` batches `_resumed` does not yield (only on the
+    first pass after start_at)."""
+
+    _epoch_offset, _skip = 0, 0
+
+    def start_at(self, epochs: int, batches: int) -> None:
+        if epochs < 0 or not 0 <= batches < max(len(self), 1):
+            raise ValueError(f"cannot start at epoch {epochs}, batch {batches} of {len(self)}")
+        self._epoch_offset, self._skip = int(epochs), int(batches)
+        self.set_epoch(0)
+
+    def _resumed(self, batches):
+        skip, self._skip = self._skip, 0
+        for i, batch in enumerate(batches):
+            if i >= skip:
+                yield batch
+
+
+class BucketBatchSampler(ResumableSampler, paddle.io.DistributedBatchSampler):
     """Batches of indices of `dataset` whose items share one size (`sizes[i]`, any hashable; the
     dataset's `item_sizes`), sharded over `num_replicas` ranks.
 
@@ -142,8 +164,7 @@ class BucketBatchSampler(paddle.io.DistributedBatchSampler):
         for i, s in enumerate(sizes):
             groups.setdefault(tuple(s) if isinstance(s, (list, tuple)) else s, []).append(i)
         self.buckets = {k: np.asarray(v, np.int64) for k, v in sorted(groups.items())}
-        self._seed = int(seed)
-        self._epoch_offset, self._skip, self._data_epoch = 0, 0, 0
+        self._seed, self._data_epoch = int(seed), 0
         g = self.batch_size * self.nranks
         rounding = math.floor if drop_last else math.ceil
         self._num_batches = sum(int(rounding(len(v) / g)) for v in self.buckets.values())
@@ -155,12 +176,6 @@ class BucketBatchSampler(paddle.io.DistributedBatchSampler):
 
     def __len__(self) -> int:
         return self._num_batches
-
-    def start_at(self, epochs: int, batches: int) -> None:
-        if epochs < 0 or not 0 <= batches < max(len(self), 1):
-            raise ValueError(f"cannot start at epoch {epochs}, batch {batches} of {len(self)}")
-        self._epoch_offset, self._skip = int(epochs), int(batches)
-        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self._data_epoch = int(epoch) + self._epoch_offset
@@ -180,8 +195,5 @@ class BucketBatchSampler(paddle.io.DistributedBatchSampler):
         return [chunks[i] for i in rng.permutation(len(chunks))]
 
     def __iter__(self):
-        skip, self._skip = self._skip, 0  # only the first pass after a resume starts later
         lo = self.local_rank * self.batch_size
-        for i, chunk in enumerate(self.global_batches(self._data_epoch)):
-            if i >= skip:
-                yield chunk[lo:lo + self.batch_size].tolist()
+        yield from self._resumed(c[lo:lo + self.batch_size].tolist() for c in self.global_batches(self._data_epoch))

@@ -32,7 +32,7 @@ from paddle.io import DataLoader, IterableDataset
 from paddlenlp.trainer import Trainer
 
 from ldm.data import collate
-from ldm.data.buckets import BucketBatchSampler
+from ldm.data.buckets import BucketBatchSampler, ResumableSampler
 from ldm.train.checkpoint import (CheckpointMarkerCallback, CheckpointStateCallback, OutputDirLock,
                                   checkpoint_global_step, read_final_marker, read_trainer_state,
                                   remove_stale_temp_files, resume_position, write_final_marker)
@@ -56,7 +56,7 @@ class worker_init_fn:  # noqa: N801 - used like a function, picklable for worker
         np.random.seed(s)
 
 
-class SeededBatchSampler(paddle.io.DistributedBatchSampler):
+class SeededBatchSampler(ResumableSampler, paddle.io.DistributedBatchSampler):
     """paddle's DistributedBatchSampler shuffles with `RandomState(epoch)`, the same order for every
     run; this one mixes the run's seed in, so `--seed` changes the sample order too (the Trainer
     still drives it through `set_epoch`). It also sets the dataset's epoch (fresh random crops per
@@ -65,14 +65,7 @@ class SeededBatchSampler(paddle.io.DistributedBatchSampler):
 
     def __init__(self, *args, seed: int = 0, **kwargs):
         self._seed = int(seed)
-        self._epoch_offset, self._skip = 0, 0
         super().__init__(*args, **kwargs)
-        self.set_epoch(0)
-
-    def start_at(self, epochs: int, batches: int) -> None:
-        if epochs < 0 or not 0 <= batches < max(len(self), 1):
-            raise ValueError(f"cannot start at epoch {epochs}, batch {batches} of {len(self)}")
-        self._epoch_offset, self._skip = int(epochs), int(batches)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -82,10 +75,7 @@ class SeededBatchSampler(paddle.io.DistributedBatchSampler):
             self.dataset.set_epoch(epoch)
 
     def __iter__(self):
-        skip, self._skip = self._skip, 0  # only the first pass after a resume starts later
-        for i, batch in enumerate(super().__iter__()):
-            if i >= skip:
-                yield batch
+        yield from self._resumed(super().__iter__())  # ResumableSampler: a resumed pass starts later
 
 
 class DiffusionTrainer(Trainer):
