@@ -170,13 +170,14 @@ def test_tiny_stage_c_run_trains_with_buckets(tmp_path):
     argv = ["--do_train", "--dataset_path", str(folder), "--output_dir", str(tmp_path / "o"), "--model_version", "tiny",
             "--resolution", "64", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--max_steps", "4",
             "--logging_steps", "1", "--seed", "3", "--report_to", "none", "--disable_tqdm", "True",
-            "--image_logging_steps", "0", "--save_steps", "100", "--dataloader_num_workers", "0"]
+            "--image_logging_steps", "0", "--save_steps", "2", "--dataloader_num_workers", "0"]
     m, d, t = train_c.parse_stage_c_args(argv)
     assert tuple(d.multi_aspect_ratio) == OFFICIAL_ASPECT_RATIOS  # on by default
     trainer, task, ema = train_c.build_stage_c_trainer(m, d, t)
     loader = trainer.get_train_dataloader()
     assert isinstance(loader.batch_sampler, Sampler)
-    shapes = [tuple(b["pixel_values"].shape) for b in loader]
+    batches = list(loader)
+    shapes = [tuple(b["pixel_values"].shape) for b in batches]
     assert len(shapes) == len(loader.batch_sampler) == 4 and len(set(shapes)) >= 2
     assert all(s[0] == 2 for s in shapes)
     seen = []
@@ -190,10 +191,31 @@ def test_tiny_stage_c_run_trains_with_buckets(tmp_path):
     trainer.fit(None, ema)
     assert len(seen) == 4 and len(set(seen)) >= 2
     assert all(np.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+    # resume from checkpoint-2 (2 of the epoch's 4 batches done): the loader continues the same bucket order
+    resumed, _, _ = train_c.build_stage_c_trainer(m, d, t)
+    resumed.args.resume_from_checkpoint = str(tmp_path / "o" / "checkpoint-2")
+    assert [b["caption"] for b in resumed.get_train_dataloader()] == [b["caption"] for b in batches[2:]]
     off = train_c.parse_stage_c_args(argv[:-2] + ["--multi_aspect_ratio", "1", "--output_dir", str(tmp_path / "o2")])
     trainer2, _, _ = train_c.build_stage_c_trainer(*off)
     assert trainer2.train_dataset.item_sizes is None
     assert {tuple(b["pixel_values"].shape) for b in trainer2.get_train_dataloader()} == {(2, 3, 64, 64)}
+
+
+def test_tiny_stage_b_run_trains_with_64px_buckets(tmp_path):
+    import ldm.train.stage_b as train_b
+
+    folder = _write_images(tmp_path / "d", 4, sizes=[(192, 128), (128, 192)])
+    m, d, t = train_b.parse_stage_b_args([
+        "--do_train", "--dataset_path", str(folder), "--output_dir", str(tmp_path / "o"), "--model_version", "tiny",
+        "--resolution", "128", "--per_device_train_batch_size", "1", "--learning_rate", "1e-3", "--max_steps", "2",
+        "--logging_steps", "1", "--seed", "3", "--report_to", "none", "--disable_tqdm", "True",
+        "--image_logging_steps", "0", "--save_steps", "100"])
+    trainer, task, ema = train_b.build_stage_b_trainer(m, d, t)
+    assert task.size_multiple == 64
+    assert sorted(set(trainer.train_dataset.item_sizes)) == [(64, 128), (128, 64)]  # 3:2 and 2:3 at x64 sides
+    trainer.fit(None, ema)
+    assert trainer.state.global_step == 2
+    assert all(np.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
 
 
 def _worker(out, data):  # one rank of test_two_process_gloo_buckets (run by paddle.distributed.launch)
