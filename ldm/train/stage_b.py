@@ -40,7 +40,7 @@ from ldm.cascade.stage_b import StageBConfig, stage_b_config
 from ldm.train.args import check_precision, parse_with_env_defaults
 from ldm.train.stage_c import (CAPTION_DROPOUT, DEFAULT_PREVIEW_PROMPTS, ENV_FLAG_DEFAULTS, TRAIN_SHIFT, CascadeTask,
                                CascadeModelArguments, StageCDataArguments, StageCTask, StageCTrainingArguments,
-                               assemble_trainer)
+                               assemble_trainer, encoder_cache_plan, use_encoder_cache, without_cached_encoders)
 from ldm.utils import get_logger
 
 logger = get_logger("ldm.train.stage_b")
@@ -187,12 +187,41 @@ class StageBTask(CascadeTask):
         """[B, 3, R, R] in [0, 1] -> Stage A latents [B, 4, R/4, R/4] (float32)."""
         return self.stage_a.encode(pixel_values.astype("float32"))[0].astype("float32")
 
+    @staticmethod
+    def effnet_size(hh: int, ww: int, factor: float):
+        """(h, w) of the EfficientNet input of an hh x ww image at `factor` (multiples of 32)."""
+        return int((hh * factor) // 32) * 32, int((ww * factor) // 32) * 32
+
+    @classmethod
+    def effnet_sizes(cls, hh: int, ww: int):
+        """Every EfficientNet input size a factor in EFFNET_FACTOR gives (what the cache stores):
+        the size is constant between the factors where hh * f or ww * f crosses a multiple of 32."""
+        lo, hi = EFFNET_FACTOR
+        cuts = sorted({lo, hi, *(32 * k / n for n in (hh, ww) for k in range(1, n // 32 + 1) if lo < 32 * k / n < hi)})
+        probes = [*cuts[:-1], *((a + b) / 2 for a, b in zip(cuts, cuts[1:])), np.nextafter(hi, lo)]
+        return sorted({s for s in (cls.effnet_size(hh, ww, float(f)) for f in probes) if min(s) >= 32})
+
+    cache_encoders = ("stage_a", "effnet", "text_encoder")
+    preview_encoders = ()  # Stage B previews condition on a batch image: none in a cached run
+
+    def cache_images(self, pixel_values: np.ndarray) -> Dict[str, np.ndarray]:
+        """Cached image fields: "latents" (Stage A) and "effnet_<h>x<w>", the EfficientNet latents at
+        every input size the random factor can give (so the cached step is the recipe's, exactly)."""
+        x = paddle.to_tensor(pixel_values).astype("float32")
+        out = {"latents": self.encode_latents(x).numpy()}
+        for eh, ew in self.effnet_sizes(*x.shape[-2:]):
+            out[f"effnet_{eh}x{ew}"] = self.encode_effnet(F.interpolate(x, size=[eh, ew], mode="nearest")).numpy()
+        return out
+
+    def cache_captions(self, captions: Sequence[str]) -> Dict[str, np.ndarray]:
+        return {"clip_pooled": self.encode_captions(captions)[1].numpy()}
+
     @paddle.no_grad()
     def effnet_conditions(self, pixel_values: paddle.Tensor, factor: float, use: np.ndarray) -> paddle.Tensor:
         """EfficientNet latents of the images resized (nearest) by `factor` to a multiple of 32,
         for the samples with use[i]; zeros elsewhere. [B, 16, h, w]."""
         b, _, hh, ww = pixel_values.shape
-        eh, ew = int((hh * factor) // 32) * 32, int((ww * factor) // 32) * 32
+        eh, ew = self.effnet_size(hh, ww, factor)
         if eh < 32 or ew < 32:
             raise ValueError(f"images of {hh}x{ww} are too small for EfficientNet latents at factor {factor:.3f}")
         out = paddle.zeros([b, self.c_effnet, eh // 32, ew // 32], "float32")
@@ -207,16 +236,27 @@ class StageBTask(CascadeTask):
         t, eps = self.draw(shape)
         return t, paddle.to_tensor(pyramid_noise(eps.numpy(), self.rng))
 
-    def forward(self, pixel_values: paddle.Tensor, caption: Sequence[str], **unused) -> paddle.Tensor:
-        b = pixel_values.shape[0]
+    def forward(self, pixel_values: Optional[paddle.Tensor] = None, caption: Sequence[str] = (), **cached) -> paddle.Tensor:
+        b = pixel_values.shape[0] if pixel_values is not None else cached["latents"].shape[0]
         if len(caption) != b:
             raise ValueError(f"{len(caption)} captions for {b} images")
         keep = self.rng.random(b) >= self.caption_dropout
         factor = float(self.rng.uniform(*EFFNET_FACTOR))
         use = self.rng.random(b) < self.effnet_prob
-        effnet = self.effnet_conditions(pixel_values, factor, use)
-        pooled = self.encode_captions([c if k else "" for c, k in zip(caption, keep)])[1]  # (B, 1, c_clip)
-        latents = self.encode_latents(pixel_values)  # (B, 4, R/4, R/4)
+        if "latents" in cached:  # precomputed encoder outputs (--cache_dir, ldm.data.cache)
+            latents = cached["latents"].astype("float32")
+            eh, ew = self.effnet_size(latents.shape[-2] * 4, latents.shape[-1] * 4, factor)
+            if eh < 32 or ew < 32:
+                raise ValueError(f"images of {latents.shape[-2] * 4}x{latents.shape[-1] * 4} are too small for "
+                                 f"EfficientNet latents at factor {factor:.3f}")
+            lat = cached[f"effnet_{eh}x{ew}"].astype("float32")
+            effnet = paddle.where(paddle.to_tensor(use).reshape([-1, 1, 1, 1]).expand(lat.shape), lat,
+                                  paddle.zeros_like(lat))
+            pooled = self.cached_captions(cached, keep, ("clip_pooled",))[0]
+        else:
+            effnet = self.effnet_conditions(pixel_values, factor, use)
+            pooled = self.encode_captions([c if k else "" for c, k in zip(caption, keep)])[1]  # (B, 1, c_clip)
+            latents = self.encode_latents(pixel_values)  # (B, 4, R/4, R/4)
         t, eps = self.draw_noise(latents.shape)
         with paddle.no_grad():
             d = self.gdf.diffuse(latents, epsilon=eps, t=t, shift=TRAIN_SHIFT, loss_shift=TRAIN_SHIFT)
@@ -285,7 +325,10 @@ def build_stage_b_trainer(model_args, data_args, training_args, components=None,
     comps = components if components is not None else build_stage_b_components(model_args)
     if config is None:
         config = comps.get("stage_b").config if model_args.stage_b else stage_b_config(model_args.model_version)
+    cache, keep = encoder_cache_plan(StageBTask, model_args, data_args, training_args)
+    comps = without_cached_encoders(comps, cache, StageBTask.cache_encoders, keep)
     task = StageBTask(comps, config, model_args.adaptive_loss_weight, model_args.model_max_length,
                       model_args.caption_dropout, model_args.effnet_prob, seed=training_args.seed,
                       rank=max(training_args.process_index, 0))
-    return assemble_trainer(task, model_args, data_args, training_args)
+    return assemble_trainer(task, model_args, data_args, training_args,
+                            dataset=use_encoder_cache(task, comps, cache, keep, training_args))

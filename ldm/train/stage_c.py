@@ -129,6 +129,10 @@ class StageCDataArguments:
         "help": "Aspect buckets (ldm.data.buckets): ratios w/h such as 1/1 2/3 3/4 9/16 or 0.75, each in both "
                 "orientations; an image goes to the nearest one at about --resolution^2 pixels and every batch holds "
                 "one bucket. Default: the official list. 1 turns buckets off (square crops)."})
+    cache_dir: Optional[str] = field(default=None, metadata={
+        "help": "Encoder cache folder (ldm.data.cache): the frozen encoders' outputs are computed once into it (a "
+                "changed image is recomputed) and the run trains from them without building those encoders. Needs "
+                "--center_crop True; --random_flip caches both orientations."})
 
     def __post_init__(self):
         if self.resolution < 32 or self.resolution % 32:
@@ -248,6 +252,33 @@ class CascadeTask(TrainingTask):
         super().save_ema(folder, shadow)
         write_lora_files(self, folder, shadow)
 
+    # ---------------------------------------------------------------- encoder cache (--cache_dir)
+    cache_encoders = ("effnet", "text_encoder")  # frozen parts the cache replaces
+    preview_encoders = ()  # of those, what previews / --eval_captions still need
+    cached_constants = None  # {field: array} of the cache's constant entry (the empty caption's outputs)
+
+    def cache_constants(self) -> Dict[str, np.ndarray]:
+        """The empty caption's cached fields (what caption dropout swaps in)."""
+        return {k: v[0] for k, v in self.cache_captions([""]).items()}
+
+    def cached_captions(self, batch, keep: np.ndarray, names: Sequence[str]):
+        """The cached caption fields `names` of the batch, the empty caption's where not keep[i]."""
+        if not self.cached_constants:
+            raise ValueError("the encoder cache has no empty-caption entry (caption dropout needs it)")
+        out = []
+        for n in names:
+            x = batch[n].astype("float32")
+            empty = paddle.to_tensor(np.asarray(self.cached_constants[n], np.float32)).unsqueeze(0).expand(x.shape)
+            mask = paddle.to_tensor(keep).reshape([-1] + [1] * (len(x.shape) - 1)).expand(x.shape)
+            out.append(paddle.where(mask, x, empty))
+        return out
+
+    def drop_cached_encoders(self, keep: Sequence[str] = ()) -> None:
+        """Forget the frozen encoders the cache replaces (all but `keep`)."""
+        for name in self.cache_encoders:
+            if name not in keep and getattr(self, name, None) is not None:
+                setattr(self, name, None)
+
     def train_state(self) -> dict:
         state = super().train_state()
         if self.adaptive:
@@ -331,16 +362,40 @@ class StageCTask(CascadeTask):
         eps = self.rng.standard_normal(list(shape), dtype=np.float32)
         return paddle.to_tensor(t), paddle.to_tensor(eps)
 
+    # -------------------------------------------------------------------------- encoder cache
+    cache_encoders = ("effnet", "text_encoder", "image_encoder")
+    preview_encoders = ("text_encoder",)  # previews sample from the preview prompts
+
+    def cache_images(self, pixel_values: np.ndarray) -> Dict[str, np.ndarray]:
+        """Cached image fields: "latents" (EfficientNet), "clip_img" (with an image encoder)."""
+        x = paddle.to_tensor(pixel_values)
+        out = {"latents": self.encode_latents(x).numpy()}
+        if self.image_encoder is not None:
+            out["clip_img"] = self.encode_images(x, np.ones(x.shape[0], bool)).numpy()
+        return out
+
+    def cache_captions(self, captions: Sequence[str]) -> Dict[str, np.ndarray]:
+        text, pooled = self.encode_captions(captions)
+        return {"clip_text": text.numpy(), "clip_pooled": pooled.numpy()}
+
     # -------------------------------------------------------------------------- training step
-    def forward(self, pixel_values: paddle.Tensor, caption: Sequence[str], **unused) -> paddle.Tensor:
-        b = pixel_values.shape[0]
+    def forward(self, pixel_values: Optional[paddle.Tensor] = None, caption: Sequence[str] = (), **cached) -> paddle.Tensor:
+        b = pixel_values.shape[0] if pixel_values is not None else cached["latents"].shape[0]
         if len(caption) != b:
             raise ValueError(f"{len(caption)} captions for {b} images")
         keep = self.rng.random(b) >= self.caption_dropout
         use_img = self.rng.random(b) < self.image_embed_prob
-        latents = self.encode_latents(pixel_values)  # (B, 16, R/32, R/32)
-        clip_text, clip_pooled = self.encode_captions([c if k else "" for c, k in zip(caption, keep)])
-        clip_img = self.encode_images(pixel_values, use_img)  # (B, 1, c_clip_img)
+        if "latents" in cached:  # precomputed encoder outputs (--cache_dir, ldm.data.cache)
+            latents = cached["latents"].astype("float32")
+            clip_text, clip_pooled = self.cached_captions(cached, keep, ("clip_text", "clip_pooled"))
+            clip_img = paddle.zeros([b, 1, self.c_clip_img], "float32")
+            if "clip_img" in cached:
+                clip_img = paddle.where(paddle.to_tensor(use_img).reshape([-1, 1, 1]).expand(clip_img.shape),
+                                        cached["clip_img"].astype("float32"), clip_img)
+        else:
+            latents = self.encode_latents(pixel_values)  # (B, 16, R/32, R/32)
+            clip_text, clip_pooled = self.encode_captions([c if k else "" for c, k in zip(caption, keep)])
+            clip_img = self.encode_images(pixel_values, use_img)  # (B, 1, c_clip_img)
         t, eps = self.draw(latents.shape)
         with paddle.no_grad():
             d = self.gdf.diffuse(latents, epsilon=eps, t=t, shift=TRAIN_SHIFT, loss_shift=TRAIN_SHIFT)
@@ -414,11 +469,74 @@ def build_stage_c_trainer(model_args, data_args, training_args, components=None,
         comps, use_image = build_components(model_args)
     else:
         comps, use_image = components, str(model_args.clip_image).lower() not in NO_IMAGE_ENCODER
+    cache, keep = encoder_cache_plan(StageCTask, model_args, data_args, training_args)
+    comps = without_cached_encoders(comps, cache, StageCTask.cache_encoders, keep)
     task = StageCTask(comps, config or stage_c_config_of(model_args.model_version), model_args.adaptive_loss_weight,
                       use_image, model_args.model_max_length, model_args.caption_dropout, model_args.image_embed_prob,
                       seed=training_args.seed, rank=max(training_args.process_index, 0))
     return assemble_trainer(task, model_args, data_args, training_args,
+                            dataset=use_encoder_cache(task, comps, cache, keep, training_args),
                             latent_size=data_args.resolution // cfg_mod.EFFNET_STRIDE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder cache (--cache_dir): one mechanism, ldm.data.cache
+# ---------------------------------------------------------------------------------------------
+FINGERPRINT_FLAGS = ("model_version", "weights_path", "effnet", "stage_a", "clip_text", "clip_image", "model_max_length")
+
+
+def folder_spec(task, data_args, training_args):
+    """The DatasetSpec of the trainers' image folder ([0, 1], what EfficientNet and Stage A take)."""
+    from ldm.data import DatasetSpec
+
+    return DatasetSpec("folder", data_args.dataset_path, resolution=data_args.resolution, normalize="zero_one",
+                       center_crop=data_args.center_crop, random_flip=data_args.random_flip, seed=training_args.seed,
+                       options={"skip_missing_captions": data_args.skip_missing_captions,
+                                **bucket_options(task, data_args)})
+
+
+def encoder_cache_plan(task_cls, model_args, data_args, training_args):
+    """(the "cached" DatasetSpec of the run or None, the encoders previews keep). The fingerprint
+    holds the recipe and the encoder flags, so other encoders never read these entries."""
+    if not getattr(data_args, "cache_dir", None) or not training_args.do_train:
+        return None, ()
+    from ldm.data.cache import cached_spec, check_cacheable
+
+    source = folder_spec(task_cls, data_args, training_args)
+    check_cacheable(source)
+    fingerprint = json.dumps({"recipe": task_cls.__name__, **{k: getattr(model_args, k, None) for k in FINGERPRINT_FLAGS}},
+                             sort_keys=True)
+    previews = training_args.image_logging_steps > 0 or getattr(training_args, "eval_captions", None)
+    return cached_spec(source, data_args.cache_dir, fingerprint), task_cls.preview_encoders if previews else ()
+
+
+def without_cached_encoders(comps, cache_spec, encoders, keep):
+    """`comps`, with the cached encoders never built when the cache already holds every entry."""
+    from ldm.cascade.components import Components
+    from ldm.data.cache import missing_entries
+
+    if cache_spec is None or missing_entries(cache_spec):
+        return comps
+    none = {n: (lambda: None) for n in encoders if n not in keep and comps.has(n)}
+    logger.info("encoder cache %s is complete: %s not built", cache_spec.path, ", ".join(sorted(none)) or "nothing")
+    return Components({**comps.builders, **none}, comps.dtype)
+
+
+def use_encoder_cache(task, comps, cache_spec, keep, training_args):
+    """The "cached" dataset of the run (missing entries computed with the task's encoders first),
+    the encoders it replaces released; None without a cache."""
+    if cache_spec is None:
+        return None
+    from ldm.data import build_dataset
+    from ldm.data.cache import build_encoder_cache
+
+    build_encoder_cache(cache_spec, task.cache_images, task.cache_captions, task.cache_constants,
+                        batch_size=training_args.per_device_train_batch_size)
+    task.drop_cached_encoders(keep)
+    comps.release(*[n for n in task.cache_encoders if n not in keep])
+    dataset = build_dataset(cache_spec)
+    task.cached_constants = dataset.constants
+    return dataset
 
 
 def bucket_options(task, data_args) -> dict:
@@ -428,11 +546,11 @@ def bucket_options(task, data_args) -> dict:
     return {"multi_aspect_ratio": ratios, "size_multiple": task.size_multiple} if ratios else {}
 
 
-def assemble_trainer(task, model_args, data_args, training_args, **image_kwargs):
+def assemble_trainer(task, model_args, data_args, training_args, dataset=None, **image_kwargs):
     """(DiffusionTrainer, task, ema_callback) of a Stable Cascade task: its LoRA adapters
     (--lora_rank), recompute, the folder dataset in [0, 1] (what EfficientNet and Stage A take),
     the standard callbacks (previews with the EMA weights) and the optimiser's parameter list."""
-    from ldm.data import DatasetSpec, build_dataset
+    from ldm.data import build_dataset
     from ldm.train.callbacks import standard_callbacks
     from ldm.train.trainer import DiffusionTrainer
 
@@ -441,11 +559,8 @@ def assemble_trainer(task, model_args, data_args, training_args, **image_kwargs)
         enable_lora(task, *task.lora_target, spec, seed=training_args.seed)
     if training_args.recompute:
         task.enable_recompute()
-    dataset = build_dataset(DatasetSpec(
-        "folder", data_args.dataset_path, resolution=data_args.resolution, normalize="zero_one",
-        center_crop=data_args.center_crop, random_flip=data_args.random_flip, seed=training_args.seed,
-        options={"skip_missing_captions": data_args.skip_missing_captions, **bucket_options(task, data_args)},
-    )) if training_args.do_train else None
+    if dataset is None and training_args.do_train:  # (a given dataset: the encoder cache's)
+        dataset = build_dataset(folder_spec(task, data_args, training_args))
     image_kwargs = dict(prompts=tuple(training_args.preview_prompts or DEFAULT_PREVIEW_PROMPTS),
                         num_inference_steps=model_args.num_inference_steps, seed=training_args.seed, **image_kwargs)
     callbacks, ema = standard_callbacks(training_args, image_kwargs, ema_to_images=True)  # previews with the EMA
