@@ -41,6 +41,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import paddle
 
+from ldm.data.folder import FolderDataset
 from ldm.data.spec import DatasetSpec, build_dataset, check_options, register_dataset_kind
 from ldm.utils import get_logger
 
@@ -256,17 +257,11 @@ class CachedDataset(paddle.io.Dataset):
             raise ValueError(f"the encoder cache {spec.path} has no mirrored entries for random_flip")
         self.fields = [f for f in all_fields if not f.endswith(FLIP_SUFFIX)]
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.samples)
+    set_epoch = FolderDataset.set_epoch  # (the epoch of the flip draws)
+    __len__ = FolderDataset.__len__
 
     def __getitem__(self, index: int) -> dict:
-        n = len(self.samples)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} samples")
-        index = index % n
+        index = range(len(self.samples))[index]  # IndexError out of range; negative counts from the end
         key = self.keys[index]
         out = self.cache.get(key, self.fields)
         # the folder kind's draw with a centre crop: the flip is the generator's first number
