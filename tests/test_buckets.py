@@ -212,6 +212,9 @@ def test_tiny_stage_b_run_trains_with_64px_buckets(tmp_path):
         "--image_logging_steps", "0", "--save_steps", "100"])
     trainer, task, ema = train_b.build_stage_b_trainer(m, d, t)
     assert task.size_multiple == 64
+    with pytest.raises(ValueError, match="multi_aspect_ratio"):
+        train_b.parse_stage_b_args(["--output_dir", str(tmp_path / "x"), "--model_version", "tiny",
+                                    "--multi_aspect_ratio", "3/0"])
     assert sorted(set(trainer.train_dataset.item_sizes)) == [(64, 128), (128, 64)]  # 3:2 and 2:3 at x64 sides
     trainer.fit(None, ema)
     assert trainer.state.global_step == 2

@@ -37,6 +37,7 @@ import paddle.nn.functional as F
 from ldm.cascade import settings as cfg_mod
 from ldm.cascade.settings import CascadeConfig, SamplingConfig
 from ldm.cascade.stage_b import StageBConfig, stage_b_config
+from ldm.data.buckets import parse_aspect_ratios
 from ldm.train.args import check_precision, parse_with_env_defaults
 from ldm.train.stage_c import (CAPTION_DROPOUT, DEFAULT_PREVIEW_PROMPTS, ENV_FLAG_DEFAULTS, TRAIN_SHIFT, CascadeTask,
                                CascadeModelArguments, StageCDataArguments, StageCTask, StageCTrainingArguments,
@@ -84,6 +85,7 @@ class StageBDataArguments(StageCDataArguments):
         if self.resolution < SIZE_MULTIPLE or self.resolution % SIZE_MULTIPLE:
             raise ValueError(f"--resolution must be a positive multiple of {SIZE_MULTIPLE} for Stage B, "
                              f"got {self.resolution}")
+        parse_aspect_ratios(self.multi_aspect_ratio)  # a bad --multi_aspect_ratio fails here
 
 
 def cascade_defaults(cascade: CascadeConfig) -> dict:
