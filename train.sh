@@ -11,7 +11,7 @@
 # Extra flags are passed through: sh train.sh --use_ema True --adaptive_loss_weight True
 STAGE=${STAGE:-c}
 if [ "${STAGE}" = "b" ]; then
-    TRAINER=train_stage_b_trainer.py
+    TRAINER="$(dirname "$0")/scripts/train_stage_b_trainer.py"  # found from any folder
     MODEL_VERSION=${MODEL_VERSION:-700M}
     RESOLUTION=${RESOLUTION:-$([ "${MODEL_VERSION}" = "tiny" ] && echo 128 || echo 1024)}
     NUM_INFERENCE_STEPS=${NUM_INFERENCE_STEPS:-10}

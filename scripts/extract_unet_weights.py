@@ -1,4 +1,4 @@
-"""Extract the fine-tuned Stage C or Stage B weights from a `train_stage_c_trainer.py` / `train_stage_b_trainer.py` output.
+"""Extract the fine-tuned Stage C or Stage B weights from a `train_stage_c_trainer.py` / `scripts/train_stage_b_trainer.py` output.
 
     python scripts/extract_unet_weights.py --checkpoint ./train_output/checkpoint-1000 --output stage_c_ft.safetensors
     python scripts/extract_unet_weights.py --checkpoint ./train_output --ema --output stage_c_ema.safetensors

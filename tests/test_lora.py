@@ -281,3 +281,58 @@ def test_parse_lora_arg_and_spec():
     assert (m.lora_rank, m.lora_alpha, m.lora_targets) == (4, 1.0, "attention")
     with pytest.raises(ValueError, match="lora_targets"):
         parse_stage_c_args(["--output_dir", "/tmp/x", "--lora_rank", "4", "--lora_targets", "x"])
+
+
+
+def _bf16_lora_task():
+    from ldm.train.lora import enable_lora
+    from ldm.train.task import TrainingTask
+
+    class Task(TrainingTask):
+        def __init__(self):
+            super().__init__()
+            self.add_trained("stage_c", tiny_c())
+
+    task = Task()
+    enable_lora(task, "stage_c", "c", lora.LoRASpec(4, 1.0, "attention"))
+    return task
+
+
+def _has_bf16_matmul():
+    try:
+        x = paddle.ones([2, 2], "float32").astype("bfloat16")
+        paddle.matmul(x, x)
+        return True
+    except (RuntimeError, NotImplementedError, ValueError):  # e.g. Paddle CPU: no bfloat16 matmul kernel
+        return False
+
+
+def test_cast_frozen_base_keeps_adapters_float32():
+    """--lora_rank with --bf16 on a CUDA build: the frozen base is stored in bfloat16, the adapters
+    (master weights) stay float32 (ldm.train.lora.cast_frozen_base, called directly here on CPU)."""
+    from ldm.train.lora import cast_frozen_base
+    from ldm.train.task import TrainingTask
+
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        cast_frozen_base(TrainingTask(), "bfloat16")
+    task = _bf16_lora_task()
+    n = cast_frozen_base(task, "bfloat16")
+    params = dict(task.stage_c.named_parameters())
+    adapters = {k for k in params if ".lora_" in k}
+    assert adapters and n == len(params) - len(adapters)
+    assert all(params[k].dtype == paddle.float32 and not params[k].stop_gradient for k in adapters)
+    assert all(p.dtype == paddle.bfloat16 and p.stop_gradient for k, p in params.items() if k not in adapters)
+    assert task.base_dtype == "bfloat16" and set(task.trainable_parameters()) == {"stage_c." + k for k in adapters}
+
+
+@pytest.mark.skipif(not _has_bf16_matmul(), reason="this Paddle build has no bfloat16 matmul kernel (CPU)")
+def test_bf16_base_forward_runs_under_autocast():
+    """The adapters' forward over a bfloat16 base under bf16 autocast (the Trainer's --bf16 step)."""
+    from ldm.train.lora import cast_frozen_base
+
+    task = _bf16_lora_task()
+    cast_frozen_base(task, "bfloat16")
+    a, kw = c_inputs()
+    with paddle.no_grad(), paddle.amp.auto_cast(dtype="bfloat16", level="O1"):
+        out = task.stage_c(*a, **kw)
+    assert np.isfinite(out.astype("float32").numpy()).all()

@@ -2,7 +2,7 @@
 
     python -m paddle.distributed.launch --nproc_per_node 2 tests/test_stage_b_distributed.py <out> [flags]
 
-runs this file as a worker: `train_stage_b_trainer.main` for one epoch of the 8-image demo set
+runs this file as a worker: `scripts/train_stage_b_trainer.main` for one epoch of the 8-image demo set
 (2 steps of 2 images per rank), recording each rank's captions, then every rank writes its own
 Stage B parameters; once fully trained, once as a LoRA run. The test checks that the ranks read
 disjoint halves of the data and end with identical parameters that moved from the initial ones.
@@ -22,7 +22,7 @@ def worker(out, extra):
     sys.path.insert(0, ROOT)
     import paddle
 
-    import train_stage_b_trainer as script
+    from scripts import train_stage_b_trainer as script
 
     trainer = script.main([
         "--do_train", "--dataset_path", DEMO, "--output_dir", os.path.join(out, "train"), "--model_version", "tiny",

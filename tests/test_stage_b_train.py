@@ -1,4 +1,4 @@
-"""Stage B fine-tuning (train_stage_b_trainer.py) on the offline tiny preset, CPU, fp32.
+"""Stage B fine-tuning (scripts/train_stage_b_trainer.py) on the offline tiny preset, CPU, fp32.
 
 - the step follows train/train_b.py: pyramid noise (unit variance, the levels of the original),
   EfficientNet latents of the nearest-resized image at a multiple of 32, zeros for the others;
@@ -21,7 +21,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "assets", "demo_dataset")
 
-import train_stage_b_trainer as script  # noqa: E402
+from scripts import train_stage_b_trainer as script  # noqa: E402
 import ldm.train.stage_b as train_b  # noqa: E402
 
 
@@ -228,7 +228,10 @@ def test_train_sh_stage_b(tmp_path):
                               check=True).stdout.splitlines()
 
     out = run(STAGE="b")
-    assert out[:2] == ["-u", "train_stage_b_trainer.py"]
+    assert out[:2] == ["-u", "./scripts/train_stage_b_trainer.py"]
+    elsewhere = subprocess.run(["sh", os.path.join(ROOT, "train.sh")], cwd=tmp_path, env={**env, "STAGE": "b"},
+                               capture_output=True, text=True, check=True).stdout.splitlines()
+    assert elsewhere[:2] == ["-u", os.path.join(ROOT, "scripts", "train_stage_b_trainer.py")]  # from any folder
     m, d, t = train_b.parse_stage_b_args(out[2:])
     assert (m.model_version, d.resolution, m.num_inference_steps, t.output_dir) == ("700M", 1024, 10, "./train_output_b")
     m, d, t = train_b.parse_stage_b_args(run(STAGE="b", MODEL_VERSION="tiny")[2:])

@@ -14,12 +14,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import paddle
+
 from ldm.lora import TARGETS, LoRASpec, add_lora, save_lora
 from ldm.utils import get_logger
 
 logger = get_logger("ldm.train.lora")
 
-__all__ = ["LoRAArguments", "enable_lora", "write_lora_files", "LORA_FILE"]
+__all__ = ["LoRAArguments", "enable_lora", "cast_frozen_base", "write_lora_files", "LORA_FILE"]
 
 LORA_FILE = "{part}_lora{ema}.safetensors"
 
@@ -52,6 +54,26 @@ def enable_lora(task, part: str, stage: str, spec: LoRASpec, seed: int = 0) -> i
     task.lora = (part, stage, spec)
     n = task.select_trainable(lambda name, p: ".lora_" in name)
     logger.info("LoRA: %d adapter tensors train, the base network is frozen", n)
+    return n
+
+
+def cast_frozen_base(task, dtype: str = "bfloat16") -> int:
+    """Store the frozen base of a LoRA task's trained part in `dtype` (issue 11 section 2: "only the
+    adapters train (base frozen, bf16 on GPU)"): every floating parameter that does not train is cast
+    in place; the adapters stay float32 (their master weights, what the optimiser and EMA update).
+    The recipe's assembly calls it for --lora_rank with --bf16 on a CUDA build; the forward then
+    needs bf16 autocast (the Trainer's --bf16 step, `CascadeTask.evaluating` for previews).
+    Returns how many parameters were cast."""
+    if getattr(task, "lora", None) is None:
+        raise ValueError("cast_frozen_base: the task has no LoRA adapters (--lora_rank 0 trains the whole network)")
+    layer, target = getattr(task, task.lora[0]), getattr(paddle, dtype)
+    n = 0
+    for p in layer.parameters():
+        if p.stop_gradient and paddle.is_floating_point(p) and p.dtype != target:
+            layer._transform(p, None, dtype, None)  # in place: the Parameter objects stay the same
+            n += 1
+    task.base_dtype = dtype
+    logger.info("LoRA: %d frozen base parameters stored in %s, the adapters in float32", n, dtype)
     return n
 
 

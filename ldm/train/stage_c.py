@@ -27,6 +27,7 @@ Checkpoint files (`TrainingTask.save_trained` / `save_ema`): `stage_c.safetensor
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from ldm.cascade.settings import CascadeConfig, SamplingConfig
 from ldm.cascade.stage_c import StageCConfig
 from ldm.data.buckets import OFFICIAL_ASPECT_RATIOS, parse_aspect_ratios
 from ldm.train.args import DiffusionTrainingArguments, check_precision, parse_with_env_defaults
-from ldm.train.lora import LoRAArguments, enable_lora, write_lora_files
+from ldm.train.lora import LoRAArguments, cast_frozen_base, enable_lora, write_lora_files
 from ldm.train.task import TrainingTask
 from ldm.utils import get_logger
 
@@ -228,6 +229,16 @@ class CascadeTask(TrainingTask):
     size_multiple = cfg_mod.EFFNET_STRIDE  # image sides of the aspect buckets (EfficientNet stride)
     weight_files = (STAGE_C_FILE, STAGE_C_EMA_FILE)
     train_config_file = TRAIN_CONFIG_FILE
+
+    base_dtype = "float32"  # of the frozen base of a LoRA run (ldm.train.lora.cast_frozen_base)
+
+    @contextlib.contextmanager
+    def evaluating(self, ema=None):
+        """TrainingTask.evaluating, under bf16 autocast when the frozen base is stored in bfloat16
+        (previews and held-out losses run outside the Trainer's --bf16 step)."""
+        with super().evaluating(ema) as with_ema, paddle.amp.auto_cast(
+                enable=self.base_dtype == "bfloat16", dtype="bfloat16", level="O1"):
+            yield with_ema
 
     def enable_recompute(self) -> None:
         part = self.lora_target[0]
@@ -557,6 +568,8 @@ def assemble_trainer(task, model_args, data_args, training_args, dataset=None, *
     spec = model_args.lora_spec()
     if spec is not None:  # --lora_rank: only the adapters train (ldm.train.lora)
         enable_lora(task, *task.lora_target, spec, seed=training_args.seed)
+        if training_args.bf16 and paddle.is_compiled_with_cuda():  # base frozen, bf16 on GPU (issue 11)
+            cast_frozen_base(task, "bfloat16")
     if training_args.recompute:
         task.enable_recompute()
     if dataset is None and training_args.do_train:  # (a given dataset: the encoder cache's)

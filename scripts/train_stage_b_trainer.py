@@ -1,6 +1,6 @@
 """Stable Cascade Stage B fine-tuning with the PaddleNLP Trainer (`STAGE=b sh train.sh`).
 
-    python -u train_stage_b_trainer.py --do_train --dataset_path ./assets/demo_dataset \
+    python -u scripts/train_stage_b_trainer.py --do_train --dataset_path ./assets/demo_dataset \
         --output_dir ./train_output_b --model_version tiny --resolution 128 --max_steps 20
 
 The same flags and behaviour as train_stage_c_trainer.py (data, EMA, checkpoints and exact resume,
@@ -8,9 +8,14 @@ VisualDL, multi-GPU through `python -m paddle.distributed.launch`, --sharding, -
 --lora_rank), plus Stage B's own: --stage_a, --effnet_prob; flags: ldm/train/stage_b.py.
 `scripts/extract_unet_weights.py` turns a checkpoint into a Stage B file for `inference.py --stage_b`.
 """
+import os
+import sys
 
+# The one accepted exception (as scripts/evaluate.py): this script lives in scripts/ but reads the
+# top-level config.py like train_stage_c_trainer.py, so the repository root goes on sys.path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.utils import quiet_third_party, run_main
+from ldm.utils import quiet_third_party, run_main  # noqa: E402
 
 if __name__ == "__main__":
     quiet_third_party()  # before paddle is imported
