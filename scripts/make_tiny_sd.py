@@ -4,7 +4,9 @@
     python scripts/make_tiny_sd.py --output_dir ./tiny_sd --dataset_dir assets/demo_dataset --jsonl ./demo.jsonl
 
 Writes <output_dir>/{vae,text_encoder,tokenizer,scheduler}/ and <output_dir>/unet_config.json
-(ldm.sd.tiny.write_tiny_sd; --unet_weights also writes unet/). With --dataset_dir and --jsonl, also
+(ldm.sd.tiny.write_tiny_sd; --unet_weights also writes unet/). Built with ppdiffusers (Paddle-layout
+weights; only requirements.txt needed) unless --backend torch (diffusers/transformers layout; needs
+torch, diffusers and transformers from requirements-dev.txt). With --dataset_dir and --jsonl, also
 turns a folder of NAME.jpg + NAME.txt pairs into the {"caption", "image"} jsonl that
 create_pretraining_data.py reads (absolute image paths). Needs no network.
 `STAGE=sd MODEL_VERSION=tiny sh train.sh` runs the whole recipe: this, create_pretraining_data.py,
@@ -26,6 +28,9 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", required=True, help="folder for vae/, text_encoder/, tokenizer/, scheduler/")
     p.add_argument("--unet_weights", action="store_true", help="also write a random-init unet/ folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=("paddle", "torch"), default="paddle",
+                   help="paddle: ppdiffusers, Paddle-layout weights (default, no torch needed); "
+                        "torch: diffusers/transformers PyTorch layout (requirements-dev.txt)")
     p.add_argument("--dataset_dir", default=None, help="folder of NAME.jpg + NAME.txt pairs to list in --jsonl")
     p.add_argument("--jsonl", default=None, help="jsonl to write from --dataset_dir")
     args = p.parse_args(argv)
@@ -56,7 +61,8 @@ def main(argv=None):
     args = parse_args(argv)
     from ldm.sd.tiny import write_tiny_sd
 
-    summary = {"components": os.path.abspath(write_tiny_sd(args.output_dir, args.unet_weights, args.seed))}
+    summary = {"components": os.path.abspath(write_tiny_sd(args.output_dir, args.unet_weights, args.seed,
+                                                             backend=args.backend))}
     if args.dataset_dir is not None:
         summary["jsonl"] = os.path.abspath(args.jsonl)
         summary["records"] = write_folder_jsonl(args.dataset_dir, args.jsonl)

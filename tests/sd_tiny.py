@@ -1,11 +1,17 @@
 """Tiny Stable Diffusion v1 components for the SD tests: ldm.sd.tiny (build_tiny_sd is
-ldm.sd.tiny.write_tiny_sd), plus write_images_jsonl, a small synthetic image set.
+ldm.sd.tiny.write_tiny_sd with backend="torch": diffusers/transformers-layout folders, which the
+diffusers parity tests rely on), plus write_images_jsonl, a small synthetic image set.
 """
 import json
 import os
 
 from ldm.sd.tiny import SCHEDULER, TINY_CLIP, TINY_UNET, TINY_VAE, write_tokenizer  # noqa: F401  (re-exported)
-from ldm.sd.tiny import write_tiny_sd as build_tiny_sd  # noqa: F401
+from ldm.sd.tiny import write_tiny_sd
+
+
+def build_tiny_sd(folder, unet_weights=False, seed=0, backend="torch"):
+    """ldm.sd.tiny.write_tiny_sd, torch (diffusers layout) by default."""
+    return write_tiny_sd(folder, unet_weights=unet_weights, seed=seed, backend=backend)
 
 
 def write_images_jsonl(folder, n=12, size=24, seed=0):

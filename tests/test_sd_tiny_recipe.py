@@ -47,3 +47,78 @@ def test_train_sh_sd_refuses_other_versions(tmp_path):
     proc = subprocess.run(["sh", os.path.join(ROOT, "train.sh")], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "MODEL_VERSION=tiny" in proc.stderr
+
+
+_NO_TORCH = '''
+import sys
+BLOCKED = ("torch", "torchvision", "diffusers", "transformers")  # requirements-dev.txt only
+
+
+class _Hide:  # as if not installed: find_spec finds nothing, `import torch` raises ModuleNotFoundError
+    def __init__(self, finder):
+        self._finder = finder
+
+    def __getattr__(self, name):
+        return getattr(self._finder, name)
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            return None
+        find = getattr(self._finder, "find_spec", None)
+        return find(name, path, target) if find else None
+
+
+sys.meta_path[:] = [_Hide(f) for f in sys.meta_path]
+'''
+
+_PADDLE_BUILD = '''
+import json, os, sys
+out = sys.argv[1]
+from ldm.sd.tiny import write_tiny_sd
+write_tiny_sd(out, unet_weights=True, backend="paddle")
+from ldm.sd.loading import (is_torch_layout, load_scheduler_config, load_text_encoder, load_tokenizer, load_unet,
+                            load_vae)
+from ldm.sd.sampling import generate, make_scheduler
+layouts = {c: is_torch_layout(os.path.join(out, c)) for c in ("vae", "text_encoder", "unet")}
+vae, te = load_vae(os.path.join(out, "vae")), load_text_encoder(os.path.join(out, "text_encoder"))
+tok = load_tokenizer(os.path.join(out, "tokenizer"))
+shapes = []
+for unet in (os.path.join(out, "unet"), os.path.join(out, "unet_config.json")):
+    sched = make_scheduler("ddim", load_scheduler_config(os.path.join(out, "scheduler")))
+    img = generate(load_unet(unet), vae, te, tok, sched, ["a red circle"], 16, 16, num_inference_steps=2, seed=1)
+    shapes.append([list(img.shape), str(img.dtype)])
+try:
+    import torch  # noqa: F401
+    torch_importable = True
+except ImportError:
+    torch_importable = False
+loaded = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "diffusers", "transformers"})
+print(json.dumps({"layouts": layouts, "shapes": shapes, "torch_importable": torch_importable, "loaded": loaded}))
+'''
+
+
+def test_write_tiny_sd_paddle_backend_without_torch(tmp_path):
+    """backend="paddle" (what make_tiny_sd.py / train.sh use) needs only requirements.txt: with
+    torch, diffusers and transformers hidden, it writes Paddle-layout folders that ldm.sd.loading
+    reads and ldm.sd.sampling.generate turns into an image (UNet weights and UNet config)."""
+    out = tmp_path / "tiny_sd"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", _NO_TORCH + _PADDLE_BUILD, str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["torch_importable"] is False and result["loaded"] == []
+    assert result["layouts"] == {"vae": False, "text_encoder": False, "unet": False}
+    assert result["shapes"] == [[[1, 16, 16, 3], "uint8"]] * 2
+    assert (out / "vae" / "diffusion_paddle_model.safetensors").is_file()
+    assert (out / "unet" / "diffusion_paddle_model.safetensors").is_file()
+    assert (out / "text_encoder" / "model.safetensors").is_file()
+    assert {"vae", "text_encoder", "tokenizer", "scheduler", "unet", "unet_config.json"} == set(os.listdir(out))
+    assert not [f for _, _, files in os.walk(out) for f in files if "pytorch" in f or f.endswith(".bin")]
+
+
+def test_write_tiny_sd_backend_checked(tmp_path):
+    from ldm.sd.tiny import write_tiny_sd
+
+    with pytest.raises(ValueError, match="backend"):
+        write_tiny_sd(tmp_path / "x", backend="jax")

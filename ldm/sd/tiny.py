@@ -2,10 +2,17 @@
 
 write_tiny_sd(folder) writes folder/{vae,text_encoder,tokenizer,scheduler}/ and
 folder/unet_config.json (a random-init UNet config for --unet_name_or_path);
-write_tiny_sd(folder, unet_weights=True) also writes folder/unet/. The networks are built in torch
-(diffusers/transformers PyTorch layout, the format of released SD v1 checkpoints, which
-ldm.sd.loading reads), so torch, diffusers and transformers must be installed. The tokenizer is a
-CLIP BPE tokenizer with the 256 byte-level symbols only (no merges), so it needs no download.
+write_tiny_sd(folder, unet_weights=True) also writes folder/unet/. Two backends, same shapes:
+- backend="paddle" (the default; what scripts/make_tiny_sd.py and `STAGE=sd MODEL_VERSION=tiny sh
+  train.sh` use): built with ppdiffusers / ppdiffusers.transformers, so only requirements.txt is
+  needed (no torch). Weights are Paddle-layout safetensors written by ldm.weights
+  (diffusion_paddle_model.safetensors for the VAE/UNet, model.safetensors for the text encoder,
+  metadata format "np") next to each model's config.json.
+- backend="torch": built with diffusers/transformers (PyTorch layout, the format of released SD v1
+  checkpoints; torch, diffusers and transformers from requirements-dev.txt). The tests' diffusers
+  parity checks use this one (tests/sd_tiny.py build_tiny_sd).
+ldm.sd.loading reads both. The tokenizer is a CLIP BPE tokenizer with the 256 byte-level symbols
+only (no merges), so it needs no download.
 Shapes: diffusers UNet2DConditionModel / AutoencoderKL and transformers CLIPTextConfig arguments;
 the byte table is GPT-2's bytes_to_unicode (openai/gpt-2 src/encoder.py).
 """
@@ -62,23 +69,66 @@ def write_tokenizer(folder, model_max_length=16):
     return folder
 
 
-def write_tiny_sd(folder, unet_weights=False, seed=0):
-    """Write the tiny random SD v1 components into folder (see the module docstring); returns folder."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+BACKENDS = ("paddle", "torch")
 
-    folder = str(folder)
-    torch.manual_seed(seed)
-    os.makedirs(folder, exist_ok=True)
-    AutoencoderKL(**TINY_VAE).save_pretrained(os.path.join(folder, "vae"))
-    CLIPTextModel(CLIPTextConfig(**TINY_CLIP)).save_pretrained(os.path.join(folder, "text_encoder"))
+
+def _write_common(folder):
     write_tokenizer(os.path.join(folder, "tokenizer"))
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(SCHEDULER, f)
     with open(os.path.join(folder, "unet_config.json"), "w") as f:
         json.dump(dict(TINY_UNET, _class_name="UNet2DConditionModel"), f)
+
+
+def _save_paddle_model(model, folder, weights_name, model_name):
+    """model's state dict as Paddle-layout safetensors (ldm.weights writer); position_ids buffers left out."""
+    from ldm.weights import save_safetensors, weights_metadata
+
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    save_safetensors(state, os.path.join(folder, weights_name), metadata=weights_metadata(model_name))
+
+
+def _write_paddle(folder, unet_weights, seed):
+    import paddle
+    from ppdiffusers import AutoencoderKL, UNet2DConditionModel
+    from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel
+
+    paddle.seed(seed)
+    vae = AutoencoderKL(**TINY_VAE)
+    vae.save_config(os.path.join(folder, "vae"))
+    _save_paddle_model(vae, os.path.join(folder, "vae"), "diffusion_paddle_model.safetensors", "sd_vae")
+    config = CLIPTextConfig(**TINY_CLIP)
+    te = CLIPTextModel(config)
+    config.save_pretrained(os.path.join(folder, "text_encoder"))
+    _save_paddle_model(te, os.path.join(folder, "text_encoder"), "model.safetensors", "sd_text_encoder")
+    if unet_weights:
+        unet = UNet2DConditionModel(**TINY_UNET)
+        unet.save_config(os.path.join(folder, "unet"))
+        _save_paddle_model(unet, os.path.join(folder, "unet"), "diffusion_paddle_model.safetensors", "sd_unet")
+
+
+def _write_torch(folder, unet_weights, seed):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    AutoencoderKL(**TINY_VAE).save_pretrained(os.path.join(folder, "vae"))
+    CLIPTextModel(CLIPTextConfig(**TINY_CLIP)).save_pretrained(os.path.join(folder, "text_encoder"))
     if unet_weights:
         UNet2DConditionModel(**TINY_UNET).save_pretrained(os.path.join(folder, "unet"))
+
+
+def write_tiny_sd(folder, unet_weights=False, seed=0, backend="paddle"):
+    """Write the tiny random SD v1 components into folder (see the module docstring); returns folder.
+    backend: "paddle" (ppdiffusers, Paddle-layout weights, no torch needed) or "torch"
+    (diffusers/transformers, PyTorch layout)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    folder = str(folder)
+    os.makedirs(folder, exist_ok=True)
+    (_write_paddle if backend == "paddle" else _write_torch)(folder, unet_weights, seed)
+    _write_common(folder)
     return folder
