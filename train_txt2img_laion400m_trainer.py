@@ -21,20 +21,11 @@ from ldm.train.sd import parse_sd_args  # noqa: E402
 
 def main(argv=None):
     set_offline()
-    model_args, data_args, training_args = parse_sd_args(argv)
-    from ldm.train.args import check_precision
-    from ldm.train.checkpoint import resolve_resume
     from ldm.train.sd import build_sd_trainer
-    from ldm.utils import set_seed
+    from ldm.train.trainer import run_training
 
-    check_precision(training_args)
-    set_seed(training_args.seed)
-    resume = resolve_resume(training_args.output_dir, training_args.resume_from_checkpoint,
-                            training_args.overwrite_output_dir) if training_args.do_train else None
-    trainer, _, ema = build_sd_trainer(model_args, data_args, training_args, resume)
-    if training_args.do_train:  # final unet/ (+ unet_ema/, text_encoder/), scheduler/
-        trainer.fit(resume, ema)
-    return trainer
+    # final unet/ (+ unet_ema/, text_encoder/), scheduler/
+    return run_training(*parse_sd_args(argv), build=build_sd_trainer)
 
 
 if __name__ == "__main__":

@@ -25,19 +25,12 @@ from ldm.train.stage_b import parse_stage_b_args  # noqa: E402
 
 def main(argv=None):
     import config
-
-    model_args, data_args, training_args = parse_stage_b_args(argv, cascade=config.CASCADE)
-    from ldm.train.checkpoint import resolve_resume
     from ldm.train.stage_b import build_stage_b_trainer
-    from ldm.utils import set_seed
+    from ldm.train.trainer import run_training
 
-    set_seed(training_args.seed)
-    resume = resolve_resume(training_args.output_dir, training_args.resume_from_checkpoint,
-                            training_args.overwrite_output_dir) if training_args.do_train else None
-    trainer, _, ema = build_stage_b_trainer(model_args, data_args, training_args)
-    if training_args.do_train:  # final stage_b.safetensors (+ stage_b_ema.safetensors, train_b_config.json)
-        trainer.fit(resume, ema)
-    return trainer
+    # final stage_b.safetensors (+ stage_b_ema.safetensors, train_b_config.json)
+    return run_training(*parse_stage_b_args(argv, cascade=config.CASCADE),
+                        build=lambda m, d, t, resume: build_stage_b_trainer(m, d, t))
 
 
 if __name__ == "__main__":

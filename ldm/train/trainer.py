@@ -276,3 +276,22 @@ def _collate_checked(samples):
         if isinstance(s, _DatasetFailure):
             return {_DATASET_ERROR: s.error, "_": np.zeros(1, np.float32)}  # paddle drops a batch without arrays
     return collate(samples)
+
+
+def run_training(model_args, data_args, training_args, build) -> DiffusionTrainer:
+    """What every training entry point does once its arguments are parsed: refuse fp16 without a
+    GPU, seed, find the checkpoint to resume (the newest complete one unless --overwrite_output_dir),
+    build the trainer (``build(model_args, data_args, training_args, resume)`` -> (trainer, task,
+    ema callback)) and, with --do_train, ``fit``."""
+    from ldm.train.args import check_precision
+    from ldm.train.checkpoint import resolve_resume
+    from ldm.utils import set_seed
+
+    check_precision(training_args)
+    set_seed(training_args.seed)
+    resume = resolve_resume(training_args.output_dir, training_args.resume_from_checkpoint,
+                            training_args.overwrite_output_dir) if training_args.do_train else None
+    trainer, _, ema = build(model_args, data_args, training_args, resume)
+    if training_args.do_train:
+        trainer.fit(resume, ema)
+    return trainer
