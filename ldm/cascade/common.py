@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ..configs import NetworkConfig
 from . import cpu_kernels
 from .attention import attention
 from .cpu_kernels import Linear
@@ -241,6 +243,22 @@ def preset_config(presets: dict, preset: str, what: str, **overrides) -> dict:
 
 def _as_list(v, n):
     return list(v) if isinstance(v, (list, tuple)) else [v] * n
+
+
+@dataclass(frozen=True)
+class CascadeUNetConfig(NetworkConfig):
+    """The leading constructor arguments Stage C and Stage B share (their configs extend it)."""
+
+    c_in: int
+    c_out: int
+    c_r: int  # width of each sinusoidal r / t_cond embedding
+    patch_size: int
+    c_cond: int  # width of the conditioning tokens
+    c_hidden: tuple  # per level
+    nhead: tuple  # per level (-1: no attention at that level)
+    blocks: tuple  # (down per level, up per level)
+    block_repeat: tuple  # (down per level, up per level)
+    level_config: tuple  # per level, letters C (ResBlock), T (TimestepBlock), A (AttnBlock), F (FeedForward)
 
 
 class CascadeUNet(nn.Layer):

@@ -12,8 +12,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ..configs import NetworkConfig, build_config, preset
-from .common import LN_EPS, CascadeUNet, LayerNorm2d
+from ..configs import build_config, preset
+from .common import LN_EPS, CascadeUNet, CascadeUNetConfig, LayerNorm2d
 
 __all__ = ["StageB", "StageBConfig", "STAGE_B_PRESETS", "STAGE_B_MODELS", "StageB_3B", "StageB_700M", "StageB_tiny", "stage_b_config"]
 
@@ -26,19 +26,9 @@ def _cond_mapper(c_in: int, c: int) -> nn.Sequential:
 
 
 @dataclass(frozen=True)
-class StageBConfig(NetworkConfig):
+class StageBConfig(CascadeUNetConfig):
     """StageB constructor arguments (modules/stage_b.py names); numbers live in STAGE_B_PRESETS."""
 
-    c_in: int
-    c_out: int
-    c_r: int  # width of each sinusoidal r / t_cond embedding
-    patch_size: int
-    c_cond: int  # width of the conditioning tokens
-    c_hidden: tuple  # per level
-    nhead: tuple  # per level (-1: no attention at that level)
-    blocks: tuple  # (down per level, up per level)
-    block_repeat: tuple  # (down per level, up per level)
-    level_config: tuple  # per level, letters C (ResBlock), T (TimestepBlock), A (AttnBlock), F (FeedForward)
     c_clip: int  # pooled text embedding width
     c_clip_seq: int  # tokens per pooled text embedding
     c_effnet: int  # Stage C / EfficientNet latent channels

@@ -12,8 +12,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ..configs import NetworkConfig, build_config, preset
-from .common import LN_EPS, CascadeUNet, LayerNorm2d
+from ..configs import build_config, preset
+from .common import LN_EPS, CascadeUNet, CascadeUNetConfig, LayerNorm2d
 
 __all__ = ["StageC", "StageCConfig", "UpDownBlock2d", "STAGE_C_PRESETS", "STAGE_C_MODELS", "StageC_3_6B", "StageC_1B", "StageC_tiny",
            "stage_c_config"]
@@ -47,19 +47,9 @@ class _Resize(nn.Layer):
 
 
 @dataclass(frozen=True)
-class StageCConfig(NetworkConfig):
+class StageCConfig(CascadeUNetConfig):
     """StageC constructor arguments (modules/stage_c.py names); numbers live in STAGE_C_PRESETS."""
 
-    c_in: int
-    c_out: int
-    c_r: int  # width of each sinusoidal r / t_cond embedding
-    patch_size: int
-    c_cond: int  # width of the conditioning tokens
-    c_hidden: tuple  # per level
-    nhead: tuple  # per level
-    blocks: tuple  # (down per level, up per level)
-    block_repeat: tuple  # (down per level, up per level)
-    level_config: tuple  # per level, letters C (ResBlock), T (TimestepBlock), A (AttnBlock), F (FeedForward)
     c_clip_text: int
     c_clip_text_pooled: int
     c_clip_img: int
