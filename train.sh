@@ -10,6 +10,12 @@
 #   STAGE=sd MODEL_VERSION=tiny sh train.sh       # SD v1 offline recipe: tiny parts, data, pretrain, sample (~1 min)
 #   LoRA: sh train.sh --lora_rank 4 --lora_alpha 1  # only the adapters train (either stage)
 # Extra flags are passed through: sh train.sh --use_ema True --adaptive_loss_weight True
+# Found from any folder: the trainers and the demo data are looked up next to this file, and the
+# Python is the repository's .venv (the README's set-up command makes it) unless PYTHON is set.
+REPO=$(dirname "$0")
+if [ -z "${PYTHON}" ]; then
+    if [ -x "${REPO}/.venv/bin/python" ]; then PYTHON="${REPO}/.venv/bin/python"; else PYTHON=python; fi
+fi
 STAGE=${STAGE:-c}
 if [ "${STAGE}" = "sd" ]; then
     # SD v1 UNet pretraining, offline tiny recipe (README "Stable Diffusion: UNet pretraining"):
@@ -21,8 +27,6 @@ if [ "${STAGE}" = "sd" ]; then
         exit 2
     fi
     set -e
-    REPO=$(dirname "$0")  # found from any folder
-    PY=${PYTHON:-python}
     OUTPUT_DIR=${OUTPUT_DIR:-./train_output_sd}
     DATASET_PATH=${DATASET_PATH:-${REPO}/assets/demo_dataset}
     RESOLUTION=${RESOLUTION:-32}
@@ -31,11 +35,11 @@ if [ "${STAGE}" = "sd" ]; then
     NUM_INFERENCE_STEPS=${NUM_INFERENCE_STEPS:-10}
     LEARNING_RATE=${LEARNING_RATE:-1e-3}
     BATCH_SIZE=${BATCH_SIZE:-2}
-    ${PY} "${REPO}/scripts/make_tiny_sd.py" --output_dir "${OUTPUT_DIR}/tiny_sd" \
+    "${PYTHON}" "${REPO}/scripts/make_tiny_sd.py" --output_dir "${OUTPUT_DIR}/tiny_sd" \
         --dataset_dir "${DATASET_PATH}" --jsonl "${OUTPUT_DIR}/data.jsonl"
-    ${PY} "${REPO}/create_pretraining_data.py" --input_path "${OUTPUT_DIR}/data.jsonl" \
+    "${PYTHON}" "${REPO}/create_pretraining_data.py" --input_path "${OUTPUT_DIR}/data.jsonl" \
         --output_path "${OUTPUT_DIR}/data" --per_part_file_num 4 --num_workers 0
-    ${PY} -u "${REPO}/train_txt2img_laion400m_trainer.py" --do_train --output_dir "${OUTPUT_DIR}/pretrain" \
+    "${PYTHON}" -u "${REPO}/train_txt2img_laion400m_trainer.py" --do_train --output_dir "${OUTPUT_DIR}/pretrain" \
         --pretrained_model_name_or_path "${OUTPUT_DIR}/tiny_sd" \
         --unet_name_or_path "${OUTPUT_DIR}/tiny_sd/unet_config.json" \
         --file_list "${OUTPUT_DIR}/data/filelist/custom_dataset.filelist.list" \
@@ -44,27 +48,27 @@ if [ "${STAGE}" = "sd" ]; then
         --warmup_steps 0 --resolution ${RESOLUTION} --image_logging_steps 1000000 --logging_steps 5 \
         --seed 23 --dataloader_num_workers 0 --model_max_length 16 --max_grad_norm 1.0 --disable_tqdm True \
         --bf16 False --num_inference_steps ${NUM_INFERENCE_STEPS} "$@"
-    ${PY} "${REPO}/scripts/generate_sd.py" --pretrained_model_name_or_path "${OUTPUT_DIR}/tiny_sd" \
+    "${PYTHON}" "${REPO}/scripts/generate_sd.py" --pretrained_model_name_or_path "${OUTPUT_DIR}/tiny_sd" \
         --unet_path "${OUTPUT_DIR}/pretrain/unet" --prompt "a red circle on a snowy white background" \
         --height ${RESOLUTION} --width ${RESOLUTION} --num_inference_steps ${NUM_INFERENCE_STEPS} \
         --scheduler ddim --seed 42 --output_dir "${OUTPUT_DIR}/samples"
     exit 0
 fi
 if [ "${STAGE}" = "b" ]; then
-    TRAINER="$(dirname "$0")/scripts/train_stage_b_trainer.py"  # found from any folder
+    TRAINER="${REPO}/scripts/train_stage_b_trainer.py"
     MODEL_VERSION=${MODEL_VERSION:-700M}
     RESOLUTION=${RESOLUTION:-$([ "${MODEL_VERSION}" = "tiny" ] && echo 128 || echo 1024)}
     NUM_INFERENCE_STEPS=${NUM_INFERENCE_STEPS:-10}
     OUTPUT_DIR=${OUTPUT_DIR:-./train_output_b}
 elif [ "${STAGE}" = "c" ]; then
-    TRAINER=train_stage_c_trainer.py
+    TRAINER="${REPO}/train_stage_c_trainer.py"
 else
     echo "STAGE must be b, c or sd, got ${STAGE}" >&2
     exit 2
 fi
 MODEL_VERSION=${MODEL_VERSION:-1B}
 if [ "${MODEL_VERSION}" = "tiny" ]; then
-    DATASET_PATH=${DATASET_PATH:-./assets/demo_dataset}
+    DATASET_PATH=${DATASET_PATH:-${REPO}/assets/demo_dataset}
     RESOLUTION=${RESOLUTION:-128}
     MAX_STEPS=${MAX_STEPS:-100}
     SAVE_STEPS=${SAVE_STEPS:-50}
@@ -87,14 +91,21 @@ USE_BF16=${USE_BF16:-False}
 RECOMPUTE=${RECOMPUTE:-False}
 SHARDING=${SHARDING:-}
 
-TRAINING_PYTHON=${TRAINING_PYTHON:-"python -u"}
-if [ -n "${GPUS}" ]; then
-    TRAINING_PYTHON="python -u -m paddle.distributed.launch --gpus ${GPUS}"
-fi
-${TRAINING_PYTHON} ${TRAINER} \
+# TRAINING_PYTHON (a command line, split on spaces) replaces "${PYTHON} -u" when set; GPUS launches
+# one process per GPU through paddle.distributed.launch.
+run_trainer() {
+    if [ -n "${GPUS}" ]; then
+        "${PYTHON}" -u -m paddle.distributed.launch --gpus "${GPUS}" "$@"
+    elif [ -n "${TRAINING_PYTHON}" ]; then
+        ${TRAINING_PYTHON} "$@"
+    else
+        "${PYTHON}" -u "$@"
+    fi
+}
+run_trainer "${TRAINER}" \
     --do_train \
-    --dataset_path ${DATASET_PATH} \
-    --output_dir ${OUTPUT_DIR} \
+    --dataset_path "${DATASET_PATH}" \
+    --output_dir "${OUTPUT_DIR}" \
     --per_device_train_batch_size ${BATCH_SIZE} \
     --gradient_accumulation_steps 1 \
     --learning_rate ${LEARNING_RATE} \

@@ -222,6 +222,7 @@ def test_train_sh_stage_b(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("USE_AMP", "fp16_opt_level", "GPUS", "MODEL_VERSION",
                                                             "RESOLUTION", "OUTPUT_DIR", "STAGE")}
     env["PATH"] = str(bin_dir) + os.pathsep + env["PATH"]
+    env["PYTHON"] = "python"  # the fake on PATH, not the repository's .venv
 
     def run(**extra):
         return subprocess.run(["sh", "train.sh"], cwd=ROOT, env={**env, **extra}, capture_output=True, text=True,
@@ -238,7 +239,7 @@ def test_train_sh_stage_b(tmp_path):
     assert (m.model_version, d.resolution, d.dataset_path) == ("tiny", 128, "./assets/demo_dataset")
     m, _, _ = train_b.parse_stage_b_args(run(STAGE="b", MODEL_VERSION="tiny")[2:] + ["--lora_rank", "4"])
     assert (m.lora_rank, m.lora_alpha, m.lora_targets) == (4, 1.0, "attention")
-    assert run()[:2] == ["-u", "train_stage_c_trainer.py"]
+    assert run()[:2] == ["-u", "./train_stage_c_trainer.py"]
     with pytest.raises(ValueError, match="multiple of 64"):
         train_b.parse_stage_b_args(["--output_dir", str(tmp_path), "--resolution", "96"])
 

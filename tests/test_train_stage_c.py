@@ -353,6 +353,7 @@ def test_train_sh_commands(tmp_path):
 
     path = _fake_python(tmp_path) + os.pathsep + os.environ["PATH"]
     env = {k: v for k, v in os.environ.items() if k not in ("USE_AMP", "fp16_opt_level", "GPUS", "MODEL_VERSION")}
+    env["PYTHON"] = "python"  # the fake on PATH, not the repository's .venv
 
     def run(**extra):
         out = subprocess.run(["sh", "train.sh"], cwd=ROOT, env={**env, "PATH": path, **extra}, capture_output=True,
@@ -360,7 +361,7 @@ def test_train_sh_commands(tmp_path):
         return out
 
     default = run()
-    assert default[:2] == ["-u", "train_stage_c_trainer.py"]
+    assert default[:2] == ["-u", "./train_stage_c_trainer.py"]
     m, d, t = train_c.parse_stage_c_args(default[2:])  # every flag of train.sh parses
     assert (m.model_version, d.dataset_path, t.output_dir, t.fp16, t.fp16_opt_level) == (
         "1B", "./dataset", "./train_output", False, "O1")
@@ -371,11 +372,38 @@ def test_train_sh_commands(tmp_path):
     assert (m.model_version, d.dataset_path, t.output_dir, t.fp16_opt_level, d.resolution) == (
         "tiny", "/x/data", "/x/out", "O2", 128)
     multi = run(GPUS="0,1", SHARDING="stage2", RECOMPUTE="True")
-    assert multi[:6] == ["-u", "-m", "paddle.distributed.launch", "--gpus", "0,1", "train_stage_c_trainer.py"]
+    assert multi[:6] == ["-u", "-m", "paddle.distributed.launch", "--gpus", "0,1", "./train_stage_c_trainer.py"]
     i = multi.index("--sharding")
     assert multi[i + 1] == "stage2" and multi[multi.index("--recompute") + 1] == "True"
     amp = run(USE_AMP="True")
     assert amp[amp.index("--fp16") + 1] == "True"
+
+
+def test_train_sh_from_any_folder_uses_the_repo_venv(tmp_path):
+    """Issue 12 item 11: after the README's set-up command (which makes <repo>/.venv), `sh train.sh`
+    runs that venv's Python without activation, and `sh /path/to/repo/train.sh` works from any folder."""
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo with space"
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "train.sh"), repo / "train.sh")
+    fake = repo / ".venv" / "bin" / "python"
+    fake.write_text('#!/bin/sh\necho "venv-python"\nfor a in "$@"; do echo "$a"; done\n')
+    fake.chmod(0o755)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "TRAINING_PYTHON", "GPUS", "MODEL_VERSION",
+                                                            "DATASET_PATH", "STAGE")}
+    for stage, trainer in (("c", "train_stage_c_trainer.py"), ("b", "scripts/train_stage_b_trainer.py")):
+        out = subprocess.run(["sh", str(repo / "train.sh")], cwd=elsewhere, env={**env, "STAGE": stage,
+                             "MODEL_VERSION": "tiny"}, capture_output=True, text=True, check=True).stdout.splitlines()
+        assert out[:3] == ["venv-python", "-u", f"{repo}/{trainer}"], out[:3]
+        assert out[out.index("--dataset_path") + 1] == f"{repo}/assets/demo_dataset"
+    out = subprocess.run(["sh", str(repo / "train.sh")], cwd=elsewhere, env={**env, "GPUS": "0,1"},
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[:7] == ["venv-python", "-u", "-m", "paddle.distributed.launch", "--gpus", "0,1",
+                       f"{repo}/train_stage_c_trainer.py"]
 
 
 def test_missing_weights_error_lists_files(tmp_path):

@@ -123,7 +123,7 @@ class SDDataArguments:
     random_flip: bool = field(default=False, metadata={"help": "Random horizontal flip."})
     caption_drop_prob: float = field(
         default=0.1,
-        metadata={"help": "Probability of training on an empty caption (SD v1: 10%, what guidance > 1 relies on)."},
+        metadata={"help": "Probability of training on an empty caption (SD v1: 0.1, what guidance > 1 relies on)."},
     )
 
     def __post_init__(self):

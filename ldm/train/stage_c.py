@@ -107,7 +107,7 @@ class StageCModelArguments(CascadeModelArguments):
                 "(3.6B). With tiny: optional weights of a tiny Stage C."})
     previewer: str = field(default=CascadeConfig.previewer, metadata={"help": "Previewer weights (preview images)."})
     clip_image: str = field(default=CascadeConfig.clip_image, metadata={
-        "help": "CLIP ViT-L/14 vision folder for the 10% image embeddings; 'none' disables (zeros). The default "
+        "help": "CLIP ViT-L/14 vision folder for the image embeddings (used in 1 of 10 steps); 'none' disables (zeros). The default "
                 "folder is optional: when it is absent, zeros are used with a warning."})
     num_inference_steps: int = field(default=20, metadata={"help": "Sampler steps of the logged preview images."})
     image_embed_prob: float = field(default=IMAGE_EMBED_PROB, metadata={
