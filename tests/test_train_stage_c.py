@@ -519,3 +519,9 @@ def test_checkpoint_of_the_previous_training_code_resumes(tmp_path):
     files = set(os.listdir(out / "checkpoint-3"))
     assert {"optimizer.safetensors", "scheduler.json", "rng_state_rank0.json", "train_c_state_rank0.json"} <= files
     assert not [n for n in files if n.endswith((".pdopt", ".pdparams", ".pth", ".bin"))], files
+
+
+def test_training_args_name_the_device_this_process_runs_on(tmp_path):
+    """PaddleNLP's TrainingArguments default `device: gpu` (printed with --verbose) on a CPU machine."""
+    _, _, t = train_c.parse_stage_c_args(SEED_FLAGS + ["--output_dir", str(tmp_path)])
+    assert t.device == paddle.device.get_device().split(":")[0] == "cpu"

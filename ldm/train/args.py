@@ -3,6 +3,7 @@ image logging and a debug record of the captions each rank trains on, and the pa
 `FLAG_*` environment variables (read once, here, as defaults of their explicit flags)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -63,6 +64,8 @@ def parse_with_env_defaults(classes, env_defaults: Dict[str, str], argv=None, de
     entry point's config.py) replace the dataclass defaults, and each environment variable of
     `env_defaults` (name -> argument) that is set becomes the default of its argument (0/1/true/false)."""
     parser = PdArgumentParser(classes)
+    if any(f.name == "device" for c in classes for f in dataclasses.fields(c)):  # TrainingArguments says "gpu"
+        parser.set_defaults(device=paddle.device.get_device().split(":")[0])  # what this process runs on
     parser.set_defaults(**(defaults or {}))
     parser.set_defaults(**{dest: env_bool(env) for env, dest in env_defaults.items() if env in os.environ})
     return parser.parse_args_into_dataclasses(args=argv)
