@@ -13,43 +13,32 @@ Design (issue 2):
 - Relative paths in a listing resolve against the working directory first (the seed's demo
   data is written that way), then against the listing's own folder. `create_pretraining_data.py`
   writes absolute paths, which mean the same files from any working directory.
-- Sharding is exact: there are K = world_size * num_workers consumers, consumer
-  k = rank * num_workers + worker. Per pass, the file entries are put in a deterministic order
-  (the same on every consumer); the first `(n // K) * K` entries are dealt out whole
-  (entry i goes to consumer i % K), and the records of the remaining `n % K` entries are dealt
-  out one by one (global record index j goes to consumer j % K). So in one pass every record is
-  read by exactly one consumer, for any number of files, ranks and workers (1 file with
-  2 ranks x 4 workers included), and no `--num_repeat` trick is needed. Duplicate lines in a
-  filelist (the seed's `--num_repeat`) are simply repeated passes over that file.
-- Sampling weights (second column of a `.filelist.list` line, default 1) change the ORDER of
-  the file entries in each pass: a deterministic weighted shuffle (Efraimidis-Spirakis keys
-  u**(1/w), seeded by (seed, epoch)), so heavier filelists tend to be read earlier. They do not
-  change how often a record is read per pass (repeat lines for that). Weight 0 drops a filelist.
+- Sharding (exactly once per pass over rank x DataLoader worker, whole files then records of the
+  tail files), weighted file order (the second column of a `.filelist.list` line, default 1;
+  weight 0 drops a filelist), skip-and-count, the no-valid-record error and the exact resume
+  are `ldm.data.stream.ShardedStream`'s, shared with the tar shards of `ldm.data.tars`; this
+  module reads the LAION files (listings, part-file lines) for it.
+- Paths with a scheme (s3://, hdfs://, http(s)://) open through fsspec (`ldm.data.fsio`).
 - Bad records are skipped and counted by reason (see `INVALID_REASONS`); the first example of
-  each reason is kept as `file:line`. A consumer that completes a full pass with zero valid
-  records raises `LaionDataError` naming its files instead of spinning.
-- Everything random (file order, shuffle buffer, crop, flip) comes from numpy Generators
-  seeded by (seed, epoch[, rank, worker]), so the stream is deterministic for a given
-  (seed, rank, world_size, worker, num_workers, epoch). Caption dropout and tokenization are not
-  done here: they are part of the training step (ldm.data yields raw captions).
+  each reason is kept as `file:line`.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import gzip
-import itertools
 import os
 import zlib
-from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import numpy as np
-import paddle
 
+from ldm.data import fsio
 from ldm.data.spec import DatasetSpec, check_options, register_dataset_kind
-from ldm.data.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTransform, decode_image
-from ldm.utils import dist_info, get_logger, shorten, special_file_problem
+from ldm.data.stream import (ConsumerStats, FileEntry, LaionDataError, RecordError, ShardedStream,  # noqa: F401
+                             TruncatedFile, _buffer_shuffle, check_stream, decode_record_image, pass_order)
+from ldm.data.transforms import DEFAULT_MAX_PIXELS
+from ldm.utils import get_logger, shorten
 
 logger = get_logger(__name__)
 
@@ -65,33 +54,19 @@ INVALID_REASONS = (
 )
 _READ_BUFFER = 1 << 20
 _ASCII_WS = frozenset(b" \t\n\r\x0b\x0c")  # what bytes.strip() removes
-_DECODE_REASON = {"undecodable": "undecodable", "truncated": "truncated_image", "too_large": "too_large"}
+TAR_MAGIC = b"ustar"  # POSIX ustar header magic at byte 257 (POSIX.1-2001 pax/ustar format)
+TAR_MAGIC_OFFSET = 257
 
-
-class LaionDataError(ValueError):
-    """Unusable data: a missing listed file, a bad listing line, or a consumer with no valid record."""
-
-
-class RecordError(Exception):
-    """One bad record; `reason` is one of INVALID_REASONS."""
-
-    def __init__(self, reason: str, message: str = ""):
-        super().__init__(f"{reason}: {message}" if message else reason)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    path: str  # part file, as it will be opened
-    weight: float = 1.0
-    source: str = ""  # the listing that named it ("" for a part file given directly)
+__all__ = ["INVALID_REASONS", "LaionDataError", "RecordError", "FileEntry", "ConsumerStats", "LaionDataset",
+           "LAION_OPTIONS", "build_laion_dataset", "check_file_list", "expand_file_list", "sniff_file_kind",
+           "open_part", "parse_record", "decode_record_image", "pass_order", "resolve_listed_path", "read_listing"]
 
 
 # --------------------------------------------------------------------------- listings
 
 
 def is_gzip(path: str) -> bool:
-    with open(path, "rb") as f:
+    with fsio.open_file(path, "rb") as f:
         return f.read(2) == GZIP_MAGIC
 
 
@@ -101,7 +76,19 @@ def open_part(path: str):
     Plain files get a 1 MiB read buffer: records are ~100 KB lines, which an 8 KiB buffer
     assembles from a dozen reads each.
     """
+    if fsio.has_scheme(path):
+        fh = fsio.open_file(path, "rb")
+        compressed = fh.read(2) == GZIP_MAGIC
+        fh.seek(0)
+        return gzip.GzipFile(fileobj=fh, mode="rb") if compressed else fh
     return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb", buffering=_READ_BUFFER)
+
+
+def is_tar_header(head: bytes) -> bool:
+    """True when `head` (the first bytes of a file, gunzipped) starts a ustar / GNU tar archive:
+    the magic "ustar" at byte 257 of the first header block (POSIX.1-1988 ustar; GNU tar writes
+    "ustar" and two spaces at the same offset)."""
+    return head[TAR_MAGIC_OFFSET:TAR_MAGIC_OFFSET + len(TAR_MAGIC)] == TAR_MAGIC
 
 
 _SNIFF_BYTES = 65536
@@ -133,24 +120,34 @@ def _listing_like(line: str, listing: str) -> bool:
     path = parts[0] if len(parts) == 2 and _is_number(parts[1]) else line
     if not any(c.isspace() for c in path):
         return True
+    if fsio.has_scheme(path) or fsio.has_scheme(listing):
+        return fsio.is_file(path if fsio.has_scheme(path) else fsio.join(fsio.dirname(listing), path))
     candidates = [os.path.expanduser(path), os.path.join(os.path.dirname(os.path.abspath(listing)), path)]
     return any(os.path.isfile(c) for c in candidates)
 
 
 def sniff_file_kind(path: str) -> str:
-    """The kind of a file given or listed: "part", "listing" or "empty", from the content only (never the file name).
+    """The kind of a file given or listed: "part", "tar", "listing" or "empty", from the content only
+    (never the file name).
 
-    gzip magic -> part file. Otherwise the first few non-empty lines are looked at: a listing has
+    A tar archive (plain or gzipped, `is_tar_header`) -> "tar" (a shard of `ldm.data.tars`); other
+    gzip data -> part file. Otherwise the first few non-empty lines are looked at: a listing has
     only listing-like lines (`path`, `path<whitespace>weight`, `# comment`); anything else - a
     record with >= 3 tab-separated columns, or a line that is neither - makes it a part file,
     whose bad lines are then counted as `too_few_columns` like any other bad record. A line
     longer than MAX_LISTING_LINE, or a first line that does not end within the sniffed 64 KiB,
     is no path, so such a file is a part file too (issue 12 item 5).
     """
-    if is_gzip(path):
-        return "part"
-    with open(path, "rb") as f:
+    with fsio.open_file(path, "rb") as f:
         head = f.read(_SNIFF_BYTES)
+    if head[:2] == GZIP_MAGIC:
+        try:
+            inner = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, 1024)
+        except zlib.error:
+            inner = b""
+        return "tar" if is_tar_header(inner) else "part"
+    if is_tar_header(head):
+        return "tar"
     lines = head.split(b"\n")
     if len(head) == _SNIFF_BYTES:
         if len(lines) == 1:
@@ -170,6 +167,11 @@ def resolve_listed_path(entry: str, listing: str, lineno: Optional[int] = None) 
     that is not a regular file (a FIFO, /dev/zero: reading it would hang), is a LaionDataError
     naming the listing and its line (issue 12 items 6, 9)."""
     where = f"{listing}:{lineno}" if lineno else listing
+    if fsio.has_scheme(entry) or fsio.has_scheme(listing):  # remote: absolute, or beside the listing
+        found = entry if fsio.has_scheme(entry) else fsio.join(fsio.dirname(listing), entry)
+        if not fsio.exists(found):
+            raise LaionDataError(f"{where}: listed file {shorten(found)!r} not found")
+        return found
     entry = os.path.expanduser(entry)
     if os.path.isabs(entry):
         if not os.path.lexists(entry):
@@ -185,7 +187,7 @@ def resolve_listed_path(entry: str, listing: str, lineno: Optional[int] = None) 
                 f"(tried {shorten(os.path.abspath(entry))} and {shorten(beside)})"
             )
         found = beside
-    problem = special_file_problem(found)
+    problem = fsio.file_problem(found)
     if problem:
         raise LaionDataError(f"{where}: listed {shorten(problem)}")
     return found
@@ -209,9 +211,9 @@ def _parse_listing_line(line: str, listing: str, lineno: int) -> tuple[str, floa
 def read_listing(listing: str) -> list[tuple[str, float, int]]:
     """(resolved path, weight, line number) of each non-empty, non-comment line."""
     out = []
-    with open(listing, "r", encoding="utf-8") as f:
+    with fsio.open_file(listing, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            line = raw.strip()
+            line = raw.decode("utf-8").strip()
             if not line or line.startswith("#"):
                 continue
             path, weight = _parse_listing_line(line, listing, lineno)
@@ -223,13 +225,14 @@ def expand_file_list(file_list: str) -> list[FileEntry]:
     """Part-file entries of a `.filelist.list`, a `.filelist` or a single part file.
 
     A listing's entries may be part files or listings themselves (one level of nesting, as in
-    `.filelist.list` -> `.filelist` -> parts); the kind of each file is sniffed from its content.
+    `.filelist.list` -> `.filelist` -> parts); the kind of each file is sniffed from its content
+    and kept in `FileEntry.kind` ("part", or "tar" for the tar shards `ldm.data.tars` reads).
     Weights multiply down the levels.
     """
-    problem = special_file_problem(file_list)
+    problem = fsio.file_problem(file_list)
     if problem:
         raise LaionDataError(f"file list {problem}")
-    if not os.path.isfile(file_list):
+    if not fsio.is_file(file_list):
         raise LaionDataError(f"file list {file_list!r} does not exist")
     kinds: dict[str, str] = {}
 
@@ -238,8 +241,8 @@ def expand_file_list(file_list: str) -> list[FileEntry]:
             kinds[path] = sniff_file_kind(path)
         if kinds[path] == "empty" and depth == 0:
             raise LaionDataError(f"file list {file_list!r} is empty")
-        if kinds[path] != "listing":  # a part file; an empty listed file is a part with no record
-            return [FileEntry(path, weight, source)]
+        if kinds[path] != "listing":  # a part file (or tar); an empty listed file is a part with no record
+            return [FileEntry(path, weight, source, "tar" if kinds[path] == "tar" else "part")]
         if depth >= 2:
             raise LaionDataError(f"{path}: listings nest deeper than .filelist.list -> .filelist -> part files")
         entries: list[FileEntry] = []
@@ -252,17 +255,6 @@ def expand_file_list(file_list: str) -> list[FileEntry]:
     if not entries:
         raise LaionDataError(f"{file_list}: lists no part file (empty, or every weight is 0)")
     return entries
-
-
-def pass_order(entries: list[FileEntry], seed: int, epoch: int, shuffle: bool) -> list[FileEntry]:
-    """The order of the file entries for one pass: identical on every consumer."""
-    if not shuffle:
-        return list(entries)
-    rng = np.random.default_rng([seed, epoch, 0x5EED])
-    u = rng.random(len(entries))
-    w = np.array([e.weight for e in entries], dtype=np.float64)
-    keys = np.log(np.maximum(u, 1e-300)) / w  # Efraimidis-Spirakis: larger key first
-    return [entries[i] for i in np.argsort(-keys, kind="stable")]
 
 
 # --------------------------------------------------------------------------- records
@@ -319,49 +311,32 @@ def parse_record(raw: bytes) -> tuple[str, bytes]:
     return caption, data
 
 
-def decode_record_image(
-    data: bytes, max_pixels: Optional[int], target_short_side: Optional[int], as_array: bool = False
-):
-    try:
-        return decode_image(data, max_pixels=max_pixels, target_short_side=target_short_side, as_array=as_array)
-    except ImageDecodeError as e:
-        raise RecordError(_DECODE_REASON.get(e.reason, "undecodable"), str(e)) from None
+# --------------------------------------------------------------------------- dataset
 
 
-@dataclass
-class ConsumerStats:
-    """Counts of one consumer's pass (records = valid + sum(invalid))."""
+class LaionDataset(ShardedStream):
+    """Streams (image, caption) samples from LAION-format part files (`ldm.data.stream.ShardedStream`:
+    sharding, counting, resume; see its doc for the arguments and what it yields).
 
-    rank: int = 0
-    worker: int = 0
-    records: int = 0
-    valid: int = 0
-    invalid: dict = field(default_factory=dict)  # reason -> count
-    first_example: dict = field(default_factory=dict)  # reason -> "file:line"
-    files: list = field(default_factory=list)  # distinct part files this consumer read
+    Args:
+        file_list: a `.filelist.list`, a `.filelist`, or a single part file.
+        (the rest: `ShardedStream`'s)
 
-    def add_invalid(self, reason: str, where: str) -> None:
-        self.invalid[reason] = self.invalid.get(reason, 0) + 1
-        self.first_example.setdefault(reason, where)
-
-
-def iter_consumer_lines(
-    order: list[FileEntry], consumer: int, num_consumers: int, stats: ConsumerStats
-) -> Iterator[tuple[str, int, bytes]]:
-    """(path, line number, raw line) of this consumer's share of one pass (see module doc).
-
-    A gzip stream that ends early counts as one `truncated_gzip` record at the line after the
-    last complete one (owned by the same rule as any other record).
+    `self.stats` holds the counts of the latest pass run in this process (`INVALID_REASONS`).
     """
-    n_whole = (len(order) // num_consumers) * num_consumers
-    mine = [(e.path, False) for i, e in enumerate(order[:n_whole]) if i % num_consumers == consumer]
-    mine += [(e.path, True) for e in order[n_whole:]]
-    seen = set()
-    j = 0  # global record index over the record-shared tail entries
-    for path, shared in mine:
-        if path not in seen:
-            seen.add(path)
-            stats.files.append(path)
+
+    def __init__(self, file_list: str, resolution: int = 256, **kwargs):
+        self.entries = expand_file_list(file_list)
+        tars = [e.path for e in self.entries if e.kind == "tar"]
+        if tars:
+            raise LaionDataError(
+                f"{file_list}: {len(tars)} of its files are tar shards ({shorten(tars[0])}): read them as dataset kind "
+                f"'tars' (ldm.data.tars; the trainers choose it themselves for a tar, a listing of tars or a pattern)")
+        super().__init__(file_list, resolution, **kwargs)
+
+    def read_file(self, path: str) -> Iterator[tuple]:
+        """(line number, raw line) of every non-blank line; a gzip stream that ends early raises
+        TruncatedFile("truncated_gzip") at the line after the last complete one."""
         lineno = 0
         try:
             with open_part(path) as fh:
@@ -369,206 +344,12 @@ def iter_consumer_lines(
                     lineno += 1
                     if len(raw) < 64 and not raw.strip():
                         continue  # blank lines are not records
-                    if shared:
-                        j += 1
-                        if (j - 1) % num_consumers != consumer:
-                            continue
-                    yield path, lineno, raw
+                    yield lineno, raw
         except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            owned = True
-            if shared:
-                j += 1
-                owned = (j - 1) % num_consumers == consumer
-            if owned:
-                stats.records += 1
-                stats.add_invalid("truncated_gzip", f"{path}:{lineno + 1}")
-                logger.warning("%s:%d: gzip stream ends early (%s); rest of the file skipped", path, lineno + 1, e)
+            raise TruncatedFile("truncated_gzip", lineno + 1, f"gzip stream ends early: {e}") from None
 
-
-# --------------------------------------------------------------------------- dataset
-
-
-class LaionDataset(paddle.io.IterableDataset):
-    """Streams (image, caption) samples from LAION-format part files; see the module doc.
-
-    Args:
-        file_list: a `.filelist.list`, a `.filelist`, or a single part file.
-        resolution: output side R; images are short-side resized (small ones upscaled) and
-            cropped to R x R.
-        normalize: "minus_one_one" (default, [-1, 1]) or "zero_one" ([0, 1]); see ldm.data.transforms.
-        center_crop / random_flip: crop mode and horizontal flip (ldm.data.transforms).
-        seed: base seed; epoch, rank and worker are mixed in.
-        infinite: True repeats passes forever (Trainer with max_steps); False reads one pass.
-        rank / world_size: default from ldm.utils.dist_info().
-        max_pixels: decompression-bomb guard (None disables it).
-        shuffle_files: per-pass weighted shuffle of file entries (False keeps listing order).
-        shuffle_buffer: size of a reservoir of raw lines shuffled before decoding (0 = off;
-            records then come in file order).
-
-    Yields the samples of `ldm.data.spec`: "pixel_values" float32 ndarray [3, R, R], "caption" str
-    (as stored: tokenization and caption dropout belong to the training step). Batch them with
-    `ldm.data.collate`. Inside a DataLoader, worker id / count come from paddle.io.get_worker_info();
-    `iter_consumer(worker, num_workers)` runs one consumer explicitly (tests, check_data).
-    `self.stats` holds the counts of the latest pass run in this process.
-
-    With paddlenlp's Trainer, do NOT let it wrap this dataset in IterableDatasetShard (it does so
-    when dataset_world_size > 1): this dataset already shards by rank, and the wrapper would keep
-    only every world_size-th batch of each rank's share.
-    """
-
-    def __init__(
-        self,
-        file_list: str,
-        resolution: int = 256,
-        normalize: str = "minus_one_one",
-        center_crop: bool = False,
-        random_flip: bool = False,
-        seed: int = 0,
-        infinite: bool = True,
-        rank: Optional[int] = None,
-        world_size: Optional[int] = None,
-        max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-        shuffle_files: bool = True,
-        shuffle_buffer: int = 0,
-    ):
-        super().__init__()
-        if resolution <= 0:
-            raise ValueError(f"resolution must be > 0, got {resolution}")
-        if shuffle_buffer < 0:
-            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
-        if (rank is None) != (world_size is None):
-            d_rank, d_world = dist_info()
-            rank = d_rank if rank is None else rank
-            world_size = d_world if world_size is None else world_size
-        elif rank is None:
-            rank, world_size = dist_info()
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
-        self.file_list = file_list
-        self.entries = expand_file_list(file_list)
-        self.resolution = int(resolution)
-        self.seed = int(seed)
-        self.infinite = bool(infinite)
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.max_pixels = max_pixels
-        self.shuffle_files = bool(shuffle_files)
-        self.shuffle_buffer = int(shuffle_buffer)
-        self.transform = ImageTransform(
-            self.resolution, center_crop=center_crop, random_flip=random_flip, normalize=normalize
-        )
-        self.epoch = 0
-        self.start_batches, self.batch_size = 0, 1  # set_start
-        self.stats: Optional[ConsumerStats] = None  # the latest pass of this process's consumer
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def set_start(self, batches: int, batch_size: int) -> None:
-        """Resume (issue 12): this rank's DataLoader already consumed `batches` batches of
-        `batch_size` from this stream. A DataLoader takes batch k from worker k % num_workers, so
-        worker w of the resumed loader continues consumer (w + batches) % num_workers at its
-        position: the batches then come exactly as in an uninterrupted run. The consumed samples
-        are read again and dropped (their random draws included)."""
-        if batches < 0 or batch_size < 1:
-            raise ValueError(f"need batches >= 0 and batch_size >= 1, got {batches}, {batch_size}")
-        self.start_batches, self.batch_size = int(batches), int(batch_size)
-
-    # -- iteration
-    def __iter__(self):
-        info = paddle.io.get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if not self.start_batches:
-            return self.iter_consumer(worker, num_workers)
-        done = self.start_batches
-        worker = (worker + done) % num_workers
-        consumed = (done // num_workers + (1 if worker < done % num_workers else 0)) * self.batch_size
-        return itertools.islice(self.iter_consumer(worker, num_workers), consumed, None)
-
-    def iter_consumer(self, worker: int = 0, num_workers: int = 1, epoch: Optional[int] = None) -> Iterator[dict]:
-        """Samples of consumer (self.rank, worker); one pass, or forever when `infinite`."""
-        if num_workers < 1 or not 0 <= worker < num_workers:
-            raise ValueError(f"need 0 <= worker < num_workers, got worker={worker} num_workers={num_workers}")
-        epoch = self.epoch if epoch is None else int(epoch)
-        while True:
-            stats = ConsumerStats(rank=self.rank, worker=worker)
-            self.stats = stats
-            yield from self._iter_pass(worker, num_workers, epoch, stats, decode_only=False)
-            self._check_pass(stats, num_workers)
-            if not self.infinite:
-                return
-            epoch += 1
-
-    def scan_consumer(self, worker: int, num_workers: int, epoch: Optional[int] = None) -> ConsumerStats:
-        """One pass of consumer (self.rank, worker) that decodes every image exactly as training
-        does but skips the resize/crop; returns its counts and never raises on bad data."""
-        epoch = self.epoch if epoch is None else int(epoch)
-        stats = ConsumerStats(rank=self.rank, worker=worker)
-        for _ in self._iter_pass(worker, num_workers, epoch, stats, decode_only=True):
-            pass
-        return stats
-
-    def _check_pass(self, stats: ConsumerStats, num_workers: int) -> None:
-        if stats.valid > 0:
-            return
-        where = f"rank {self.rank}/{self.world_size}, worker {stats.worker}/{num_workers}"
-        consumers = self.world_size * num_workers
-        if stats.records == 0 and not self.infinite:
-            logger.warning("%s: no record fell to this consumer in %s", where, self.file_list)
-            return
-        advice = (
-            "use fewer DataLoader workers (--dataloader_num_workers) or ranks, or more data "
-            "(scripts/check_data.py shows how the records are split)"
-        )
-        if stats.records == 0:
-            raise LaionDataError(
-                f"{where}: no record fell to this consumer in a full pass: the data set has fewer records than "
-                f"the {consumers} consumers ({self.world_size} rank(s) x {num_workers} DataLoader worker(s)), "
-                f"each record going to exactly one of them (or this consumer's files are empty); {advice}; "
-                f"file list {self.file_list}"
-            )
-        raise LaionDataError(
-            f"{where}: a full pass over {stats.records} record(s) gave no valid sample "
-            f"(invalid: {stats.invalid}, first examples: {stats.first_example}); "
-            f"files: {stats.files}; file list {self.file_list}. If the data set has fewer valid records than "
-            f"the {consumers} consumers ({self.world_size} rank(s) x {num_workers} DataLoader worker(s)), {advice}"
-        )
-
-    def _iter_pass(self, worker, num_workers, epoch, stats: ConsumerStats, decode_only: bool):
-        consumer = self.rank * num_workers + worker
-        num_consumers = self.world_size * num_workers
-        order = pass_order(self.entries, self.seed, epoch, self.shuffle_files)
-        rng = np.random.default_rng([self.seed, epoch, self.rank, self.world_size, worker, num_workers])
-        lines = iter_consumer_lines(order, consumer, num_consumers, stats)
-        if self.shuffle_buffer > 0:
-            lines = _buffer_shuffle(lines, self.shuffle_buffer, rng)
-        for path, lineno, raw in lines:
-            stats.records += 1
-            try:
-                caption, data = parse_record(raw)
-                img = decode_record_image(
-                    data, self.max_pixels, self.resolution, as_array=self.transform.prefers_array
-                )
-            except RecordError as e:
-                stats.add_invalid(e.reason, f"{path}:{lineno}")
-                continue
-            stats.valid += 1
-            if decode_only:
-                yield None
-                continue
-            yield {"pixel_values": self.transform(img, rng), "caption": caption}  # float32 [3, R, R]
-
-
-def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
-    buf = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        i = int(rng.integers(size))
-        buf[i], item = item, buf[i]
-        yield item
-    while buf:
-        yield buf.pop(int(rng.integers(len(buf))))
+    def parse_record(self, record: bytes) -> tuple:
+        return parse_record(record)
 
 
 LAION_OPTIONS = ("infinite", "max_pixels", "shuffle_files", "shuffle_buffer")
@@ -601,47 +382,12 @@ def check_file_list(
     epoch: int = 0,
 ) -> dict:
     """One full pass of every (rank, worker) consumer, simulated in this process, sharded
-    exactly as training shards it. Returns the report printed by scripts/check_data.py; the
-    "first" example of each invalid reason is the earliest one in the pass (file order, line)."""
-    if world_size < 1 or num_workers < 1:
-        raise ValueError(f"world_size and num_workers must be >= 1, got {world_size}, {num_workers}")
-    per_consumer, invalid, all_files = [], {}, set()
-    records = valid = 0
-    position: dict = {}  # part file -> first position in this pass, for "first example"
+    exactly as training shards it (`ldm.data.stream.check_stream`). Returns the report printed
+    by scripts/check_data.py."""
 
-    def first_key(where: str):
-        path, line = where.rsplit(":", 1)
-        return position.get(path, len(position)), int(line)
+    def make_rank(rank: int) -> LaionDataset:
+        return LaionDataset(file_list, resolution=resolution, seed=seed, infinite=False, rank=rank,
+                            world_size=world_size, max_pixels=max_pixels)
 
-    for rank in range(world_size):
-        ds = LaionDataset(
-            file_list, resolution=resolution, seed=seed, infinite=False, rank=rank,
-            world_size=world_size, max_pixels=max_pixels,
-        )
-        if not position:
-            for e in pass_order(ds.entries, seed, epoch, ds.shuffle_files):
-                position.setdefault(e.path, len(position))
-        for worker in range(num_workers):
-            st = ds.scan_consumer(worker, num_workers, epoch=epoch)
-            records += st.records
-            valid += st.valid
-            all_files.update(st.files)
-            per_consumer.append({"rank": rank, "worker": worker, "records": st.records, "valid": st.valid})
-            for reason, count in st.invalid.items():
-                where = st.first_example[reason]
-                slot = invalid.setdefault(reason, {"count": 0, "first": where})
-                slot["count"] += count
-                if first_key(where) < first_key(slot["first"]):
-                    slot["first"] = where
-    return {
-        "file_list": file_list,
-        "world_size": world_size,
-        "num_workers": num_workers,
-        "part_files": len(all_files),
-        "file_entries": len(ds.entries),
-        "records": records,
-        "valid": valid,
-        "invalid": dict(sorted(invalid.items())),
-        "per_consumer": per_consumer,
-        "consumers_without_valid": sum(1 for c in per_consumer if c["valid"] == 0),
-    }
+    report = check_stream(make_rank, world_size, num_workers, epoch)
+    return {"file_list": file_list, "part_files": report.pop("files"), **report}
