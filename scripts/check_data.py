@@ -2,6 +2,7 @@
 
     python scripts/check_data.py --file_list data/filelist/train.filelist.list \\
         --world_size 2 --num_workers 4 [--strict]
+    python scripts/check_data.py --file_list 'shards/{00000..00099}.tar' --world_size 2 --num_workers 4
 
 Every (rank, worker) consumer is simulated in this process (no processes are spawned). The LAST
 line printed is a JSON object: records, valid, invalid ({reason: {count, first: "file:line"}}),
@@ -21,15 +22,18 @@ from ldm.utils import quiet_third_party, run_main
 if __name__ == "__main__":
     quiet_third_party()  # before paddle is imported (issue 12 item 15)
 
-from ldm.data.check import check_file_list, check_folder  # noqa: E402
+from ldm.data.check import check_folder, check_stream_source  # noqa: E402
+from ldm.data.tars import is_tar_source  # noqa: E402
 from ldm.data.transforms import DEFAULT_MAX_PIXELS  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--file_list", help="a .filelist.list, a .filelist or one part file")
-    src.add_argument("--dataset_path", help="a Stage C image/caption folder (ldm.data.folder)")
+    src.add_argument("--file_list", help="a .filelist.list, a .filelist or one part file; or tar shards: a tar, a "
+                     "listing of tars or a pattern such as 'shards/{00000..00099}.tar'")
+    src.add_argument("--dataset_path", help="a Stage C image/caption folder (ldm.data.folder), or a folder / pattern "
+                     "of tar shards")
     p.add_argument("--world_size", type=int, default=1)
     p.add_argument("--num_workers", type=int, default=1, help="DataLoader workers per rank (0 counts as 1)")
     p.add_argument("--batch_size", type=int, default=1, help="--dataset_path only: per-rank batch size")
@@ -61,22 +65,11 @@ def main(argv=None) -> int:
 
 
 def _check(args, num_workers: int) -> dict:
-    if args.dataset_path:
-        return check_folder(
-            args.dataset_path,
-            world_size=args.world_size,
-            num_workers=num_workers,
-            batch_size=args.batch_size,
-            resolution=args.resolution,
-            max_pixels=args.max_pixels or None,
-        )
-    return check_file_list(
-        args.file_list,
-        world_size=args.world_size,
-        num_workers=num_workers,
-        resolution=args.resolution,
-        max_pixels=args.max_pixels or None,
-    )
+    stream = dict(world_size=args.world_size, num_workers=num_workers, resolution=args.resolution,
+                  max_pixels=args.max_pixels or None)
+    if args.dataset_path and not is_tar_source(args.dataset_path):
+        return check_folder(args.dataset_path, batch_size=args.batch_size, **stream)
+    return check_stream_source(args.dataset_path or args.file_list, **stream)  # LAION parts or tar shards
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Data checks behind scripts/check_data.py: one full pass, sharded as training shards it.
 
-- LAION part files: `ldm.data.laion.check_file_list` (every (rank, worker) consumer of the
-  iterable dataset simulated in this process).
+- LAION part files: `ldm.data.laion.check_file_list`, tar shards: `ldm.data.tars.check_tars`
+  (every (rank, worker) consumer of the iterable dataset simulated in this process;
+  `check_stream_source` picks the one a path needs, as the trainers pick their kind).
 - Stage C caption folder: `check_folder` below. The folder dataset is map-style; training
   shards it with paddle's DistributedBatchSampler (indices padded to a multiple of world_size,
   rank r takes indices r, r + W, ...) and the DataLoader hands batch b of a rank to worker
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ldm.data.laion import check_file_list
+from ldm.data.tars import check_tars, is_tar_source
 from ldm.data.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 
 _FOLDER_REASON = {"undecodable": "undecodable", "truncated": "truncated_image", "too_large": "too_large"}
@@ -32,6 +34,12 @@ def _folder_record_problem(image: str, caption_path: str, max_pixels, target: in
     except ImageDecodeError as e:
         return _FOLDER_REASON.get(e.reason, "undecodable"), image
     return None
+
+
+def check_stream_source(path: str, **kwargs) -> dict:
+    """`check_tars` for tar shards (a tar, a folder of tars, a pattern, a listing of tars), else
+    `check_file_list` (LAION part files); kwargs: world_size, num_workers, resolution, max_pixels."""
+    return (check_tars if is_tar_source(path) else check_file_list)(path, **kwargs)
 
 
 def check_folder(
@@ -87,4 +95,4 @@ def check_folder(
     }
 
 
-__all__ = ["check_file_list", "check_folder"]
+__all__ = ["check_file_list", "check_tars", "check_stream_source", "check_folder"]

@@ -36,7 +36,8 @@ import numpy as np
 from ldm.data import fsio
 from ldm.data.spec import DatasetSpec, check_options, register_dataset_kind
 from ldm.data.stream import (ConsumerStats, FileEntry, LaionDataError, RecordError, ShardedStream,  # noqa: F401
-                             TruncatedFile, _buffer_shuffle, check_stream, decode_record_image, pass_order)
+                             TruncatedFile, _buffer_shuffle, check_stream, decode_record_image, pass_order,
+                             stream_kwargs)
 from ldm.data.transforms import DEFAULT_MAX_PIXELS
 from ldm.utils import get_logger, shorten
 
@@ -359,14 +360,7 @@ def build_laion_dataset(spec: DatasetSpec, rank: Optional[int] = None, world_siz
     """Dataset kind "laion": `spec.path` is a `.filelist.list`, a `.filelist` or a part file;
     `spec.options` may hold LAION_OPTIONS (LaionDataset's arguments of those names). The dataset
     shards itself over rank x DataLoader worker (rank / world_size default to dist_info())."""
-    height, width = spec.size
-    if height != width:
-        raise ValueError(f"dataset kind 'laion' makes square crops; got resolution {spec.resolution}")
-    return LaionDataset(
-        spec.path, resolution=height, normalize=spec.normalize, center_crop=spec.center_crop,
-        random_flip=spec.random_flip, seed=spec.seed, rank=rank, world_size=world_size,
-        **check_options(spec, LAION_OPTIONS),
-    )
+    return LaionDataset(spec.path, **stream_kwargs(spec, rank, world_size), **check_options(spec, LAION_OPTIONS))
 
 
 register_dataset_kind("laion", build_laion_dataset)

@@ -46,7 +46,7 @@ logger = get_logger(__name__)
 _DECODE_REASON = {"undecodable": "undecodable", "truncated": "truncated_image", "too_large": "too_large"}
 
 __all__ = ["LaionDataError", "RecordError", "TruncatedFile", "FileEntry", "ConsumerStats", "pass_order",
-           "deal_records", "decode_record_image", "ShardedStream", "check_stream"]
+           "deal_records", "decode_record_image", "ShardedStream", "check_stream", "stream_kwargs"]
 
 
 class LaionDataError(ValueError):
@@ -330,6 +330,16 @@ class ShardedStream(paddle.io.IterableDataset):
                 yield None
                 continue
             yield {"pixel_values": self.transform(img, rng), "caption": caption}  # float32 [3, R, R]
+
+
+def stream_kwargs(spec, rank: Optional[int], world_size: Optional[int]) -> dict:
+    """The `ShardedStream` arguments a `DatasetSpec` gives (its kind's options aside); streams make
+    square crops, so a (height, width) resolution with height != width is a ValueError."""
+    height, width = spec.size
+    if height != width:
+        raise ValueError(f"dataset kind {spec.kind!r} makes square crops; got resolution {spec.resolution}")
+    return dict(resolution=height, normalize=spec.normalize, center_crop=spec.center_crop,
+                random_flip=spec.random_flip, seed=spec.seed, rank=rank, world_size=world_size)
 
 
 def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
