@@ -1,8 +1,12 @@
-"""Convert a caption/image jsonl into LAION-format part files (seed §3.1 of the SD README).
+"""Convert a caption/image jsonl, or img2dataset output (webdataset tar shards or parquet files),
+into LAION-format part files (seed §3.1 of the SD README).
 
     python create_pretraining_data.py --input_path ./coco_data/coco_data.jsonl \\
         --output_path ./processed_data --caption_key caption --image_key image \\
         --per_part_file_num 1000 --save_gzip_file
+    python create_pretraining_data.py --input_path 'shards/{00000..00099}.tar' --output_path ./processed_data
+    python create_pretraining_data.py --input_path ./laion_parquet/ --image_column jpg --caption_column caption \\
+        --output_path ./processed_data
 
 Writes processed_data/filelist/custom_dataset.filelist(.list) and
 processed_data/laion400m_format_data/part-000001.gz. Logic: ldm/data/prepare.py.
@@ -21,10 +25,15 @@ from ldm.data.prepare import create_pretraining_data  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input_path", required=True, help="jsonl file, one {caption, image} object per line")
+    p.add_argument("--input_path", required=True,
+                   help="a jsonl file (one {caption, image} object per line); or tar shards (a tar, a folder of tars, a "
+                        "pattern such as 'shards/{00000..00099}.tar', a listing of tars); or parquet files (a file, a "
+                        "folder or a pattern) with image bytes and captions. s3:// etc. need fsspec")
     p.add_argument("--output_path", required=True, help="output folder")
     p.add_argument("--output_name", default="custom_dataset", help="name of the .filelist/.filelist.list")
-    p.add_argument("--caption_key", default="caption", help="json key of the caption")
+    p.add_argument("--caption_key", default="caption", help="json key of the caption (jsonl; a tar sample's .json)")
+    p.add_argument("--image_column", default="jpg", help="parquet column of the image bytes (img2dataset: jpg)")
+    p.add_argument("--caption_column", default="caption", help="parquet column of the caption")
     p.add_argument("--image_key", default="image", help="json key of the image path (relative to the jsonl's folder)")
     p.add_argument("--per_part_file_num", type=int, default=1000, help="records per part file")
     p.add_argument("--save_gzip_file", action="store_true", help="gzip the part files (part-000001.gz)")
@@ -47,6 +56,8 @@ def main(argv=None) -> int:
         save_gzip_file=args.save_gzip_file,
         num_repeat=args.num_repeat,
         num_workers=args.num_workers,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
     )
     if result.written == 0:
         print("error: no record was written; no filelist created", file=sys.stderr)

@@ -266,3 +266,92 @@ def test_cli_flags_and_exit_codes(tmp_path, monkeypatch, capsys):
     assert not os.path.exists(tmp_path / "out2" / "filelist" / "custom_dataset.filelist")
     with pytest.raises(FileNotFoundError):
         cli.main(["--input_path", "nope.jsonl", "--output_path", "out3"])
+
+
+# --------------------------------------------------------------------------- img2dataset inputs (issue 15 item 2)
+# captions without outer whitespace: a tar sample's .txt is stripped (ldm.data.tars.parse_sample)
+SHARDED = [
+    ("a red\tcar\non a road", "imgs/0.jpg", image_bytes(20, 10, "JPEG", seed=0)),
+    ("中文 caption", "imgs/1.png", image_bytes(6, 5, "PNG", seed=1)),
+    ("plain", "imgs/2.jpg", image_bytes(10, 16, "JPEG", seed=2)),
+    ("webp", "imgs/3.webp", image_bytes(9, 12, "WEBP", seed=3)),
+    ("five", "imgs/4.jpg", image_bytes(9, 13, "JPEG", seed=4)),
+]
+
+
+def _part_bytes(result):
+    out = []
+    for p in result.parts:
+        with gzip.open(p, "rb") as f:
+            out.append(f.read())
+    return out
+
+
+def test_tars_and_parquet_give_the_same_parts_as_the_jsonl(tmp_path):
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tar_fixtures import truncate, write_shard
+
+    kw = dict(per_part_file_num=2, save_gzip_file=True, num_workers=0, progress=False)
+    jsonl = _make_jsonl(tmp_path / "src", SHARDED)
+    ref = create_pretraining_data(str(jsonl), str(tmp_path / "from_jsonl"), **kw)
+    assert ref.written == 5 and ref.skipped == {}
+    want = _part_bytes(ref)
+
+    # webdataset shards (webdataset's TarWriter); one caption in .json only; then bad samples after them
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    samples = []
+    for j, (caption, rel, data) in enumerate(SHARDED):
+        s = {"__key__": f"{j:09d}", os.path.splitext(rel)[1][1:]: data}
+        s["json" if j == 1 else "txt"] = json.dumps({"caption": caption}).encode() if j == 1 else caption.encode()
+        samples.append(s)
+    write_shard(shards / "00000.tar", samples[:3])
+    write_shard(shards / "00001.tar", samples[3:] + [{"__key__": "nocap", "jpg": SHARDED[0][2]}])
+    bad = write_shard(shards / "00002.tar", [{"__key__": "cut", "jpg": image_bytes(40, 40, seed=9), "txt": b"cut"}])
+    with tarfile.open(bad) as t:
+        truncate(bad, t.getmembers()[0].offset_data + 50)
+    for source in (shards, str(shards / "{00000..00002}.tar")):
+        res = create_pretraining_data(str(source), str(tmp_path / "from_tars"), **kw)
+        assert res.written == 5 and res.skipped == {"no_caption": 1, "truncated_tar": 1}
+        assert _part_bytes(res) == want
+
+    # parquet (img2dataset's columns jpg + caption, a failed download with a null image), 2 files
+    pq_dir = tmp_path / "parquet"
+    pq_dir.mkdir()
+    rows = [(data, caption) for caption, _, data in SHARDED]
+    pq.write_table(pa.table({"jpg": [r[0] for r in rows[:2]] + [None], "caption": [r[1] for r in rows[:2]] + ["x"],
+                             "url": ["u"] * 3}), pq_dir / "00000.parquet")
+    pq.write_table(pa.table({"jpg": [r[0] for r in rows[2:]], "caption": [r[1] for r in rows[2:]], "url": ["u"] * 3}),
+                   pq_dir / "00001.parquet")
+    res = create_pretraining_data(str(pq_dir), str(tmp_path / "from_parquet"), **kw)
+    assert res.written == 5 and res.skipped == {"no_image": 1} and _part_bytes(res) == want
+    # other column names through the flags (a Hugging Face style image struct), one file
+    pq.write_table(pa.table({"image": [{"bytes": r[0], "path": None} for r in rows], "text": [r[1] for r in rows]}),
+                   tmp_path / "hf.parquet")
+    import create_pretraining_data as cli
+
+    assert cli.main(["--input_path", str(tmp_path / "hf.parquet"), "--output_path", str(tmp_path / "from_hf"),
+                     "--image_column", "image", "--caption_column", "text", "--per_part_file_num", "2",
+                     "--save_gzip_file", "--num_workers", "0"]) == 0
+    got = []
+    for name in ("part-000001.gz", "part-000002.gz", "part-000003.gz"):
+        with gzip.open(tmp_path / "from_hf" / "laion400m_format_data" / name, "rb") as f:
+            got.append(f.read())
+    assert got == want
+    with pytest.raises(ValueError, match="no column 'jpg'.*--image_column"):
+        create_pretraining_data(str(tmp_path / "hf.parquet"), str(tmp_path / "x"), **kw)
+
+
+def test_bad_img2dataset_input_is_one_error_line(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "create_pretraining_data.py"), "--input_path",
+                        str(tmp_path / "shards" / "{00000..00001}.tar"), "--output_path", str(tmp_path / "o")],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1 and str(tmp_path / "shards") in errors[0], r.stderr

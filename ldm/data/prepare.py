@@ -1,8 +1,22 @@
-"""Offline conversion of a caption/image jsonl into LAION-format part files.
+"""Offline conversion of a caption/image jsonl, tar shards or parquet files into LAION-format part files.
 
 Follows the seed's `create_pretraining_data.py` (stable_diffusion_README.md §3.1): every jsonl
 line `{"caption": ..., "image": "relative/or/absolute/path.jpg", ...}` becomes one part-file line
-`caption \\t NONE \\t base64(original image bytes)`. Output layout, as in the seed:
+`caption \\t NONE \\t base64(original image bytes)`. The input may also be img2dataset output
+(issue 15 item 2; `input_kind` tells them apart by content, never by file name):
+
+- webdataset tar shards: a tar, a folder of tars, a pattern (``shards/{00000..00099}.tar``) or a
+  listing of tars, read as the "tar" dataset kind reads them (`ldm.data.tars.read_shard` /
+  `parse_sample`: the image of each key, its ``.txt`` or the ``caption_key`` field of its ``.json``);
+- parquet files (a file, a folder of ``*.parquet`` or a pattern) with the image bytes in column
+  ``image_column`` (binary, or a struct with a ``bytes`` field as Hugging Face datasets store
+  images) and the caption in ``caption_column``, read in row batches with pyarrow (img2dataset's
+  ``--output_format parquet`` writes ``jpg`` and ``caption``; rows without image bytes - failed
+  downloads - are skipped as ``no_image``).
+
+The same images give the same part files from any of the three inputs (the bytes are kept as
+they are). Paths with a scheme (s3://, ...) open through fsspec (`ldm.data.fsio`). Output layout,
+as in the seed:
 
     OUT/filelist/NAME.filelist          part files, one per line (x num_repeat)
     OUT/filelist/NAME.filelist.list     NAME.filelist
@@ -31,23 +45,32 @@ from __future__ import annotations
 
 import base64
 import collections
+import itertools
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
+from ldm.data import fsio
+from ldm.data.stream import RecordError, TruncatedFile
+from ldm.data.tars import expand_pattern, expand_tar_source, is_pattern, is_tar_source, parse_sample, read_shard
 from ldm.data.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from ldm.utils import atomic_open, get_logger, special_file_problem
+from ldm.utils import atomic_open, get_logger
 
 logger = get_logger(__name__)
 
 PLACEHOLDER = "NONE"
 PART_DIR = "laion400m_format_data"
 FILELIST_DIR = "filelist"
+PARQUET_MAGIC = b"PAR1"  # Apache Parquet: a file starts and ends with these 4 bytes (parquet-format spec)
 SKIP_REASONS = (
     "bad_json",
     "missing_key",
+    "no_image",
+    "no_caption",
+    "non_utf8",
+    "truncated_tar",
     "missing_image",
     "unreadable_image",
     "undecodable",
@@ -77,6 +100,10 @@ class PrepareResult:
 
 
 def _resolve_image(path: str, jsonl_dir: str) -> str:
+    if fsio.has_scheme(path):
+        return path
+    if fsio.has_scheme(jsonl_dir):
+        return fsio.join(jsonl_dir, path)
     path = os.path.expanduser(path)
     if os.path.isabs(path):
         return path
@@ -110,22 +137,32 @@ def _parse_json_line(raw: bytes, caption_key: str, image_key: str, jsonl_dir: st
 def encode_image_file(path: str, max_pixels: Optional[int]):
     """Worker: ("ok", base64 text) or (reason, message). Bytes are kept as-is. A FIFO or device
     (`/dev/zero`) is refused before it is opened: reading it would block or never end."""
-    problem = special_file_problem(path)
+    problem = fsio.file_problem(path)
     if problem:
         return "unreadable_image", problem
     try:
-        with open(path, "rb") as f:
+        with fsio.open_file(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         return "missing_image", f"{path} does not exist"
     except OSError as e:
         return "unreadable_image", f"{path}: {e}"
+    return encode_image_bytes(data, max_pixels, path)
+
+
+def encode_image_bytes(data: bytes, max_pixels: Optional[int], name: str = "image"):
+    """Worker: ("ok", base64 of `data` as it is) when it decodes, else (reason, message)."""
     try:
         decode_image(data, max_pixels=max_pixels)
     except ImageDecodeError as e:
         reason = {"truncated": "truncated_image"}.get(e.reason, e.reason)
-        return reason, f"{path}: {e}"
+        return reason, f"{name}: {e}"
     return "ok", base64.b64encode(data).decode("ascii")
+
+
+def _encode(job: str, payload, max_pixels: Optional[int]):
+    """Worker: an image file ("file", path) or image bytes ("bytes", data) -> encode_image_*."""
+    return encode_image_file(payload, max_pixels) if job == "file" else encode_image_bytes(payload, max_pixels)
 
 
 class _PartWriter:
@@ -176,10 +213,103 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 
 def _iter_jsonl(path: str) -> Iterator[tuple[int, bytes]]:
-    with open(path, "rb") as f:
+    with fsio.open_file(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 yield lineno, line
+
+
+def _is_parquet_file(path: str) -> bool:
+    with fsio.open_file(path, "rb") as f:
+        return f.read(4) == PARQUET_MAGIC
+
+
+def parquet_files(input_path: str) -> list:
+    """The parquet files of a file, a folder (``*.parquet``, flat) or a pattern; [] when
+    `input_path` names none."""
+    if is_pattern(input_path) and not fsio.exists(input_path):
+        files = [p for p in expand_pattern(input_path) if p.lower().endswith(".parquet")]
+    elif fsio.is_dir(input_path):
+        files = [p for p in fsio.list_dir(input_path) if p.lower().endswith(".parquet") and fsio.is_file(p)]
+    else:
+        files = [input_path]
+    return [p for p in files if fsio.is_file(p) and not fsio.file_problem(p) and _is_parquet_file(p)]
+
+
+def input_kind(input_path: str) -> str:
+    """"tar" (tar shards), "parquet" (parquet files) or "jsonl", from the content of what
+    `input_path` names (a file, a folder or a pattern)."""
+    if is_tar_source(input_path):
+        return "tar"
+    try:
+        if parquet_files(input_path):
+            return "parquet"
+    except ValueError:  # a pattern that matches nothing: the jsonl check below names the path
+        pass
+    return "jsonl"
+
+
+def _jsonl_items(input_path: str, caption_key: str, image_key: str):
+    """(where, caption, "file", image path) per jsonl line, or (where, None, reason, message)."""
+    problem = fsio.file_problem(input_path)
+    if problem:
+        raise ValueError(f"input jsonl {problem}")
+    if not fsio.is_file(input_path):
+        raise FileNotFoundError(f"input jsonl {input_path!r} does not exist")
+    jsonl_dir = fsio.dirname(input_path)
+    for lineno, line in _iter_jsonl(input_path):
+        parsed, error = _parse_json_line(line, caption_key, image_key, jsonl_dir)
+        if parsed is None:
+            yield (f"{input_path}:{lineno}", None, *error)
+        else:
+            yield f"{input_path}:{lineno}", parsed[0], "file", parsed[1]
+
+
+def _tar_items(input_path: str, caption_key: str):
+    """(where, caption, "bytes", image bytes) per sample of the shards, or (where, None, reason, message)."""
+    for entry in expand_tar_source(input_path):
+        try:
+            for n, record in read_shard(entry.path):
+                try:
+                    caption, data = parse_sample(record, caption_key)
+                except RecordError as e:
+                    yield f"{entry.path}:{n}", None, e.reason, str(e)
+                    continue
+                yield f"{entry.path}:{n}", clean_caption(caption), "bytes", data
+        except TruncatedFile as e:
+            yield f"{entry.path}:{e.position}", None, e.reason, str(e)
+
+
+def _parquet_items(input_path: str, image_column: str, caption_column: str, batch_rows: int = 64):
+    """(where, caption, "bytes", image bytes) per row ("file:row", 1-based), or (where, None, reason, message)."""
+    import pyarrow.parquet as pq
+
+    files = parquet_files(input_path)
+    if not files:
+        raise ValueError(f"{input_path}: no parquet file (a .parquet file, a folder of them or a pattern)")
+    for path in files:
+        with fsio.open_file(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            names = pf.schema_arrow.names
+            missing = [c for c in (image_column, caption_column) if c not in names]
+            if missing:
+                raise ValueError(f"{path}: no column {', '.join(map(repr, missing))} (it has {', '.join(names)}); "
+                                 f"name the columns with --image_column / --caption_column")
+            row = 0
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=[image_column, caption_column]):
+                images = batch.column(image_column).to_pylist()
+                captions = batch.column(caption_column).to_pylist()
+                for image, caption in zip(images, captions):
+                    row += 1
+                    where = f"{path}:{row}"
+                    if isinstance(image, dict):  # a struct {bytes, path} (Hugging Face datasets' Image feature)
+                        image = image.get("bytes")
+                    if not isinstance(image, (bytes, bytearray)) or not image:
+                        yield where, None, "no_image", f"no image bytes in column {image_column!r}"
+                    elif not isinstance(caption, str):
+                        yield where, None, "no_caption", f"no string caption in column {caption_column!r}"
+                    else:
+                        yield where, clean_caption(caption), "bytes", bytes(image)
 
 
 def create_pretraining_data(
@@ -194,8 +324,13 @@ def create_pretraining_data(
     num_workers: int = 0,
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    image_column: str = "jpg",
+    caption_column: str = "caption",
 ) -> PrepareResult:
-    """Convert `input_path` (jsonl) into part files + filelists under `output_path`.
+    """Convert `input_path` (a jsonl, tar shards or parquet files: module doc) into part files +
+    filelists under `output_path`. `caption_key` / `image_key`: the jsonl keys (`caption_key` is
+    also the caption field of a tar sample's .json); `image_column` / `caption_column`: the
+    parquet columns.
 
     `num_workers` <= 1 runs in this process; more uses a process pool. Filelists are written
     only when at least one record was written. Returns the counts (see PrepareResult).
@@ -208,14 +343,16 @@ def create_pretraining_data(
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if not output_name or os.sep in output_name:
         raise ValueError(f"output_name must be a plain file name, got {output_name!r}")
-    problem = special_file_problem(input_path)
-    if problem:
-        raise ValueError(f"input jsonl {problem}")
-    if not os.path.isfile(input_path):
-        raise FileNotFoundError(f"input jsonl {input_path!r} does not exist")
+    kind = input_kind(input_path)
+    if kind == "tar":
+        items = _tar_items(input_path, caption_key)
+    elif kind == "parquet":
+        items = _parquet_items(input_path, image_column, caption_column)
+    else:
+        items = _jsonl_items(input_path, caption_key, image_key)
+    first = next(items, None)  # a bad input fails here, before any output is touched
     from tqdm import tqdm
 
-    jsonl_dir = os.path.dirname(os.path.abspath(input_path))
     part_dir = os.path.join(os.path.abspath(output_path), PART_DIR)
     list_dir = os.path.join(os.path.abspath(output_path), FILELIST_DIR)
     os.makedirs(part_dir, exist_ok=True)
@@ -231,35 +368,33 @@ def create_pretraining_data(
     result = PrepareResult()
     writer = _PartWriter(part_dir, per_part_file_num, save_gzip_file)
 
-    def skip(lineno: int, reason: str, message: str) -> None:
+    def skip(where: str, reason: str, message: str) -> None:
         result.skipped[reason] = result.skipped.get(reason, 0) + 1
-        logger.warning("%s:%d: skipped (%s): %s", input_path, lineno, reason, message)
+        logger.warning("%s: skipped (%s): %s", where, reason, message)
 
-    def handle(lineno: int, caption: str, outcome) -> None:
+    def handle(where: str, caption: str, outcome) -> None:
         status, payload = outcome
         if status == "ok":
             writer.write(caption, payload)
             result.written += 1
         else:
-            skip(lineno, status, payload)
+            skip(where, status, payload)
 
     pool = ProcessPoolExecutor(max_workers=num_workers) if num_workers > 1 else None
     window = 4 * max(num_workers, 1)
     in_flight: collections.deque = collections.deque()
     bar = tqdm(desc="create_pretraining_data", unit="line", disable=not progress)
     try:
-        for lineno, line in _iter_jsonl(input_path):
-            parsed, error = _parse_json_line(line, caption_key, image_key, jsonl_dir)
-            if parsed is None:
-                skip(lineno, *error)
+        for where, caption, job, payload in itertools.chain([first] if first else [], items):
+            if caption is None:  # skipped while reading: job is the reason, payload the message
+                skip(where, job, payload)
                 bar.update(1)
                 continue
-            caption, image_path = parsed
             if pool is None:
-                handle(lineno, caption, encode_image_file(image_path, max_pixels))
+                handle(where, caption, _encode(job, payload, max_pixels))
                 bar.update(1)
                 continue
-            in_flight.append((lineno, caption, pool.submit(encode_image_file, image_path, max_pixels)))
+            in_flight.append((where, caption, pool.submit(_encode, job, payload, max_pixels)))
             while len(in_flight) >= window:
                 lno, cap, fut = in_flight.popleft()
                 handle(lno, cap, fut.result())

@@ -51,7 +51,7 @@ from ldm.utils import get_logger, shorten
 logger = get_logger(__name__)
 
 __all__ = ["INVALID_REASONS", "TAR_SUFFIXES", "IMAGE_EXTENSIONS", "TAR_OPTIONS", "TarDataset", "build_tar_dataset",
-           "expand_tar_source", "is_tar_source", "stream_kind", "check_tars", "split_key"]
+           "expand_tar_source", "is_tar_source", "stream_kind", "read_shard", "parse_sample", "check_tars", "split_key"]
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -142,6 +142,55 @@ def is_tar_source(path) -> bool:
     return False
 
 
+def read_shard(path: str) -> Iterator[tuple]:
+    """(sample number, (key, {extension: bytes})) of every sample of one shard, in archive order;
+    a shard that ends early raises TruncatedFile("truncated_tar") at the sample after the last
+    complete one (the sample being read then is part of the truncation)."""
+    n, key, files = 0, None, {}
+    try:
+        with fsio.open_file(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                k, ext = split_key(member.name)
+                if k != key or ext in files:  # a new sample starts: the previous one is complete
+                    if key is not None:
+                        n += 1
+                        yield n, (key, files)
+                    key, files = k, {}
+                files[ext] = tar.extractfile(member).read()
+                tar.members = []  # stream mode keeps every header otherwise (webdataset does the same)
+        if key is not None:
+            n += 1
+            yield n, (key, files)
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise TruncatedFile("truncated_tar", n + 1, f"tar stream ends early: {e}") from None
+
+
+def parse_sample(record, caption_key: str = "caption") -> tuple:
+    """(caption, image bytes) of one sample (key, files); RecordError no_image / no_caption /
+    non_utf8 / bad_json (module doc: which files are the image and the caption)."""
+    key, files = record
+    image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+    if image is None:
+        raise RecordError("no_image", f"key {key!r} has no .jpg/.jpeg/.png/.webp (files: {sorted(files)})")
+    if "txt" in files:
+        try:
+            return files["txt"].decode("utf-8-sig").strip(), image
+        except UnicodeDecodeError:
+            raise RecordError("non_utf8", f"key {key!r}: .txt is not UTF-8") from None
+    if "json" not in files:
+        raise RecordError("no_caption", f"key {key!r} has no .txt and no .json")
+    try:
+        meta = json.loads(files["json"].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecordError("bad_json", f"key {key!r}: {e}") from None
+    caption = meta.get(caption_key) if isinstance(meta, dict) else None
+    if not isinstance(caption, str):
+        raise RecordError("no_caption", f"key {key!r}: no .txt and no string {caption_key!r} in .json")
+    return caption.strip(), image
+
+
 def stream_kind(path) -> str:
     """The stream kind of an SD `--file_list`: "tar" for tar shards (`is_tar_source`), else "laion"."""
     return "tar" if is_tar_source(path) else "laion"
@@ -164,50 +213,10 @@ class TarDataset(ShardedStream):
         super().__init__(str(source), resolution, **kwargs)
 
     def read_file(self, path: str) -> Iterator[tuple]:
-        """(sample number, (key, {extension: bytes})) of every sample of one shard, in archive
-        order; a shard that ends early raises TruncatedFile("truncated_tar") at the sample after
-        the last complete one (the sample being read then is part of the truncation)."""
-        n, key, files = 0, None, {}
-        try:
-            with fsio.open_file(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    k, ext = split_key(member.name)
-                    if k != key or ext in files:  # a new sample starts: the previous one is complete
-                        if key is not None:
-                            n += 1
-                            yield n, (key, files)
-                        key, files = k, {}
-                    files[ext] = tar.extractfile(member).read()
-                    tar.members = []  # stream mode keeps every header otherwise (webdataset does the same)
-            if key is not None:
-                n += 1
-                yield n, (key, files)
-        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise TruncatedFile("truncated_tar", n + 1, f"tar stream ends early: {e}") from None
+        return read_shard(path)
 
     def parse_record(self, record) -> tuple:
-        """(caption, image bytes) of one sample; RecordError no_image / no_caption / non_utf8 / bad_json."""
-        key, files = record
-        image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
-        if image is None:
-            raise RecordError("no_image", f"key {key!r} has no .jpg/.jpeg/.png/.webp (files: {sorted(files)})")
-        if "txt" in files:
-            try:
-                return files["txt"].decode("utf-8-sig").strip(), image
-            except UnicodeDecodeError:
-                raise RecordError("non_utf8", f"key {key!r}: .txt is not UTF-8") from None
-        if "json" not in files:
-            raise RecordError("no_caption", f"key {key!r} has no .txt and no .json")
-        try:
-            meta = json.loads(files["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RecordError("bad_json", f"key {key!r}: {e}") from None
-        caption = meta.get(self.caption_key) if isinstance(meta, dict) else None
-        if not isinstance(caption, str):
-            raise RecordError("no_caption", f"key {key!r}: no .txt and no string {self.caption_key!r} in .json")
-        return caption.strip(), image
+        return parse_sample(record, self.caption_key)
 
 
 def build_tar_dataset(spec: DatasetSpec, rank: Optional[int] = None, world_size: Optional[int] = None) -> TarDataset:
