@@ -137,6 +137,8 @@ def is_tar_source(path) -> bool:
             if not listed:
                 return False
             path = listed[0][0]
+    except fsio.MissingFsspecError:
+        raise
     except (OSError, ValueError):
         return False
     return False
