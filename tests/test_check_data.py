@@ -116,3 +116,21 @@ def test_folder_report(tmp_path, capsys):
     assert [c["valid"] for c in rep["per_consumer"]] == [1, 1, 1, 1]
     code, _ = _run(["--dataset_path", str(root), "--strict", "--resolution", "8"], capsys)
     assert code == 1
+
+
+def test_tar_shards_report_counts_by_reason(tmp_path, capsys):
+    """Tar shards (issue 15 item 1) through --dataset_path (a folder) and --file_list (patterns):
+    the counts of tests/test_tar_dataset.py's bad shards, exit codes as for part files."""
+    from test_tar_dataset import bad_shards
+
+    folder, valid, counts = bad_shards(tmp_path / "bad")
+    code, rep = _run(["--dataset_path", str(folder), "--world_size", "2", "--num_workers", "2", "--resolution", "8"],
+                     capsys)
+    assert code == 0 and rep["valid"] == len(valid) and rep["shards"] == 3
+    assert {k: v["count"] for k, v in rep["invalid"].items()} == counts
+    assert rep["invalid"]["no_caption"]["first"] == f"{folder / 'b-00000.tar'}:2"
+    assert sum(c["valid"] for c in rep["per_consumer"]) == len(valid) and len(rep["per_consumer"]) == 4
+    code, rep = _run(["--file_list", str(folder / "*.tar"), "--resolution", "8", "--strict"], capsys)
+    assert code == 1 and rep["records"] == len(valid) + sum(counts.values())
+    code, rep = _run(["--file_list", str(folder / "a-{00000..00001}.tar")], capsys)  # a-00001.tar is missing
+    assert code == 3 and "LaionDataError" in rep["error"] and "a-00001.tar" in rep["error"]

@@ -3,8 +3,8 @@
 - sources: one tar, a folder, brace and shell patterns, a listing (weights), .tar.gz; the
   trainers' kind choice (`is_tar_source`);
 - bad samples (no image, no caption, undecodable, non-UTF-8, bad json, a truncated shard) skipped
-  and counted by reason, exactly, in shards written by webdataset's TarWriter and by hand;
-  scripts/check_data.py reports the same counts;
+  and counted by reason, exactly, in shards written by webdataset's TarWriter and by hand
+  (`check_tars` over rank x worker grids; scripts/check_data.py: tests/test_check_data.py);
 - the shard x rank x worker grid (1 shard x 2 ranks x 4 workers included) reads every valid sample
   exactly once, also through a real DataLoader with 2 worker processes;
 - a resumed stream continues at the right sample, mid-shard;
@@ -14,7 +14,6 @@
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -71,6 +70,7 @@ def test_sources_and_kind_choice(tmp_path):
     folder.mkdir()
     (folder / "a.jpg").write_bytes(image_bytes())
     (folder / "a.txt").write_text("a")
+    write_shard(folder / "backup.tar", [sample("k", "k")])  # a stray tar: still a caption folder
     for other in (part, write_filelist(tmp_path / "parts.filelist", [part]), folder, tmp_path / "missing.tar"):
         assert not is_tar_source(other), other
     # the kinds through the one interface
@@ -81,7 +81,7 @@ def test_sources_and_kind_choice(tmp_path):
         build_dataset(DatasetSpec("tar", str(paths[0]), options={"bogus": 1}))
 
 
-def _bad_shards(folder):
+def bad_shards(folder):
     """Shards with every bad case; returns (source folder, valid captions, expected counts)."""
     os.makedirs(folder, exist_ok=True)
     # webdataset's writer: 4 good samples, one of them captioned by .json only, one by a .png
@@ -113,7 +113,7 @@ def _bad_shards(folder):
 
 
 def test_bad_samples_skipped_and_counted_by_reason(tmp_path):
-    folder, valid, counts = _bad_shards(tmp_path / "bad")
+    folder, valid, counts = bad_shards(tmp_path / "bad")
     ds = _ds(folder, shuffle_files=False)
     assert _captions(ds) == valid
     assert ds.stats.invalid == counts and ds.stats.valid == len(valid)
@@ -126,24 +126,6 @@ def test_bad_samples_skipped_and_counted_by_reason(tmp_path):
         assert {k: v["count"] for k, v in rep["invalid"].items()} == counts
         assert rep["invalid"]["undecodable"]["first"] == f"{folder / 'b-00000.tar'}:3"
         assert sum(c["valid"] for c in rep["per_consumer"]) == len(valid) and rep["shards"] == 3
-
-
-def test_check_data_script_reports_tar_counts(tmp_path):
-    folder, valid, counts = _bad_shards(tmp_path / "bad")
-
-    def run(*args):
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "check_data.py"), *args],
-                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        return r.returncode, json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
-
-    code, rep, _ = run("--dataset_path", str(folder), "--world_size", "2", "--num_workers", "2", "--resolution", "8")
-    assert code == 0 and rep["valid"] == len(valid)
-    assert {k: v["count"] for k, v in rep["invalid"].items()} == counts
-    code, rep, _ = run("--file_list", str(folder / "*.tar"), "--resolution", "8", "--strict")
-    assert code == 1 and rep["valid"] == len(valid)
-    code, rep, err = run("--file_list", str(folder / "a-{00000..00001}.tar"))
-    assert code == 3 and "a-00001.tar" in rep["error"]
-    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [f"error: {rep['error'].split(': ', 1)[1]}"]
 
 
 @pytest.mark.parametrize("sizes", [[13], [5, 7], [3, 1, 4, 1, 5], [2] * 9])

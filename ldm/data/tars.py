@@ -59,6 +59,7 @@ INVALID_REASONS = ("no_image", "no_caption", "non_utf8", "bad_json", "undecodabl
                    "truncated_tar")
 TAR_OPTIONS = (*LAION_OPTIONS, "caption_key")
 _PATTERN_CHARS = ("{", "*", "?", "[")
+_IMAGE_SUFFIXES = tuple(f".{e}" for e in IMAGE_EXTENSIONS)
 
 
 def split_key(name: str) -> tuple:
@@ -119,14 +120,15 @@ def expand_tar_source(path: str) -> List[FileEntry]:
 
 def is_tar_source(path) -> bool:
     """Whether `path` names tar shards (so the trainers read it as kind "tar"): a pattern of
-    ``.tar`` / ``.tar.gz`` / ``.tgz`` names, a folder holding such files, a tar (by content), or a
-    listing whose first entry is one. Anything else (including a missing path) is False."""
+    ``.tar`` / ``.tar.gz`` / ``.tgz`` names, a folder holding such files and no image, a tar (by
+    content), or a listing whose first entry is one. Anything else (a missing path too) is False."""
     path = str(path)
     try:
         if is_pattern(path) and not fsio.exists(path):
             return _is_tar_name(path)
-        if fsio.is_dir(path):
-            return any(_is_tar_name(p) for p in fsio.list_dir(path))
+        if fsio.is_dir(path):  # tars and no images (a caption folder stays a caption folder)
+            names = [p.lower() for p in fsio.list_dir(path)]
+            return any(map(_is_tar_name, names)) and not any(n.endswith(_IMAGE_SUFFIXES) for n in names)
         if not fsio.is_file(path) or fsio.file_problem(path):
             return False
         for _ in range(3):  # a tar, a listing of tars, a listing of listings of tars
