@@ -74,3 +74,57 @@ def test_caption_folder_and_jsonl_match_and_repeat(tmp_path):
         assert np.array_equal(a, b)
         with open(tmp_path / "f" / (name + ".txt"), encoding="utf-8") as f:
             assert f.read().strip() == r["caption"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the analyser (ldm.demo.score)
+# ---------------------------------------------------------------------------------------------
+def test_analyser_is_right_on_the_data_sets_own_images():
+    import io
+
+    from ldm.demo.score import accuracy, analyse
+
+    results = []
+    for k, combo in enumerate(shapes.combinations()):
+        for size in (64, 128, 256):
+            image = shapes.render(*combo, size=size, rng_or_seed=[k, size])
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG", quality=shapes.JPEG_QUALITY, subsampling=0)
+            for im in (image, Image.open(buf)):
+                results.append((combo, analyse(im)))
+    acc = accuracy(results)
+    assert acc["n"] == 90 * 6
+    assert acc["background"] == acc["color"] == acc["shape"] == acc["all"] == 1.0
+
+
+def test_analyser_is_about_chance_on_noise():
+    from ldm.demo.score import accuracy, analyse
+
+    rng = np.random.default_rng(0)
+    results = [(combo, analyse(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)))
+               for combo in shapes.combinations()]
+    acc = accuracy(results)
+    assert acc["background"] <= 1 / 6 + 0.1 and acc["color"] <= 1 / 6 + 0.1 and acc["shape"] <= 1 / 3 + 0.15
+    assert acc["all"] <= 0.1
+
+
+def test_analyser_flat_image_and_bad_input():
+    from ldm.demo.score import analyse
+
+    flat = Image.new("RGB", (64, 64), shapes.PALETTE["green"])
+    assert analyse(flat) == ("green", None, None)
+    with pytest.raises(ValueError):
+        analyse(np.zeros((64, 64), np.uint8))
+
+
+def test_score_script_on_the_data_family(capsys):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "demo_score.py")
+    spec = importlib.util.spec_from_file_location("demo_score", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--family", "data", "--k", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| data trained | 81 | 100.0% | 100.0% | 100.0% | 100.0% |" in out
+    assert "| data held-out | 9 | 100.0% |" in out
