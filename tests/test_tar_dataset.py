@@ -9,7 +9,7 @@
   exactly once, also through a real DataLoader with 2 worker processes;
 - a resumed stream continues at the right sample, mid-shard;
 - the same samples (pixels, captions) as the LAION reader on the same images;
-- a Stage C and an SD trainer run from tar shards.
+- a Stage C, a Stage B and an SD trainer run from tar shards.
 """
 import importlib.util
 import json
@@ -240,18 +240,22 @@ def _demo_shards(folder, n_shards=2):
     return len(names)
 
 
-def test_stage_c_trainer_runs_from_tar_shards(tmp_path):
-    import train_stage_c_trainer as script
+@pytest.mark.parametrize("stage", ["c", "b"])
+def test_stage_c_and_b_trainers_run_from_tar_shards(tmp_path, stage):
+    if stage == "c":
+        import train_stage_c_trainer as script
+    else:
+        from scripts import train_stage_b_trainer as script
 
     _demo_shards(tmp_path / "shards")
-    argv = ["--do_train", "--dataset_path", str(tmp_path / "shards"), "--output_dir", str(tmp_path / "out"),
+    source = tmp_path / "shards" if stage == "c" else tmp_path / "shards" / "{00000..00001}.tar"
+    argv = ["--do_train", "--dataset_path", str(source), "--output_dir", str(tmp_path / "out"),
             "--model_version", "tiny", "--resolution", "64", "--per_device_train_batch_size", "2",
             "--learning_rate", "1e-3", "--logging_steps", "1", "--seed", "3", "--report_to", "none",
             "--disable_tqdm", "True", "--image_logging_steps", "0", "--max_steps", "2", "--save_steps", "100",
             "--dataloader_num_workers", "0"]
     trainer = script.main(argv)
-    assert isinstance(trainer.train_dataset, TarDataset) or isinstance(
-        getattr(trainer.train_dataset, "dataset", None), TarDataset)
+    assert isinstance(trainer.train_dataset, TarDataset)
     assert trainer.state.global_step == 2
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(np.isfinite(losses))

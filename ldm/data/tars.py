@@ -21,7 +21,8 @@ Guarantees: those of `ldm.data.stream.ShardedStream`, shared with the LAION read
 sample is read by exactly one (rank, DataLoader worker) consumer per pass for any number of shards
 (with fewer shards than consumers, the shards' samples are dealt out by sample index), bad
 samples are skipped and counted by reason (`INVALID_REASONS`; first example "shard:N", the N-th
-sample of the shard), a consumer with no valid sample in a pass raises `LaionDataError`, and a
+sample of the shard; a shard that ends early - truncated, or an empty file - is one
+`truncated_tar` at the sample after its last complete one), a consumer with no valid sample in a pass raises `LaionDataError`, and a
 resumed run continues at its exact sample (mid-shard too).
 
 Why the project reads tars with the standard library's `tarfile` rather than through webdataset's
