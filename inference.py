@@ -1,5 +1,6 @@
 """Stable Cascade text-to-image (the seed's `python inference.py`): writes result_0.png, ...
 
+    python inference.py --preset demo --caption "a red circle on a blue background"   # the shipped demo
     python inference.py [--preset tiny]                   # seed example: 2 images, seed 1 (tiny: offline)
     python inference.py --image ref.png --caption ""      # image variation (--init_image x.png: img2img)
 """
@@ -22,8 +23,8 @@ def parse_args(argv=None):
     p.add_argument("--negative_caption", default="", help="unconditional caption (default empty)")
     p.add_argument("--seed", type=int, default=C.SEED, help="image i uses seed + i")
     p.add_argument("--batch_size", type=int, default=C.BATCH_SIZE)
-    p.add_argument("--height", type=int, help=f"rounded to a multiple of 64 (default {C.HEIGHT}, tiny {C.TINY_SIZE})")
-    p.add_argument("--width", type=int, help=f"rounded to a multiple of 64 (default {C.WIDTH}, tiny {C.TINY_SIZE})")
+    p.add_argument("--height", type=int, help=f"rounded to a multiple of 64 (default {C.HEIGHT}, presets {C.TINY_SIZE})")
+    p.add_argument("--width", type=int, help=f"rounded to a multiple of 64 (default {C.WIDTH}, presets {C.TINY_SIZE})")
     for s, d in (("c", C.STAGE_C_SAMPLING), ("b", C.STAGE_B_SAMPLING)):  # --steps_c --cfg_c --shift_c, same for b
         p.add_argument(f"--steps_{s}", type=int, default=d.steps, help=f"Stage {s.upper()} sampler steps")
         p.add_argument(f"--cfg_{s}", type=float, default=d.cfg, help=f"Stage {s.upper()} guidance scale")
@@ -31,18 +32,22 @@ def parse_args(argv=None):
     p.add_argument("--cfg_rho", type=float, default=C.STAGE_C_SAMPLING.cfg_rho, help="guidance std rescale, both stages")
     p.add_argument("--dtype", default=C.CASCADE.dtype, choices=C.DTYPES, help="bfloat16 needs a GPU; float16 is refused (overflows, use bfloat16)")
     p.add_argument("--output_dir", default=".")
-    p.add_argument("--weights_path", default=C.CASCADE.weights_path)
+    p.add_argument("--weights_path", help=f"weights folder (default {C.CASCADE.weights_path}; with --preset demo "
+                                          f"the shipped assets/demo/cascade)")
     p.add_argument("--model_c_version", default=C.CASCADE.model_c_version, choices=list(C.STAGE_C_FILES))
     p.add_argument("--model_b_version", default=C.CASCADE.model_b_version, choices=list(C.STAGE_B_FILES))
     p.add_argument("--stage_c", help="Stage C weight file instead of the folder's (e.g. a fine-tuned one; "
-                                     "with --preset tiny: a tiny Stage C, other sizes are refused)")
+                                     "with --preset tiny/demo: one of the preset's size, others are refused)")
     p.add_argument("--stage_b", help="Stage B weight file instead of the folder's (scripts/extract_unet_weights.py "
-                                     "of a Stage B run; with --preset tiny: a tiny Stage B)")
+                                     "of a Stage B run; with --preset tiny/demo: one of the preset's size)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="Stage C LoRA (community format: kohya, OneTrainer, train_stage_c_trainer.py --lora_rank); "
                         "repeatable, SCALE default 1")
     p.add_argument("--lora_b", action="append", default=[], metavar="FILE[:SCALE]", help="Stage B LoRA, as --lora")
-    p.add_argument("--preset", choices=["tiny"], default=None, help="random tiny networks, no weight files")
+    p.add_argument("--preset", choices=["demo", "tiny"], default=None,
+                   help="demo: the small networks this project trained on coloured shapes, shipped in assets/demo "
+                        "(prompts 'a {color} {shape} on a {background} background'); tiny: random tiny networks, "
+                        "no weight files (a smoke test)")
     p.add_argument("--image", help="image for CLIP image conditioning (variation)")
     p.add_argument("--init_image", help="image to start Stage C from (image-to-image)")
     p.add_argument("--strength", type=float, default=C.IMG2IMG_STRENGTH, help="img2img noise level in (0, 1]")
@@ -67,19 +72,19 @@ def parse_args(argv=None):
 
 
 def run_components(cfg, args):
-    """The networks of the run: the weights folder or the tiny preset, with --stage_c / --stage_b
-    files (of the preset's size under --preset tiny) and the LoRA files applied in memory."""
+    """The networks of the run: the weights folder or a preset (tiny, demo), with --stage_c / --stage_b
+    files (of the preset's size under --preset) and the LoRA files applied in memory."""
     from ldm.cascade import components as cp
     from ldm.cascade.loading import load_stage_b, load_stage_c
     from ldm.lora import with_lora
 
     shared = cp.shared_components(cfg, args.preset, cp.NEEDED_C + cp.NEEDED_B)
     comps = cp.Components(dict(shared.builders), shared.dtype)
-    if args.preset == "tiny":  # the file must be a tiny network: another size fails on its shapes
+    if args.preset:  # the file must be a network of the preset's size: another size fails on its shapes
         if args.stage_c:
-            comps.builders["stage_c"] = lambda: load_stage_c(cfg.stage_c, "tiny")
+            comps.builders["stage_c"] = lambda: load_stage_c(cfg.stage_c, args.preset)
         if args.stage_b:
-            comps.builders["stage_b"] = lambda: load_stage_b(cfg.stage_b, "tiny")
+            comps.builders["stage_b"] = lambda: load_stage_b(cfg.stage_b, args.preset)
     if args.lora:
         comps.builders["stage_c"] = with_lora(comps.builders["stage_c"], args.lora, "c")
     if args.lora_b:
@@ -100,11 +105,18 @@ def main(argv=None):
     for f in (args.image, args.init_image):  # a FIFO or device would block Image.open (issue 12 item 6)
         if f and special_file_problem(f):
             raise ValueError(special_file_problem(f))
-    cfg = dataclasses.replace(C.CASCADE, weights_path=args.weights_path, dtype=pl.check_dtype(args.dtype),
-                              model_c_version=args.model_c_version, model_b_version=args.model_b_version)
-    if args.model_c_version != C.CASCADE.model_c_version:  # the other version's file (config.py keeps custom names)
-        cfg = dataclasses.replace(cfg, stage_c=C.STAGE_C_FILES[args.model_c_version])
-    if args.model_b_version != C.CASCADE.model_b_version:
+    if args.preset == "demo":  # the demo's files: the shipped folder or --weights_path
+        from ldm.cascade.settings import DEMO
+
+        cfg = dataclasses.replace(DEMO, weights_path=args.weights_path or DEMO.weights_path,
+                                  dtype=pl.check_dtype(args.dtype))
+    else:
+        cfg = dataclasses.replace(C.CASCADE, weights_path=args.weights_path or C.CASCADE.weights_path,
+                                  dtype=pl.check_dtype(args.dtype), model_c_version=args.model_c_version,
+                                  model_b_version=args.model_b_version)
+    if args.preset != "demo" and args.model_c_version != C.CASCADE.model_c_version:  # the other version's file
+        cfg = dataclasses.replace(cfg, stage_c=C.STAGE_C_FILES[args.model_c_version])  # (config.py keeps custom names)
+    if args.preset != "demo" and args.model_b_version != C.CASCADE.model_b_version:
         cfg = dataclasses.replace(cfg, stage_b=C.STAGE_B_FILES[args.model_b_version])
     if args.stage_c:  # an explicit file, relative to the working directory
         cfg = dataclasses.replace(cfg, stage_c=os.path.abspath(args.stage_c))

@@ -1,6 +1,7 @@
 """The networks of a Stable Cascade run, built lazily: from the files of a weights folder
-(``file_components``) or from a named offline preset (``ldm.cascade.presets``), shared between a
-ModelC and a ModelB of the same settings (``shared_components``).
+(``file_components``), from the offline tiny preset (``ldm.cascade.presets``, random) or from the
+shipped demo (``demo_components``: the "demo" presets trained by this project, assets/demo/cascade),
+shared between a ModelC and a ModelB of the same settings (``shared_components``).
 
 This is the seam between the sampling code (``ldm.cascade.pipeline``, which only calls
 ``components.get(name)``) and the weight files: a new way of providing networks (another preset,
@@ -8,6 +9,7 @@ networks held in memory by a test) is a new ``Components(builders)``.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import weakref
@@ -19,7 +21,7 @@ from ldm import clip
 from ldm.cascade import loading
 from ldm.cascade.pipeline import check_dtype
 from ldm.cascade.presets import tiny_builders
-from ldm.cascade.settings import CascadeConfig
+from ldm.cascade.settings import DEMO, DEMO_REBUILD, CascadeConfig
 from ldm.utils import get_logger, special_file_problem
 from ldm.weights import WeightsError
 
@@ -88,8 +90,9 @@ def resolve_weights(cfg: CascadeConfig, components: Sequence[str]) -> Dict[str, 
             f"(WEIGHTS_PATH in config.py, the STABLE_CASCADE_WEIGHTS environment variable or "
             f"--weights_path). Missing {len(missing)} file(s):\n" + "\n".join(lines) +
             f"\nSee the README section \"{cfg.readme_section}\" to download the seed's archive or "
-            f"convert the official weights. (Or try `python inference.py --preset tiny`, which "
-            f"needs no files.)")
+            f"convert the official weights. (Or run the demo: `python inference.py --preset demo --caption "
+            f"\"a red circle on a blue background\"`, small networks this project trained, shipped in "
+            f"assets/demo; `--preset tiny` is a random smoke test.)")
     return found
 
 
@@ -152,7 +155,9 @@ def file_components(cfg: CascadeConfig, needed: Sequence[str]) -> Components:
 # ---------------------------------------------------------------------------- shared components
 NEEDED_C = ("tokenizer", "text_encoder", "stage_c", "previewer")
 NEEDED_B = ("tokenizer", "text_encoder", "stage_b", "stage_a")
-PRESETS = (None, "tiny")
+OFFLINE_PRESETS = ("tiny", "demo")
+PRESETS = (None, *OFFLINE_PRESETS)
+DEMO_NEEDED = ("tokenizer", "text_encoder", "stage_c", "stage_b", "stage_a", "effnet", "previewer")
 _SHARED: "weakref.WeakValueDictionary[str, Components]" = weakref.WeakValueDictionary()
 
 
@@ -166,6 +171,9 @@ def shared_components(cfg: CascadeConfig, preset: Optional[str], needed: Sequenc
     if comps is None:
         if preset == "tiny":
             comps = tiny_components(check_dtype(cfg.dtype))
+        elif preset == "demo":  # a demo config (settings.DEMO, maybe another folder) names its folder
+            comps = demo_components(check_dtype(cfg.dtype),
+                                    cfg.weights_path if cfg.model_c_version == DEMO.model_c_version else None)
         else:
             comps = file_components(cfg, needed)
         _SHARED[key] = comps
@@ -177,3 +185,42 @@ def shared_components(cfg: CascadeConfig, preset: Optional[str], needed: Sequenc
 def tiny_components(dtype: str = "float32") -> Components:
     """All eight networks of the offline tiny preset (``ldm.cascade.presets``), built lazily."""
     return Components(tiny_builders(dtype), dtype)
+
+
+def demo_components(dtype: str = "float32", weights_path: Optional[str] = None,
+                    needed: Sequence[str] = DEMO_NEEDED) -> Components:
+    """The shipped demo (``settings.DEMO``: the "demo" preset of every network, no image encoder)
+    read from ``weights_path`` (default assets/demo/cascade next to the package). Missing files
+    raise ``MissingWeightsError`` naming them and the command that rebuilds them."""
+    cfg = dataclasses.replace(DEMO, weights_path=weights_path or DEMO.weights_path, dtype=dtype)
+    try:
+        return file_components(cfg, needed)
+    except MissingWeightsError as e:
+        listed = str(e).split("\n")[1:-1]
+        raise MissingWeightsError(
+            f"demo weights not found in '{os.path.abspath(cfg.weights_path)}':\n" + "\n".join(listed) +
+            f"\nThey are part of the repository (assets/demo/cascade); `{DEMO_REBUILD}` rebuilds them from scratch "
+            f"on a CPU.") from None
+
+
+def training_components(preset: str, trained: str, trained_file: Optional[str] = None,
+                        weights_path: Optional[str] = None) -> Components:
+    """The networks of a training run on an offline preset (the trainers' ``--model_version tiny``
+    / ``demo``): tiny = all random; demo = the frozen parts from the demo files in ``weights_path``
+    (default the shipped folder). The trained network (``trained``: "stage_c" or "stage_b") comes
+    from ``trained_file`` (a network of the preset's size) or, without one, is freshly initialised
+    from the preset (tiny: its fixed seed; demo: the caller's RNG state, i.e. the run's --seed)."""
+    if preset not in OFFLINE_PRESETS:
+        raise ValueError(f"preset must be one of {OFFLINE_PRESETS}, got {preset!r}")
+    if trained not in ("stage_c", "stage_b"):
+        raise ValueError(f"trained must be 'stage_c' or 'stage_b', got {trained!r}")
+    load = loading.load_stage_c if trained == "stage_c" else loading.load_stage_b
+    if preset == "tiny":
+        comps = tiny_components()
+    else:
+        comps = demo_components(weights_path=weights_path,
+                                needed=[n for n in DEMO_NEEDED if n not in ("stage_c", "stage_b")])
+        comps.builders[trained] = lambda: load(None, preset)
+    if trained_file:
+        comps.builders[trained] = lambda: load(trained_file, preset)
+    return comps

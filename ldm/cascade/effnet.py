@@ -138,17 +138,40 @@ def efficientnet_v2_s_features(stages=V2_S_STAGES, last_channels=V2_S_LAST_CHANN
 
 @dataclass(frozen=True)
 class EfficientNetConfig(NetworkConfig):
-    """EfficientNetEncoder constructor arguments (modules/effnet.py): the backbone is fixed
-    (torchvision efficientnet_v2_s), only the latent width varies."""
+    """EfficientNetEncoder constructor arguments (modules/effnet.py): the latent width and the
+    backbone's stages (rows as V2_S_STAGES) and head width, torchvision efficientnet_v2_s by
+    default. Fields at that default are left out of ``to_dict``, so the metadata of a V2-S file
+    stays ``{"c_latent": 16}`` as the project has always written it."""
 
     c_latent: int
+    stages: tuple = V2_S_STAGES
+    last_channels: int = V2_S_LAST_CHANNELS
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        for name, default in (("stages", V2_S_STAGES), ("last_channels", V2_S_LAST_CHANNELS)):
+            if getattr(self, name) == default:
+                del d[name]
+        return d
 
 
-EFFNET_PRESETS = {"full": EfficientNetConfig(c_latent=16)}  # effnet_encoder.safetensors
+EFFNET_PRESETS = {
+    "full": EfficientNetConfig(c_latent=16),  # effnet_encoder.safetensors
+    # the shipped demo (assets/demo/cascade, ldm/demo/cascade.py): the same blocks, five stride-2
+    # steps (output stride 32), one block per stage (~60k parameters)
+    "demo": EfficientNetConfig(c_latent=16, stages=(
+        ("fused", 1, 3, 1, 16, 16, 1),
+        ("fused", 2, 3, 2, 16, 24, 1),
+        ("fused", 2, 3, 2, 24, 32, 1),
+        ("mb", 2, 3, 2, 32, 48, 1),
+        ("mb", 2, 3, 1, 48, 48, 1),
+        ("mb", 2, 3, 2, 48, 64, 1),
+    ), last_channels=128),
+}
 
 
 class EfficientNetEncoder(nn.Layer):
-    """(B, 3, H, W) ImageNet-normalised -> (B, c_latent, H/32, W/32)."""
+    """(B, 3, H, W) ImageNet-normalised -> (B, c_latent, H/32, W/32) (with the V2-S stages)."""
 
     def __init__(self, config: EfficientNetConfig | None = None, **overrides):
         super().__init__()
@@ -156,8 +179,11 @@ class EfficientNetEncoder(nn.Layer):
         c_latent = config.c_latent
         if c_latent < 1:
             raise ValueError(f"c_latent must be >= 1, got {c_latent}")
-        self.backbone = efficientnet_v2_s_features()
-        self.mapper = nn.Sequential(nn.Conv2D(V2_S_LAST_CHANNELS, c_latent, 1, bias_attr=False),
+        if not config.stages or any(len(row) != 7 or row[0] not in ("fused", "mb") for row in config.stages):
+            raise ValueError(f"stages must be rows (block 'fused'|'mb', expand, kernel, stride, c_in, c_out, "
+                             f"layers), got {config.stages}")
+        self.backbone = efficientnet_v2_s_features(config.stages, config.last_channels)
+        self.mapper = nn.Sequential(nn.Conv2D(config.last_channels, c_latent, 1, bias_attr=False),
                                     _bn(c_latent, eps=1e-5, affine=False))
         self.eval()
 

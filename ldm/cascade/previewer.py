@@ -29,6 +29,7 @@ class PreviewerConfig(NetworkConfig):
 PREVIEWER_PRESETS = {
     "full": PreviewerConfig(c_in=16, c_hidden=512, c_out=3),  # previewer.safetensors (~4M parameters)
     "tiny": PreviewerConfig(c_in=16, c_hidden=32, c_out=3),  # tests and the tiny preset
+    "demo": PreviewerConfig(c_in=16, c_hidden=64, c_out=3),  # the shipped demo (assets/demo/cascade)
 }
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 from ldm.weights import STORAGE_DTYPES
 
 __all__ = ["WEIGHTS_PATH", "STAGE_C_FILES", "STAGE_B_FILES", "SamplingConfig", "CascadeConfig", "STAGE_C_SAMPLING",
-           "STAGE_B_SAMPLING", "IMG2IMG_STRENGTH", "DTYPES"]
+           "STAGE_B_SAMPLING", "IMG2IMG_STRENGTH", "DTYPES", "DEMO_WEIGHTS_PATH", "DEMO", "DEMO_REBUILD"]
 
 WEIGHTS_PATH: str = os.environ.get("STABLE_CASCADE_WEIGHTS", "./stable_cascade_weights")
 
@@ -35,7 +35,7 @@ BATCH_SIZE: int = 2
 HEIGHT: int = 1024
 WIDTH: int = 1024
 OUTPUT_PATTERN: str = "result_{}.png"
-TINY_SIZE: int = 256  # default image size of the offline `tiny` preset (a quick CPU run)
+TINY_SIZE: int = 256  # default image size of the offline presets, `tiny` (a quick CPU run) and `demo` (its size)
 
 # Image sizes: Stage C works at ceil(H / 42.67), Stage B at ceil(H / 4) (Stability-AI/StableCascade
 # inference/utils.py calculate_latent_sizes). Stage B patchifies by 2 and halves three times more,
@@ -89,8 +89,18 @@ class CascadeConfig:
     # (image, needed only for image conditioning).
     clip_text: str = "clip_text"
     clip_image: Optional[str] = "clip_image"
-    model_c_version: str = "1B"  # a key of STAGE_C_FILES
-    model_b_version: str = "700M"  # a key of STAGE_B_FILES
+    model_c_version: str = "1B"  # a key of STAGE_C_FILES (or a preset name: "demo")
+    model_b_version: str = "700M"  # a key of STAGE_B_FILES (or a preset name: "demo")
     dtype: str = "float32"  # "float32" or "bfloat16" (recommended on GPU)
     readme_section: str = README_WEIGHTS_SECTION
     extra: dict = field(default_factory=dict)
+
+
+# The shipped demo (issue 14): the "demo" presets of every network, trained by this project on the
+# procedural shapes data set (ldm.demo.shapes) and shipped in assets/demo/cascade. The folder is
+# found next to the package (the repository checkout), never relative to the working directory.
+DEMO_WEIGHTS_PATH: str = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                      "assets", "demo", "cascade")
+DEMO_REBUILD: str = "sh scripts/train_demo.sh"  # rebuilds assets/demo from scratch (CPU)
+DEMO = CascadeConfig(weights_path=DEMO_WEIGHTS_PATH, stage_b="stage_b", stage_c="stage_c", clip_image=None,
+                     model_c_version="demo", model_b_version="demo")

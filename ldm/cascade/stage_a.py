@@ -69,6 +69,9 @@ STAGE_A_PRESETS = {
     # tests and the tiny preset (~60k parameters)
     "tiny": StageAConfig(levels=2, bottleneck_blocks=2, c_hidden=32, c_latent=4, codebook_size=64,
                          scale_factor=SCALE_FACTOR_ORIGINAL),
+    # the shipped demo (assets/demo/cascade, ldm/demo/cascade.py; ~40k parameters); its file stores the
+    # scale factor measured after training (latent std 1)
+    "demo": StageAConfig(levels=2, bottleneck_blocks=1, c_hidden=32, c_latent=4, codebook_size=16, scale_factor=1.0),
 }
 
 
