@@ -280,3 +280,32 @@ def test_sd_trainer_runs_from_a_shard_pattern(tmp_path, monkeypatch):
     assert trainer.state.global_step == 2
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_stage_c_resume_from_tar_shards_continues_at_the_next_sample(tmp_path):
+    """4 straight steps == 2 steps, then resumed from checkpoint-2 to 4: the same captions in the
+    same order (--record_log_dir) and the same weights; 2 shards of 4 samples at batch 3, so the
+    resumed stream starts mid-shard."""
+    import train_stage_c_trainer as script
+
+    from ldm.weights import load_state_dict
+
+    _demo_shards(tmp_path / "shards")
+
+    def argv(out, steps, *extra):
+        return ["--do_train", "--dataset_path", str(tmp_path / "shards"), "--output_dir", str(out),
+                "--model_version", "tiny", "--resolution", "64", "--per_device_train_batch_size", "3",
+                "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--logging_steps", "1", "--seed", "3",
+                "--report_to", "none", "--disable_tqdm", "True", "--image_logging_steps", "0", "--max_steps",
+                str(steps), "--save_steps", "2", "--dataloader_num_workers", "0", "--caption_dropout", "0",
+                "--record_log_dir", str(out / "captions"), *extra]
+
+    script.main(argv(tmp_path / "straight", 4))
+    script.main(argv(tmp_path / "resumed", 2))
+    script.main(argv(tmp_path / "resumed", 4, "--resume_from_checkpoint", str(tmp_path / "resumed" / "checkpoint-2")))
+    a = (tmp_path / "straight" / "captions" / "rank0.txt").read_text().splitlines()
+    b = (tmp_path / "resumed" / "captions" / "rank0.txt").read_text().splitlines()
+    assert len(a) == 12 and a == b
+    wa = load_state_dict(str(tmp_path / "straight" / "stage_c.safetensors"))
+    wb = load_state_dict(str(tmp_path / "resumed" / "stage_c.safetensors"))
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
