@@ -409,10 +409,12 @@ def build_task(model_args, training_args, caption_dropout: float = 0.0) -> SDTas
 
 
 def build_dataset(data_args, training_args, start_step: int = 0):
-    """The `--file_list` stream (ldm.data kind "laion", pixels in [-1, 1], raw captions)."""
+    """The `--file_list` stream (ldm.data kind "laion", or "tar" for a tar, a listing of tars or a pattern
+    such as shards/{00000..00099}.tar; pixels in [-1, 1], raw captions)."""
     import ldm.data
 
-    spec = ldm.data.DatasetSpec("laion", data_args.file_list, resolution=data_args.resolution,
+    spec = ldm.data.DatasetSpec(ldm.data.tars.stream_kind(data_args.file_list), data_args.file_list,  # or "tar"
+                                resolution=data_args.resolution,
                                 center_crop=data_args.center_crop, random_flip=data_args.random_flip,
                                 seed=training_args.seed, options={"infinite": True})
     ds = ldm.data.build_dataset(spec)

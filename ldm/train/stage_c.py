@@ -120,7 +120,8 @@ class StageCModelArguments(CascadeModelArguments):
 @dataclass
 class StageCDataArguments:
     dataset_path: Optional[str] = field(default=None, metadata={
-        "help": "Folder of NAME.jpg + NAME.txt pairs (0001.jpg, 0001.txt, ...)."})
+        "help": "Folder of NAME.jpg + NAME.txt pairs (0001.jpg, 0001.txt, ...), or webdataset tar shards: a folder "
+                "of *.tar or a pattern such as shards/{00000..00099}.tar (ldm.data.tars)."})
     resolution: int = field(default=768, metadata={"help": "Training image size (square, multiple of 32); "
                                                            "the Stage C latent is resolution / 32."})
     center_crop: bool = field(default=True, metadata={"help": "Centre crop (else a random crop)."})
@@ -497,9 +498,19 @@ FINGERPRINT_FLAGS = ("model_version", "weights_path", "effnet", "stage_a", "clip
 
 
 def folder_spec(task, data_args, training_args):
-    """The DatasetSpec of the trainers' image folder ([0, 1], what EfficientNet and Stage A take)."""
+    """The DatasetSpec of the trainers' image folder ([0, 1], what EfficientNet and Stage A take), or of
+    their tar shards (kind "tar": a folder of tars or a pattern; a stream, square crops, bad samples
+    skipped and counted)."""
     from ldm.data import DatasetSpec
+    from ldm.data.tars import is_tar_source
 
+    if is_tar_source(data_args.dataset_path):
+        if bucket_options(task, data_args):
+            logger.warning("%s: tar shards are a stream: no aspect buckets, square %d px crops (--multi_aspect_ratio "
+                           "needs a caption folder)", data_args.dataset_path, data_args.resolution)
+        return DatasetSpec("tar", data_args.dataset_path, resolution=data_args.resolution,
+                           normalize="zero_one", center_crop=data_args.center_crop,
+                           random_flip=data_args.random_flip, seed=training_args.seed, options={"infinite": True})
     return DatasetSpec("folder", data_args.dataset_path, resolution=data_args.resolution, normalize="zero_one",
                        center_crop=data_args.center_crop, random_flip=data_args.random_flip, seed=training_args.seed,
                        options={"skip_missing_captions": data_args.skip_missing_captions,
