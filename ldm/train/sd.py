@@ -116,7 +116,8 @@ class SDModelArguments:
 class SDDataArguments:
     file_list: str = field(
         default="./data/filelist/train.filelist.list",
-        metadata={"help": "A .filelist.list (filelists, optional weights), a .filelist, or one part file."},
+        metadata={"help": "A .filelist.list (filelists, optional weights), a .filelist, or one part file; or webdataset "
+                          "tar shards: a tar, a listing of tars, or a pattern such as shards/{00000..00099}.tar."},
     )
     resolution: int = field(default=512, metadata={"help": "Training image size (square)."})
     center_crop: bool = field(default=False, metadata={"help": "Centre crop (default: random crop, as diffusers)."})
