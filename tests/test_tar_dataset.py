@@ -309,3 +309,19 @@ def test_stage_c_resume_from_tar_shards_continues_at_the_next_sample(tmp_path):
     wa = load_state_dict(str(tmp_path / "straight" / "stage_c.safetensors"))
     wb = load_state_dict(str(tmp_path / "resumed" / "stage_c.safetensors"))
     assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fewer_samples_than_consumers_stops_with_an_error_not_a_hang(tmp_path):
+    paths, caps = good_shards(tmp_path / "s", [3])
+    got = []
+    for rank in range(2):
+        ds = _ds(paths[0], rank=rank, world_size=2, infinite=True)
+        for w in range(4):
+            k = rank * 4 + w
+            if k < 3:  # sample j goes to consumer j: consumers 0-2 get one each, forever
+                it = ds.iter_consumer(w, 4)
+                got += [next(it)["caption"], next(it)["caption"]]
+            else:
+                with pytest.raises(LaionDataError, match="no record fell to this consumer"):
+                    next(ds.iter_consumer(w, 4))
+    assert sorted(got) == sorted(caps * 2)
