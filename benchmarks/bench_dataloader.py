@@ -2,37 +2,56 @@
 
     python benchmarks/bench_dataloader.py --make_data ./bench_data --num_images 200
     python benchmarks/bench_dataloader.py --file_list ./bench_data/filelist/bench.filelist.list \
-        --resolution 256 --num_workers 0 --samples 300
+        --resolution 256 --num_workers 2 --samples 300 --rounds 5
 
 Three pipelines read the same records in the same way (line split + base64 decode) in one
 process, each for `--samples` samples, repeated `--rounds` times in alternation. Rates are
 samples per second of process CPU time (all three are single-threaded, so this is the
-throughput of one dedicated core and does not depend on what else the machine runs); the median
+throughput of one dedicated core and depends less on what else the machine runs); the median
 round is reported, and the wall-clock medians are printed too:
 
-1. ours: `ldm.data.laion.LaionDataset` (reduced-scale JPEG decode + antialiased crop-box resize +
-   flip + [-1, 1]); if ldm/data/laion.py is missing, `decode_image` + `ImageTransform` directly.
+1. ours: `ldm.data.laion.LaionDataset` (JPEG decode at 1/2, 1/4, 1/8 or full scale + antialiased
+   crop-box resize + flip), giving the sample schema, uint8 [R, R, 3]: what a DataLoader worker
+   does; the normalisation to float32 [3, R, R] happens after collation, in the training step
+   (`normalize_pixels` on the batch's Tensor, on the training device). If ldm/data/laion.py is
+   missing, `decode_image` + `ImageTransform` directly.
 2. paddlemix: PaddleMIX's `TextImagePair` chain (ppdiffusers/examples/stable_diffusion/sd/
    text_image_pair_dataset.py), re-implemented step by step: UTF-8 line, split on tabs, base64,
    `Image.open(...).convert("RGB")` at full size, 10% caption dropout, drop images smaller than
    the size, then paddle.vision `Resize(int(size / 0.9), "lanczos")`, a RandomCrop whose offsets
    come from `paddle.randint`, `ToTensor()`, `Normalize(0.5, 0.5)`. Tokenisation is left out of
    all three pipelines.
-3. decode_only: the same reading, then `Image.open(...).convert("RGB")` at full size.
+3. decode_only: the same reading, then `Image.open(...).convert("RGB")` at full size (plain
+   full-decode speed).
+
+With `--num_workers N >= 1` our stream then goes through `paddle.io.DataLoader` with N workers
+and the trainer's settings (`ldm.data.collate`, shared memory): `rounds` windows of `samples`
+samples per wall second ("loader": the batches the step waits for), then as many windows in
+which each batch is also normalised in this process as the step does ("with_step_normalize":
+on a CPU-only machine that is host work in the training process; on a GPU it runs on the
+device). Each comes with the CPU milliseconds per sample of this process and of the workers
+(/proc), and a CPU-bound projection: min(cores / (main + workers CPU per sample), N / workers
+CPU per sample), i.e. the rate the measured CPU work allows on min(N, cores) idle cores.
+`--handover float32` makes the workers normalise (the handover before issue 15 item 4) for
+comparison; `--shared_memory 0` pickles batches through pipes instead.
 
 The last stdout line is JSON: `samples_per_s` (ours: per CPU second in this process, or with
-`--num_workers N >= 1` per wall-clock second through `paddle.io.DataLoader` with N workers, see
-`samples_per_s_basis`), the three single-process rates, and the ratios `ours_vs_paddlemix`
-(target >= 3) and `ours_vs_decode_only` (target >= 0.4).
+N >= 1 workers per wall-clock second through the DataLoader, see `samples_per_s_basis`), the
+three single-process rates, the ratios `ours_vs_paddlemix` (target >= 3) and
+`ours_vs_decode_only` (target >= 1.0), and with workers `dataloader.*.vs_1proc_cpu_rate` (the
+DataLoader's wall rate over ours' single-process CPU rate; target >= 1.7 with 2 workers).
 
-Where the time goes (640x480 JPEGs, quality 90, ~74 KB, one core, quiet machine; loaded ones
-are 1.3-1.5x slower): base64 ~0.2 ms. Ours: libjpeg-turbo (simplejpeg) decode at 5/8 scale
-(400x300, the smallest M/8 whose short side covers 256) ~1.3 ms, then the crop-box resize from
-400x300 with OpenCV (3-tap prefilter + bilinear) ~0.25 ms, flip + float ~0.1 ms. Without
-simplejpeg (`--jpeg_decoder pillow`) Pillow's draft only offers 1/2, 1/4, 1/8, so at 256 it
-decodes the full 640x480 (~1.3 ms) and resizes from 480x480. Without OpenCV the Pillow resize
-from 400x300 takes ~0.65 ms. PaddleMIX: the same full decode + Lanczos to 284x379 ~3.8 ms +
-paddle ToTensor/Normalize ~0.9 ms. decode_only: base64 + full Pillow decode.
+Where the time goes (640x480 JPEGs, quality 90, ~74 KB, one core, loaded machine): base64
+~0.3 ms. Ours: libjpeg-turbo (simplejpeg) full decode ~1.7 ms (at 5/8, the smallest M/8 scale
+covering 256, it took 2.3 ms: scalar IDCT; 1/2 takes 1.4 ms but is too small for 256), the
+crop-box resize of 480x480 with OpenCV (3-tap prefilter + bilinear) ~0.4 ms, flip ~0.02 ms;
+the [-1, 1] float32 CHW conversion is no longer the worker's: numpy takes ~0.3 ms per sample,
+paddle on one CPU core ~1.0 ms (`normalize_pixels`), a GPU next to nothing. decode_only:
+base64 + Pillow's full decode ~4 ms. PaddleMIX: the same full decode + Lanczos to 284x379 +
+paddle ToTensor/Normalize. Without simplejpeg (`--jpeg_decoder pillow`) Pillow decodes at the
+same scales; without OpenCV (`--resize pillow`) Pillow resizes.
+
+RESULTS
 
 `--make_data DIR --num_images N` first writes N photo-like 640x480 JPEGs (quality 90) as part
 files under DIR (through `create_pretraining_data` when ldm/data/prepare.py is present).
@@ -50,9 +69,10 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
+import paddle
 from PIL import Image
 
-from ldm.data.transforms import ImageTransform, decode_image
+from ldm.data.transforms import ImageTransform, decode_image, normalize_pixels
 from ldm.utils import get_logger
 
 logger = get_logger("bench_dataloader")
@@ -245,24 +265,73 @@ def time_samples(next_sample, n: int) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def measure_dataloader(file_list: str, resolution: int, num_workers: int, samples: int, batch_size: int, seed: int):
-    import paddle
+class _FloatHandover(paddle.io.IterableDataset):
+    """The handover this project had before issue 15 item 4, for comparison (`--handover float32`):
+    each worker normalises its samples to float32 [3, R, R] (4x the bytes through the DataLoader)."""
 
+    def __init__(self, dataset, normalize: str = "minus_one_one"):
+        super().__init__()
+        self.dataset, self.normalize = dataset, normalize
+
+    def __iter__(self):
+        for s in self.dataset:
+            yield {**s, "pixel_values": normalize_pixels(s["pixel_values"], self.normalize)}
+
+
+def _proc_cpu_seconds(pid: int):
+    """utime + stime of process `pid` (Linux /proc; None elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def measure_dataloader(file_list: str, resolution: int, num_workers: int, samples: int, batch_size: int, seed: int,
+                       rounds: int = 3, handover: str = "uint8", shared_memory: bool = True) -> dict:
+    """Samples per wall second through `paddle.io.DataLoader` with `num_workers` workers and the
+    trainer's settings (`ldm.data.collate`, shared memory on): `rounds` windows of `samples`
+    samples after a warm-up, median window, with the CPU seconds per sample of this process (the
+    DataLoader's reader thread) and of the workers. Then as many windows in which each batch is
+    also normalised here as the training step does (`normalize_pixels` on the batch's paddle
+    Tensor: device work on a GPU, host work in the training process on a CPU-only machine)."""
     from ldm.data import collate
 
-    loader = paddle.io.DataLoader(
-        _laion_dataset(file_list, resolution, seed), batch_size=batch_size, num_workers=num_workers,
-        collate_fn=collate, use_shared_memory=False,
-    )
+    dataset = _laion_dataset(file_list, resolution, seed)
+    if handover == "float32":
+        dataset = _FloatHandover(dataset)
+    loader = paddle.io.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                                  use_shared_memory=shared_memory)
     it = iter(loader)
-    next(it)  # worker start-up is not part of the rate
-    got, t0 = 0, time.perf_counter()
-    while got < samples:
-        batch = next(it)
-        got += int(batch["pixel_values"].shape[0])
-    dt = time.perf_counter() - t0
+    pids = [w.pid for w in getattr(it, "_workers", [])]
+
+    def take(n, normalize):
+        got = 0
+        while got < n:
+            px = next(it)["pixel_values"]
+            if normalize and px.dtype == paddle.uint8:
+                px = normalize_pixels(px, "minus_one_one")  # the step's first line (TrainingTask.pixels)
+            got += int(px.shape[0])
+        return got
+
+    def window(normalize):
+        w0 = [_proc_cpu_seconds(p) for p in pids]
+        t0, c0 = time.perf_counter(), time.process_time()
+        got = take(samples, normalize)
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        w1 = [_proc_cpu_seconds(p) for p in pids]
+        workers_cpu = sum(b - a for a, b in zip(w0, w1)) if pids and None not in w0 + w1 else None
+        return {"samples_per_s": got / dt, "main_cpu_ms_per_sample": 1e3 * dc / got,
+                "workers_cpu_ms_per_sample": None if workers_cpu is None else 1e3 * workers_cpu / got}
+
+    take(2 * batch_size * num_workers, False)  # worker start-up and the first prefetch are not part of the rate
+    out = {}
+    for key, normalize in (("loader", False), ("with_step_normalize", True)):
+        windows = sorted((window(normalize) for _ in range(rounds)), key=lambda w: w["samples_per_s"])
+        out[key] = {**windows[len(windows) // 2], "rounds_samples_per_s": [round(w["samples_per_s"], 1) for w in windows]}
     del it
-    return got / dt
+    return out
 
 
 def main(argv=None) -> dict:
@@ -274,6 +343,11 @@ def main(argv=None) -> dict:
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--num_workers", type=int, default=0, help="0: in-process; N >= 1: paddle DataLoader workers")
     p.add_argument("--batch_size", type=int, default=8, help="DataLoader batch size (num_workers >= 1)")
+    p.add_argument("--handover", choices=("uint8", "float32"), default="uint8",
+                   help="uint8: what workers hand over (the sample schema; normalised after collation); float32: "
+                        "workers normalise (the handover before issue 15 item 4), for comparison")
+    p.add_argument("--shared_memory", type=int, choices=(0, 1), default=1,
+                   help="the DataLoader's use_shared_memory (1, the trainer's default; 0: batches pickled through pipes)")
     p.add_argument("--samples", type=int, default=300, help="samples per pipeline per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -303,8 +377,6 @@ def main(argv=None) -> dict:
     if args.resize == "pillow":
         _transforms._cv2 = None
     resize = "opencv" if _transforms._cv2 is not None else "pillow"
-
-    import paddle
 
     paddle.seed(args.seed)
     paths = part_files(file_list)
@@ -353,11 +425,28 @@ def main(argv=None) -> dict:
     if args.num_workers >= 1:
         if _laion is None:  # pragma: no cover
             p.error("--num_workers >= 1 needs ldm/data/laion.py")
-        rate = measure_dataloader(
-            file_list, args.resolution, args.num_workers, args.samples, args.batch_size, args.seed
-        )
-        result["samples_per_s"] = round(rate, 2)
+        dl = measure_dataloader(file_list, args.resolution, args.num_workers, args.samples, args.batch_size, args.seed,
+                                rounds=args.rounds, handover=args.handover, shared_memory=bool(args.shared_memory))
+        result["samples_per_s"] = round(dl["loader"]["samples_per_s"], 2)
         result["samples_per_s_basis"] = "wall_clock_dataloader"
+        cores = min(args.num_workers, os.cpu_count() or 1)
+        result["dataloader"] = {"handover": args.handover, "shared_memory": bool(args.shared_memory),
+                                "batch_size": args.batch_size, "ours_1proc_cpu_ms_per_sample": round(1e3 / med["ours"], 3)}
+        for key, d in dl.items():
+            rate, main_ms, workers_ms = d["samples_per_s"], d["main_cpu_ms_per_sample"], d["workers_cpu_ms_per_sample"]
+            entry = {
+                "samples_per_s": round(rate, 2), "rounds_samples_per_s": d["rounds_samples_per_s"],
+                # the goal's ratio: samples per wall second through N workers / one process's samples per CPU second
+                "vs_1proc_cpu_rate": round(rate / med["ours"], 3),
+                "vs_1proc_wall_rate": round(rate / med_wall["ours"], 3),  # the in-process rate by the clock, this load
+                "main_cpu_ms_per_sample": round(main_ms, 3),
+                "workers_cpu_ms_per_sample": None if workers_ms is None else round(workers_ms, 3),
+            }
+            if workers_ms is not None:  # what the measured CPU time allows on min(N, cores) idle cores: a projection
+                entry["cpu_bound_projection_samples_per_s"] = round(
+                    min(1e3 * cores / (main_ms + workers_ms), 1e3 * args.num_workers / workers_ms), 1)
+                entry["projection_vs_1proc_cpu_rate"] = round(entry["cpu_bound_projection_samples_per_s"] / med["ours"], 3)
+            result["dataloader"][key] = entry
     print(json.dumps(result), flush=True)
     return result
 

@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 
 from ldm.data.buckets import (OFFICIAL_ASPECT_RATIOS, AspectBuckets, BucketBatchSampler,  # noqa: E402
                               parse_aspect_ratios)
+from ldm.data.transforms import normalize_pixels  # noqa: E402
 
 SIZES = [(96, 64), (64, 96), (64, 64), (128, 48)]  # (w, h) of the test images, cycled
 
@@ -141,10 +142,11 @@ def test_folder_dataset_buckets(tmp_path):
     buckets = AspectBuckets(64, ratios, 32)
     assert ds.item_sizes == [buckets.assign(*SIZES[i % 4]) for i in range(8)]
     assert len(set(ds.item_sizes)) == 4  # 3:2 landscape, 2:3 portrait, square, 8:3
-    for i in range(8):
-        assert ds[i]["pixel_values"].shape == (3, *ds.item_sizes[i])
+    for i in range(8):  # the schema: uint8 [H, W, 3]; the step normalises to float32 [3, H, W]
+        assert ds[i]["pixel_values"].dtype == np.uint8
+        assert normalize_pixels(ds[i]["pixel_values"], "zero_one").shape == (3, *ds.item_sizes[i])
     plain = build_dataset(DatasetSpec("folder", str(folder), resolution=64, center_crop=True))
-    assert plain.item_sizes is None and plain[0]["pixel_values"].shape == (3, 64, 64)
+    assert plain.item_sizes is None and normalize_pixels(plain[0]["pixel_values"]).shape == (3, 64, 64)
     b64 = build_dataset(DatasetSpec("folder", str(folder), resolution=128, options={
         "multi_aspect_ratio": ratios, "size_multiple": 64}))
     assert all(h % 64 == 0 and w % 64 == 0 for h, w in b64.item_sizes)
@@ -198,7 +200,7 @@ def test_tiny_stage_c_run_trains_with_buckets(tmp_path):
     off = train_c.parse_stage_c_args(argv[:-2] + ["--multi_aspect_ratio", "1", "--output_dir", str(tmp_path / "o2")])
     trainer2, _, _ = train_c.build_stage_c_trainer(*off)
     assert trainer2.train_dataset.item_sizes is None
-    assert {tuple(b["pixel_values"].shape) for b in trainer2.get_train_dataloader()} == {(2, 3, 64, 64)}
+    assert {tuple(normalize_pixels(b["pixel_values"]).shape) for b in trainer2.get_train_dataloader()} == {(2, 3, 64, 64)}
 
 
 def test_tiny_stage_b_run_trains_with_64px_buckets(tmp_path):

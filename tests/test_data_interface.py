@@ -12,6 +12,7 @@ from laion_fixtures import make_parts, write_filelist
 from ldm.data import DatasetSpec, build_dataset, collate, dataset_kinds, register_dataset_kind
 from ldm.data.folder import FolderDataset
 from ldm.data.laion import LaionDataset
+from ldm.data.transforms import normalize_pixels
 
 
 def _folder(root, n=3):
@@ -22,13 +23,15 @@ def _folder(root, n=3):
     return str(root)
 
 
-def _assert_same_samples(a, b):
+def _assert_same_samples(a, b, normalize="minus_one_one"):
     assert len(a) == len(b)
     for x, y in zip(a, b):
         assert sorted(x) == sorted(y) == ["caption", "pixel_values"]
         assert x["caption"] == y["caption"]
-        assert x["pixel_values"].dtype == np.float32 and x["pixel_values"].ndim == 3
-        np.testing.assert_array_equal(x["pixel_values"], y["pixel_values"])
+        assert x["pixel_values"].dtype == np.uint8 and x["pixel_values"].shape[-1] == 3  # the schema: uint8 HWC
+        xn, yn = normalize_pixels(x["pixel_values"], normalize), normalize_pixels(y["pixel_values"], normalize)
+        assert xn.dtype == np.float32 and xn.ndim == 3
+        np.testing.assert_array_equal(xn, yn)
 
 
 @pytest.fixture
@@ -54,8 +57,8 @@ def test_folder_kind_matches_constructor(tmp_path, normalize):
     for epoch in (0, 3):  # set_epoch is part of the contract
         built.set_epoch(epoch)
         direct.set_epoch(epoch)
-        _assert_same_samples([built[i] for i in range(len(built))], [direct[i] for i in range(len(direct))])
-    assert built[0]["pixel_values"].shape == (3, 16, 12)
+        _assert_same_samples([built[i] for i in range(len(built))], [direct[i] for i in range(len(direct))], normalize)
+    assert normalize_pixels(built[0]["pixel_values"], normalize).shape == (3, 16, 12)
 
 
 def test_laion_kind_matches_constructor_sharded(tmp_path):
@@ -83,9 +86,10 @@ def test_laion_normalize_zero_one(tmp_path):
     a = list(iter(build_dataset(DatasetSpec("laion", part, **kw), rank=0, world_size=1)))
     b = list(iter(build_dataset(DatasetSpec("laion", part, normalize="zero_one", **kw), rank=0, world_size=1)))
     assert len(a) == len(b) == 2
-    for x, y in zip(a, b):
-        assert 0.0 <= y["pixel_values"].min() and y["pixel_values"].max() <= 1.0
-        np.testing.assert_allclose((x["pixel_values"] + 1) / 2, y["pixel_values"], atol=1e-6)
+    for x, y in zip(a, b):  # the same uint8 pixels, normalised as each spec names
+        x, y = normalize_pixels(x["pixel_values"], "minus_one_one"), normalize_pixels(y["pixel_values"], "zero_one")
+        assert 0.0 <= y.min() and y.max() <= 1.0
+        np.testing.assert_allclose((x + 1) / 2, y, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- errors

@@ -8,6 +8,7 @@ from PIL import Image
 
 from ldm.data import collate
 from ldm.data.folder import FolderDataset, scan_folder
+from ldm.data.transforms import normalize_pixels
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
 
@@ -23,6 +24,12 @@ def write_caption(path, text, encoding="utf-8"):
 
 def mean_rgb(pixel_values):
     return (pixel_values.mean(axis=(1, 2)) + 1.0) * 127.5
+
+
+def normalized(sample, normalize="minus_one_one"):
+    """A sample's uint8 [H, W, 3] pixels (the schema) as the training step sees them: float32 [3, H, W]."""
+    assert sample["pixel_values"].dtype == np.uint8 and sample["pixel_values"].shape[-1] == 3
+    return normalize_pixels(sample["pixel_values"], normalize)
 
 
 def test_pairs_by_stem_not_sort_order(tmp_path):
@@ -46,8 +53,9 @@ def test_pairs_by_stem_not_sort_order(tmp_path):
     assert [os.path.basename(p) for p, _ in ds.samples] == ["a.jpg", "b.png", "c.JPEG", "d.webp"]
     for i in range(len(ds)):
         s = ds[i]
-        assert s["pixel_values"].shape == (3, 16, 16) and s["pixel_values"].dtype == np.float32
-        np.testing.assert_allclose(mean_rgb(s["pixel_values"]), COLOURS[s["caption"]], atol=8)
+        x = normalized(s)
+        assert x.shape == (3, 16, 16) and x.dtype == np.float32
+        np.testing.assert_allclose(mean_rgb(x), COLOURS[s["caption"]], atol=8)
 
 
 def test_missing_captions_listed_or_skipped(tmp_path):
@@ -90,7 +98,7 @@ def test_exif_rotated_image_comes_out_upright(tmp_path):
     exif[0x0112] = 6  # shown rotated 90 degrees clockwise: top red, bottom blue
     Image.fromarray(arr).save(tmp_path / "rot.jpg", quality=95, exif=exif.tobytes())
     write_caption(tmp_path / "rot.txt", "rotated")
-    x = FolderDataset(str(tmp_path), resolution=(32, 16), center_crop=True)[0]["pixel_values"]
+    x = normalized(FolderDataset(str(tmp_path), resolution=(32, 16), center_crop=True)[0])
     rgb = (x + 1.0) * 127.5
     np.testing.assert_allclose(rgb[:, 3:10].mean(axis=(1, 2)), COLOURS["red"], atol=12)
     np.testing.assert_allclose(rgb[:, 22:29].mean(axis=(1, 2)), COLOURS["blue"], atol=12)
@@ -102,11 +110,13 @@ def test_mixed_sizes_collate(tmp_path):
         write_caption(tmp_path / f"{name}.txt", name)
     ds = FolderDataset(str(tmp_path), resolution=24, random_flip=True)
     batch = collate([ds[i] for i in range(len(ds))])
-    assert batch["pixel_values"].shape == (4, 3, 24, 24) and batch["pixel_values"].dtype == np.float32
+    assert batch["pixel_values"].shape == (4, 24, 24, 3) and batch["pixel_values"].dtype == np.uint8  # the schema
+    pv = normalize_pixels(batch["pixel_values"])
+    assert pv.shape == (4, 3, 24, 24) and pv.dtype == np.float32
     assert batch["caption"] == ["square", "tall", "tiny", "wide"]
     loader = paddle.io.DataLoader(ds, batch_size=4, shuffle=False, num_workers=0, collate_fn=collate)
     got = next(iter(loader))
-    assert tuple(got["pixel_values"].shape) == (4, 3, 24, 24)
+    assert tuple(normalize_pixels(got["pixel_values"]).shape) == (4, 3, 24, 24)
 
 
 def test_deterministic_for_seed_and_epoch(tmp_path):
@@ -135,7 +145,7 @@ def test_zero_one_normalisation(tmp_path):
     write_image(tmp_path / "k.png", (10, 10), (0, 0, 0))
     write_caption(tmp_path / "k.txt", "k")
     ds = FolderDataset(str(tmp_path), resolution=8, normalize="zero_one")
-    got = {ds[i]["caption"]: ds[i]["pixel_values"] for i in range(2)}
+    got = {ds[i]["caption"]: normalized(ds[i], "zero_one") for i in range(2)}
     np.testing.assert_allclose(got["w"], 1.0, atol=1e-6)
     np.testing.assert_allclose(got["k"], 0.0, atol=1e-6)
 
@@ -180,7 +190,7 @@ def test_demo_dataset_loads():
     ds = FolderDataset(root, resolution=64, center_crop=True)
     assert len(ds) == 8
     assert all(cap for _, cap in ds.samples)
-    assert ds[0]["pixel_values"].shape == (3, 64, 64)
+    assert normalized(ds[0]).shape == (3, 64, 64)
 
 
 def test_dataloader_workers_match_main_process():

@@ -10,7 +10,7 @@ import pytest
 from laion_fixtures import image_bytes, make_parts, record, write_filelist, write_part
 from ldm.data import collate
 from ldm.data.laion import LaionDataError, LaionDataset, expand_file_list
-from ldm.data.transforms import ImageTransform
+from ldm.data.transforms import ImageTransform, normalize_pixels
 
 
 def _captions(ds, worker=0, num_workers=1, epoch=None):
@@ -78,7 +78,8 @@ def test_real_dataloader_two_workers_collate(tmp_path):
     loader = paddle.io.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate)
     captions, shapes, pids, workers = [], set(), set(), set()
     for batch in loader:
-        pv = batch["pixel_values"]
+        assert str(batch["pixel_values"].dtype).endswith("uint8")  # the schema: uint8 [B, H, W, 3]
+        pv = normalize_pixels(batch["pixel_values"])  # what the training step does, where the batch lives
         shapes.add(tuple(pv.shape[1:]))
         assert str(pv.dtype).endswith("float32")
         captions.extend(batch["caption"])
@@ -268,10 +269,12 @@ def test_sample_pixels_match_direct_decode_and_transform(tmp_path):
     tf = ImageTransform(10, random_flip=True)
     rng = np.random.default_rng([0, 0, 0, 1, 0, 1])  # the dataset's stream for (seed, epoch, rank, W, worker, N)
     for s, d in zip(samples, data):
-        assert s["pixel_values"].dtype == np.float32 and s["pixel_values"].shape == (3, 10, 10)
+        assert s["pixel_values"].dtype == np.uint8 and s["pixel_values"].shape == (10, 10, 3)  # the schema
+        x = normalize_pixels(s["pixel_values"])
+        assert x.dtype == np.float32 and x.shape == (3, 10, 10)
         direct = Image.open(io.BytesIO(d)).convert("RGB")
-        np.testing.assert_array_equal(s["pixel_values"], tf(direct, rng))
-        assert -1.0 <= s["pixel_values"].min() and s["pixel_values"].max() <= 1.0
+        np.testing.assert_array_equal(x, tf.normalized(direct, rng))
+        assert -1.0 <= x.min() and x.max() <= 1.0
 
 
 # tokenization and caption dropout moved to the SD training step: tests/test_sd_captions.py

@@ -113,6 +113,7 @@ def test_held_out_loss_goes_down(tmp_path):
     from ldm.cascade.components import tiny_components
     from ldm.cascade.stage_b import stage_b_config
     from ldm.data import DatasetSpec, build_dataset
+    from ldm.data.transforms import normalize_pixels
     from ldm.weights import assign_state_dict
 
     train_dir, held_dir = tmp_path / "train", tmp_path / "held"
@@ -127,7 +128,7 @@ def test_held_out_loss_goes_down(tmp_path):
     ds = build_dataset(DatasetSpec("folder", str(held_dir), resolution=64, normalize="zero_one", center_crop=True,
                                    random_flip=False, seed=0))
     samples = [ds[i] for i in range(len(ds))]
-    images = np.stack([s["pixel_values"] for s in samples]).astype(np.float32)
+    images = normalize_pixels(np.stack([s["pixel_values"] for s in samples]), "zero_one")  # uint8 HWC -> [0, 1] CHW
     captions = [s["caption"] for s in samples]
     fresh = train_b.StageBTask(tiny_components(), stage_b_config("tiny"), seed=0)
     before = _held_out_loss(fresh, images, captions)

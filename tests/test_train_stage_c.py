@@ -321,6 +321,8 @@ def _check_extract(tmp_path, out, ema):
 def test_dataset_pairs_by_name_and_missing_caption(tmp_path):
     from PIL import Image
 
+    from ldm.data.transforms import normalize_pixels
+
     data = tmp_path / "data"
     data.mkdir()
     for i, (name, color) in enumerate([("b", (255, 0, 0)), ("a", (0, 0, 255)), ("c10", (0, 255, 0))]):
@@ -330,7 +332,8 @@ def test_dataset_pairs_by_name_and_missing_caption(tmp_path):
     trainer, _, _ = train_c.build_stage_c_trainer(m, d, t)
     pairs = [(os.path.basename(p), c) for p, c in trainer.train_dataset.samples]
     assert pairs == [("a.jpg", "caption of a"), ("b.jpg", "caption of b"), ("c10.jpg", "caption of c10")]
-    sample = trainer.train_dataset[1]
+    sample = dict(trainer.train_dataset[1])
+    sample["pixel_values"] = normalize_pixels(sample["pixel_values"], "zero_one")  # uint8 HWC -> the step's [0, 1] CHW
     assert sample["pixel_values"].shape == (3, 64, 64) and sample["pixel_values"].max() <= 1.0
     assert sample["pixel_values"][0].mean() > 0.9 and sample["pixel_values"][2].mean() < 0.1  # b.jpg is red, [0, 1]
     Image.new("RGB", (64, 64)).save(data / "lonely.png")

@@ -181,7 +181,7 @@ def build_encoder_cache(spec: DatasetSpec, encode_images: EncodeFn, encode_capti
                         shard_size: int = 256) -> EncoderCache:
     """Fill the missing entries of the "cached" `spec`; returns its EncoderCache.
 
-    encode_images(pixel_values float32 [B, 3, H, W]) -> {field: [B, ...]};
+    encode_images(pixel_values uint8 [B, H, W, 3], the collated schema) -> {field: [B, ...]};
     encode_captions(captions [B] str) -> {field: [B, ...]}; constants() -> {field: array} (e.g.
     the empty caption's outputs), stored once per fingerprint. With `spec.random_flip`, the
     image fields of the mirrored images are stored too (``<field>@flip``).
@@ -215,7 +215,7 @@ def build_encoder_cache(spec: DatasetSpec, encode_images: EncodeFn, encode_capti
         pixels = np.stack([s["pixel_values"] for s in samples])
         fields = {k: np.asarray(v) for k, v in encode_images(pixels).items()}
         if spec.random_flip:  # the folder kind's flip is an exact mirror of the same crop
-            flipped = encode_images(np.ascontiguousarray(pixels[..., ::-1]))
+            flipped = encode_images(np.ascontiguousarray(pixels[:, :, ::-1]))  # mirror W of uint8 [B, H, W, 3]
             fields.update({k + FLIP_SUFFIX: np.asarray(v) for k, v in flipped.items()})
         fields.update({k: np.asarray(v) for k, v in encode_captions([s["caption"] for s in samples]).items()})
         for j, i in enumerate(idx):

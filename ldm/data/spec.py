@@ -7,10 +7,15 @@ Both trainers build their data the same way::
     dataset = build_dataset(spec)            # rank / world_size default to ldm.utils.dist_info()
     loader = paddle.io.DataLoader(dataset, batch_size=4, collate_fn=collate)
 
-Sample schema (every kind): ``{"pixel_values": float32 ndarray [3, H, W], "caption": str}``, with
-the normalisation the spec names (`ldm.data.transforms.NORMALIZE_MODES`). A kind may add keys
-(the trainers use only these two). Tokenization and caption dropout are not data: they are part
-of each recipe's training step.
+Sample schema (every kind): ``{"pixel_values": uint8 ndarray [H, W, 3], "caption": str}``: the
+cropped (and flipped) RGB pixels as `ldm.data.transforms.ImageTransform` returns them, not yet
+normalised. DataLoader workers thus hand over uint8 batches, a quarter of the bytes of float32;
+the consumer normalises a collated batch where it lives, with the one function
+`ldm.data.transforms.normalize_pixels` (uint8 [B, H, W, 3] -> float32 [B, 3, H, W], x / 127.5 - 1
+or x / 255); the training tasks do it first thing in their step (`TrainingTask.pixels`, on the
+training device). `DatasetSpec.normalize` names that range (`NORMALIZE_MODES`), what the recipe's
+networks take. A kind may add keys (the trainers use only these two). Tokenization and caption
+dropout are not data: they are part of each recipe's training step.
 
 Dataset contract (what a kind's factory returns): a `paddle.io.Dataset` (map-style, sharded over
 ranks by the Trainer's `DistributedBatchSampler`) or a `paddle.io.IterableDataset` that shards
@@ -50,7 +55,8 @@ class DatasetSpec:
         kind: a registered kind ("folder", "laion", see `dataset_kinds()`).
         path: what the kind reads (a folder, a file list, ...).
         resolution: output size, an int (square) or (height, width).
-        normalize: "minus_one_one" (x / 127.5 - 1, the diffusion convention) or "zero_one" (x / 255).
+        normalize: the range the consumer normalises the uint8 pixels to (`normalize_pixels`):
+            "minus_one_one" (x / 127.5 - 1, the diffusion convention) or "zero_one" (x / 255).
         center_crop: centre crop instead of a random crop.
         random_flip: horizontal flip with probability 0.5.
         seed: base seed of every random draw of the data (crops, flips, order).
@@ -138,8 +144,9 @@ def build_dataset(spec: DatasetSpec, rank: Optional[int] = None, world_size: Opt
 
 def collate(samples: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     """One batch from a list of samples: numpy arrays and numbers are stacked along a new first
-    axis (``pixel_values`` -> float32 [B, 3, H, W]); strings and other values stay lists
-    (``caption`` -> [B] str).
+    axis (``pixel_values`` -> uint8 [B, H, W, 3], normalised later by the consumer:
+    `ldm.data.transforms.normalize_pixels`); strings and other values stay lists (``caption`` ->
+    [B] str).
 
     Plain numpy, so it runs in DataLoader worker processes (PaddleNLP's default collator
     segfaults there); the DataLoader turns the arrays into tensors.

@@ -25,10 +25,12 @@
 * JPEG fast path: with ``target_short_side`` the JPEG is decoded at a reduced DCT scale, the
   smallest one whose short side is still >= ``target_short_side``; the final antialiased resize
   then brings it to the training size. When the optional `simplejpeg` package (libjpeg-turbo)
-  is importable, baseline and progressive YCbCr / RGB / grayscale JPEGs are decoded by it: its
-  scales are M/8 for M in 1..8 (e.g. 5/8 gives 400x300 from 640x480 for a 256 target, where
-  Pillow's draft only offers 1/2, 1/4, 1/8 and would have to decode at full size), its decoder
-  is faster than Pillow's, and the header is read without building a Pillow image. The pixel
+  is importable, baseline and progressive YCbCr / RGB / grayscale JPEGs are decoded by it, at
+  the scales Pillow's draft offers too (1/2, 1/4, 1/8, else full size), so both decoders give
+  the same size: libjpeg-turbo's other M/8 scales run scalar IDCTs and are slower than its SIMD
+  full decode (640x480 at 5/8: 2.3 ms, full: 1.7 ms, 1/2: 1.4 ms on one core, measured for
+  issue 15 item 4). Its decoder is faster than Pillow's (the same full decode and convert: 4.0
+  ms), and the header is read without building a Pillow image. The pixel
   limit is checked on the header before decoding; EXIF/XMP orientation is read through Pillow
   whenever the header has an APP1 segment (the only place Pillow reads it from in a JPEG). CMYK /
   YCCK JPEGs, headers this path does not understand, and any libjpeg-turbo error or warning
@@ -37,11 +39,17 @@
   is used.
 
 `ImageTransform` does the training-time geometry: short-side resize to the target (small images
-are upscaled, never dropped) + random or centre crop + optional horizontal flip, normalised to
-[-1, 1] (or [0, 1]), returned as float32 CHW. The resize and the crop are done in one call that
+are upscaled, never dropped) + random or centre crop + optional horizontal flip, returned as the
+sample's pixels, uint8 HWC [H, W, 3]. The resize and the crop are done in one call that
 samples only the crop: Pillow's `Image.resize(..., box=...)` (exactly the pixels that resizing
 the whole image and then cropping would give), or, for downscales by 1..2x with the default
 bilinear filter, OpenCV with a variance-matched prefilter (see `ImageTransform`).
+
+`normalize_pixels` is the one normalisation: uint8 [..., H, W, 3] -> float32 [..., 3, H, W] in
+[-1, 1] (x / 127.5 - 1) or [0, 1] (x / 255). It runs after a batch is collated, where the batch
+lives: on a paddle Tensor (the training step, `ldm.train.task.TrainingTask.pixels`, i.e. on the
+training device) or on a numpy array (offline use). DataLoader workers thus hand over uint8
+batches, a quarter of the bytes of float32 (issue 15 item 4; `benchmarks/bench_dataloader.py`).
 
 Follows the transform recipe of diffusers' ``train_text_to_image.py`` (resize, random/centre
 crop, random flip, normalise with mean = std = 0.5); the code is this project's own.
@@ -56,7 +64,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-try:  # optional fast JPEG decoder (libjpeg-turbo with M/8 DCT scaling); Pillow is the fallback
+try:  # optional fast JPEG decoder (libjpeg-turbo, DCT scaling); Pillow is the fallback
     import simplejpeg as _simplejpeg
 except ImportError:  # pragma: no cover - depends on the environment
     _simplejpeg = None
@@ -247,8 +255,8 @@ def _decode_jpeg_fast(
 ) -> Image.Image | np.ndarray | None:
     """`decode_image` through simplejpeg (libjpeg-turbo); None: leave this file to the Pillow path.
 
-    Scale: the smallest M/8 (M = 1..8) whose short side is still >= target_short_side (libjpeg-
-    turbo's scaled IDCT, output ceil(size * M / 8)); the full size when the image is smaller.
+    Scale: the one Pillow's draft takes (`draft_scale`: 1/8, 1/4, 1/2 while the short side stays
+    >= target_short_side, else full size; output ceil(size / k)); libjpeg-turbo's SIMD IDCTs.
     """
     try:
         h, w, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
@@ -268,11 +276,12 @@ def _decode_jpeg_fast(
         except Exception:
             return None
     min_h = min_w = 0
-    if target_short_side is not None and min(w, h) > target_short_side:
+    k = 1 if target_short_side is None else draft_scale((w, h), target_short_side)
+    if k > 1:  # simplejpeg takes the smallest M/8 covering the minimum: M = 8 / k for ceil(short / k)
         if h <= w:
-            min_h = target_short_side
+            min_h = -(-h // k)
         else:
-            min_w = target_short_side
+            min_w = -(-w // k)
     try:  # strict: libjpeg-turbo warnings (e.g. "Premature end of JPEG file") raise
         arr = _simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w, strict=True)
     except Exception:
@@ -296,8 +305,8 @@ def decode_image(
         max_pixels: reject images whose header size exceeds this many pixels (None: no limit).
         target_short_side: if given and the image is a JPEG, decode at the smallest DCT scale
             whose short side is still >= this value (the output may be larger; never smaller
-            than the original's short side allows). Scales: M/8 through simplejpeg when it is
-            installed, else 1/2, 1/4, 1/8 through Pillow's draft (see the module docstring).
+            than the original's short side allows). Scales 1/2, 1/4, 1/8, through simplejpeg when
+            it is installed, else Pillow's draft (see the module docstring).
         as_array: return the pixels as a uint8 ndarray [H, W, 3] instead of a PIL image (what
             `ImageTransform` works on fastest: no Pillow copy in and out). It may be read-only.
     Raises:
@@ -415,21 +424,25 @@ def _resize_box_cv2(arr: np.ndarray, box: tuple, width: int, height: int) -> np.
 
 
 class ImageTransform:
-    """Short-side resize + random/centre crop + optional horizontal flip, as float32 CHW.
+    """Short-side resize + random/centre crop + optional horizontal flip, as uint8 HWC.
 
     Args:
         resolution: output size, an int (square) or (height, width).
         center_crop: take the centre crop instead of a random one.
         random_flip: mirror horizontally with probability 0.5.
-        normalize: "minus_one_one" (x / 127.5 - 1, the diffusion-model convention, default) or
-            "zero_one" (x / 255, e.g. before ImageNet normalisation for an EfficientNet).
+        normalize: the range the pixels are meant for, applied by `normalized` (and by the
+            consumer of a batch, `normalize_pixels`): "minus_one_one" (x / 127.5 - 1, the
+            diffusion-model convention, default) or "zero_one" (x / 255, e.g. before ImageNet
+            normalisation for an EfficientNet).
         resample: Pillow filter for the resize. Default: bilinear, which in Pillow is the
             antialiased triangle filter (its support widens with the downscale factor), the
             same filter diffusers' text-to-image recipe uses; bicubic/Lanczos are sharper and
             1.5-3.5x slower on CPU.
     Call with an RGB `PIL.Image` or a uint8 ndarray [H, W, 3] (`decode_image(..., as_array=True)`)
     and a `numpy.random.Generator`; the output depends only on the image and the generator state.
-    Returns ndarray float32 [3, height, width].
+    Returns ndarray uint8 [height, width, 3] (C-contiguous, writable, never a view of the input):
+    the ``pixel_values`` of a sample. `normalized` gives float32 [3, height, width] in the
+    `normalize` range instead (`normalize_pixels` of the same pixels).
 
     Fast path: with the default bilinear filter, OpenCV importable and a downscale by a factor
     in [1, 2] (the usual case after a reduced-scale JPEG decode, whose remaining factor is below
@@ -560,13 +573,48 @@ class ImageTransform:
             out = self._geometry_array(x, rng)  # [H, W, 3] uint8
         else:
             out = np.asarray(self._geometry_pil(x, rng), dtype=np.uint8)
-        arr = out.transpose(2, 0, 1).astype(np.float32)  # [3, H, W]
-        if self.normalize == "minus_one_one":
-            arr *= 1.0 / 127.5
-            arr -= 1.0
-        else:
-            arr *= 1.0 / 255.0
-        return arr
+        if not (out.flags.c_contiguous and out.flags.writeable) or (
+                isinstance(x, np.ndarray) and np.may_share_memory(out, x)):
+            out = np.array(out, dtype=np.uint8, order="C")  # a crop view or Pillow's read-only buffer
+        return out
+
+    def normalized(self, img, rng: np.random.Generator | None = None) -> np.ndarray:
+        """float32 [3, height, width] in the `normalize` range: `normalize_pixels(self(img, rng))`."""
+        return normalize_pixels(self(img, rng), self.normalize)
+
+
+# x * scale + shift of each mode (NORMALIZE_MODES), applied to uint8 values converted to float32
+_NORMALIZE_AFFINE = {"minus_one_one": (1.0 / 127.5, -1.0), "zero_one": (1.0 / 255.0, 0.0)}
+
+
+def normalize_pixels(pixel_values, normalize: str = "minus_one_one"):
+    """uint8 [..., H, W, 3] pixels (a sample's or a collated batch's ``pixel_values``) -> float32
+    [..., 3, H, W]: x / 127.5 - 1 ("minus_one_one") or x / 255 ("zero_one").
+
+    A paddle Tensor gives a contiguous paddle Tensor computed where it lives (the training device:
+    the host-to-device copy moves uint8): the layout change is a view of the uint8 input, then one
+    cast and one `paddle.scale` pass (~1 ms per 256 px sample on one loaded CPU core; numpy takes
+    ~0.3 ms). A numpy array gives a C-contiguous numpy array. Both compute float32(x) *
+    float32(scale) + shift in float32, bit-equal on CPU (`tests/test_uint8_handover.py`); a device
+    that fuses the multiply-add may differ by one ulp.
+    """
+    if normalize not in _NORMALIZE_AFFINE:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+    shape = tuple(pixel_values.shape)
+    if len(shape) < 3 or shape[-1] != 3 or not str(pixel_values.dtype).endswith("uint8"):
+        raise ValueError(f"normalize_pixels takes uint8 [..., H, W, 3] pixels, got {pixel_values.dtype} {list(shape)}")
+    nd = len(shape)
+    perm = [*range(nd - 3), nd - 1, nd - 3, nd - 2]  # [..., H, W, C] -> [..., C, H, W]
+    scale, shift = _NORMALIZE_AFFINE[normalize]
+    if isinstance(pixel_values, np.ndarray):
+        out = np.ascontiguousarray(pixel_values.transpose(perm), dtype=np.float32)
+        out *= np.float32(scale)
+        if shift:
+            out += np.float32(shift)
+        return out
+    import paddle  # (a Tensor was given: paddle is loaded)
+
+    return paddle.scale(pixel_values.transpose(perm).astype("float32"), scale=scale, bias=shift)
 
 
 __all__ = [
@@ -576,5 +624,6 @@ __all__ = [
     "ImageTransform",
     "decode_image",
     "draft_scale",
+    "normalize_pixels",
     "to_rgb",
 ]

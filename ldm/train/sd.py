@@ -185,7 +185,7 @@ def _find_weights(folder: str) -> str:
 class SDTask(TrainingTask):
     """UNet (trained) + frozen VAE + (frozen or trained) CLIP text encoder.
 
-    forward(pixel_values [B, 3, R, R] in [-1, 1], caption [B] str) -> scalar loss.
+    forward(pixel_values [B, R, R, 3] uint8, caption [B] str) -> scalar loss.
     """
 
     state_file = "train_sd_state_rank{}.json"
@@ -266,6 +266,7 @@ class SDTask(TrainingTask):
         return tokenize_prompts(self.tokenizer, list(captions))
 
     def forward(self, pixel_values: paddle.Tensor, caption: Sequence[str], **unused) -> paddle.Tensor:
+        pixel_values = self.pixels(pixel_values)  # uint8 [B, R, R, 3] batch -> float32 [B, 3, R, R] in [-1, 1]
         if len(caption) != pixel_values.shape[0]:
             raise ValueError(f"{len(caption)} captions for {pixel_values.shape[0]} images")
         self.last_captions = self.drop_captions(caption)
@@ -362,7 +363,7 @@ class SDTask(TrainingTask):
         resolution: Optional[int] = None,
     ) -> Dict[str, np.ndarray]:
         """Images to log: {tag: uint8 (H, W, 3)}: samples per guidance scale + VAE reconstructions."""
-        out = {}
+        out, pixel_values = {}, self.pixels(pixel_values)
         with self.evaluating():
             size = resolution or (pixel_values.shape[-1] if pixel_values is not None else None)
             for g in guidance_scales:

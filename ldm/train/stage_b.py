@@ -147,7 +147,7 @@ def pyramid_noise(eps: np.ndarray, rng: np.random.Generator, levels: int = PYRAM
 class StageBTask(CascadeTask):
     """Stage B (trained) + frozen Stage A, EfficientNet, CLIP text encoder.
 
-    forward(pixel_values [B, 3, R, R] in [0, 1], caption [B] str) -> scalar loss.
+    forward(pixel_values [B, R, R, 3] uint8 (normalised to [0, 1] in the step), caption [B] str) -> scalar loss.
     """
 
     state_file = "train_b_state_rank{}.json"
@@ -209,7 +209,7 @@ class StageBTask(CascadeTask):
     def cache_images(self, pixel_values: np.ndarray) -> Dict[str, np.ndarray]:
         """Cached image fields: "latents" (Stage A) and "effnet_<h>x<w>", the EfficientNet latents at
         every input size the random factor can give (so the cached step is the recipe's, exactly)."""
-        x = paddle.to_tensor(pixel_values).astype("float32")
+        x = self.pixels(pixel_values).astype("float32")
         out = {"latents": self.encode_latents(x).numpy()}
         for eh, ew in self.effnet_sizes(*x.shape[-2:]):
             out[f"effnet_{eh}x{ew}"] = self.encode_effnet(F.interpolate(x, size=[eh, ew], mode="nearest")).numpy()
@@ -239,6 +239,7 @@ class StageBTask(CascadeTask):
         return t, paddle.to_tensor(pyramid_noise(eps.numpy(), self.rng))
 
     def forward(self, pixel_values: Optional[paddle.Tensor] = None, caption: Sequence[str] = (), **cached) -> paddle.Tensor:
+        pixel_values = self.pixels(pixel_values)  # uint8 [B, H, W, 3] batch -> float32 [B, 3, H, W] in [0, 1]
         b = pixel_values.shape[0] if pixel_values is not None else cached["latents"].shape[0]
         if len(caption) != b:
             raise ValueError(f"{len(caption)} captions for {b} images")
@@ -303,7 +304,7 @@ class StageBTask(CascadeTask):
 
         if pixel_values is None:
             return {}
-        x = pixel_values.astype("float32")
+        x = self.pixels(pixel_values).astype("float32")
         n = min(len(prompts), x.shape[0])
         x = x[:n]
         out = {}

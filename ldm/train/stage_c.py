@@ -227,6 +227,7 @@ class CascadeTask(TrainingTask):
     `self.adaptive`) in the per-rank task state of every checkpoint."""
 
     lora_target = ("stage_c", "c")  # (trained part, ldm.lora stage)
+    pixel_normalize = "zero_one"  # EfficientNet (ImageNet mean/std after it) and Stage A take [0, 1]
     size_multiple = cfg_mod.EFFNET_STRIDE  # image sides of the aspect buckets (EfficientNet stride)
     weight_files = (STAGE_C_FILE, STAGE_C_EMA_FILE)
     train_config_file = TRAIN_CONFIG_FILE
@@ -306,7 +307,7 @@ class CascadeTask(TrainingTask):
 class StageCTask(CascadeTask):
     """Stage C (trained) + frozen EfficientNet, CLIP text (+ optional image) encoders, Previewer.
 
-    forward(pixel_values [B, 3, R, R] in [0, 1], caption [B] str) -> scalar loss.
+    forward(pixel_values [B, R, R, 3] uint8 (normalised to [0, 1] in the step), caption [B] str) -> scalar loss.
     """
 
     state_file = "train_c_state_rank{}.json"
@@ -380,7 +381,7 @@ class StageCTask(CascadeTask):
 
     def cache_images(self, pixel_values: np.ndarray) -> Dict[str, np.ndarray]:
         """Cached image fields: "latents" (EfficientNet), "clip_img" (with an image encoder)."""
-        x = paddle.to_tensor(pixel_values)
+        x = self.pixels(pixel_values)
         out = {"latents": self.encode_latents(x).numpy()}
         if self.image_encoder is not None:
             out["clip_img"] = self.encode_images(x, np.ones(x.shape[0], bool)).numpy()
@@ -392,6 +393,7 @@ class StageCTask(CascadeTask):
 
     # -------------------------------------------------------------------------- training step
     def forward(self, pixel_values: Optional[paddle.Tensor] = None, caption: Sequence[str] = (), **cached) -> paddle.Tensor:
+        pixel_values = self.pixels(pixel_values)  # uint8 [B, H, W, 3] batch -> float32 [B, 3, H, W] in [0, 1]
         b = pixel_values.shape[0] if pixel_values is not None else cached["latents"].shape[0]
         if len(caption) != b:
             raise ValueError(f"{len(caption)} captions for {b} images")
@@ -458,6 +460,7 @@ class StageCTask(CascadeTask):
         EfficientNet latents of the current batch (a reconstruction check)."""
         from ldm.cascade import pipeline as pl
 
+        pixel_values = self.pixels(pixel_values)
         n = len(prompts)
         size = latent_size or (pixel_values.shape[-1] // cfg_mod.EFFNET_STRIDE if pixel_values is not None else 24)
         with self.evaluating(ema) as with_ema:
@@ -509,9 +512,9 @@ def folder_spec(task, data_args, training_args):
             logger.warning("%s: tar shards are a stream: no aspect buckets, square %d px crops (--multi_aspect_ratio "
                            "needs a caption folder)", data_args.dataset_path, data_args.resolution)
         return DatasetSpec("tar", data_args.dataset_path, resolution=data_args.resolution,
-                           normalize="zero_one", center_crop=data_args.center_crop,
+                           normalize=task.pixel_normalize, center_crop=data_args.center_crop,
                            random_flip=data_args.random_flip, seed=training_args.seed, options={"infinite": True})
-    return DatasetSpec("folder", data_args.dataset_path, resolution=data_args.resolution, normalize="zero_one",
+    return DatasetSpec("folder", data_args.dataset_path, resolution=data_args.resolution, normalize=task.pixel_normalize,
                        center_crop=data_args.center_crop, random_flip=data_args.random_flip, seed=training_args.seed,
                        options={"skip_missing_captions": data_args.skip_missing_captions,
                                 **bucket_options(task, data_args)})

@@ -18,6 +18,11 @@ callbacks of `ldm/train` need lives here, once:
 - **Per-rank RNG**: `self.rng`, a numpy Generator seeded by (seed, rank, `rng_tag`), for the
   random draws of the step; `train_state()` / `set_train_state()` round-trip it (and whatever a
   subclass adds) through the checkpoint file `state_file.format(rank)`.
+- **Pixels**: batches arrive as the `ldm.data` sample schema, uint8 [B, H, W, 3] (what DataLoader
+  workers hand over); `pixels(pixel_values)` is the step's first line: float32 [B, 3, H, W] in
+  the task's `pixel_normalize` range ("minus_one_one" by default, "zero_one" for the Stable
+  Cascade recipes), computed by `ldm.data.transforms.normalize_pixels` where the tensor lives
+  (the training device). Every recipe's step, previews and encoder-cache builder call it.
 - **Previews**: `log_images(pixel_values=..., **kwargs) -> {tag: uint8 [H, W, 3]}` (none by default);
   `evaluating(ema)` runs the trained parts in eval mode, with the EMA weights when given.
 - **Recompute**: `enable_recompute()` turns on activation checkpointing of the trained networks
@@ -36,6 +41,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
+from ldm.data.transforms import NORMALIZE_MODES, normalize_pixels
 from ldm.utils import get_logger
 from ldm.weights import assign_state_dict, load_state_dict, save_safetensors
 
@@ -65,16 +71,35 @@ class TrainingTask(nn.Layer):
 
     state_file = "train_state_rank{}.json"  # per-rank task state inside a checkpoint
     rng_tag = 0  # mixed into the generator seed, so two recipes do not share a stream
+    pixel_normalize = "minus_one_one"  # the range the task's image networks take (NORMALIZE_MODES)
 
     def __init__(self, seed: int = 0, rank: int = 0):
         super().__init__()
         if int(rank) < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
+        if self.pixel_normalize not in NORMALIZE_MODES:
+            raise ValueError(f"{type(self).__name__}.pixel_normalize must be one of {NORMALIZE_MODES}, "
+                             f"got {self.pixel_normalize!r}")
         self.seed, self.rank = int(seed), int(rank)
         self.rng = np.random.default_rng([self.seed, self.rank, int(self.rng_tag)])
         self._frozen_names: List[str] = []
         self._trained_names: List[str] = []
         self.register_forward_pre_hook(_keep_frozen_in_eval)
+
+    # ------------------------------------------------------------------------------ pixels
+    def pixels(self, pixel_values):
+        """The images of a batch as the task's networks take them: uint8 [B, H, W, 3] (the
+        `ldm.data` schema, collated; a paddle Tensor or a numpy array) -> float32 paddle Tensor
+        [B, 3, H, W] in the `pixel_normalize` range, normalised where the tensor lives (the
+        training device). A floating-point input is taken as already normalised [B, 3, H, W]
+        (a caller that builds its own inputs) and returned as a Tensor unchanged; None stays None."""
+        if pixel_values is None:
+            return None
+        if not isinstance(pixel_values, paddle.Tensor):
+            pixel_values = paddle.to_tensor(pixel_values)
+        if pixel_values.dtype != paddle.uint8:
+            return pixel_values
+        return normalize_pixels(pixel_values, self.pixel_normalize)
 
     # ------------------------------------------------------------------------------ parts
     def add_frozen(self, name: str, layer: Optional[nn.Layer]) -> Optional[nn.Layer]:
