@@ -20,7 +20,8 @@ pairs (``0001.jpg`` / ``0001.txt`` ...). Rules:
   colour mode to RGB) and resized + cropped to the training resolution, so every sample has the
   same shape and batches always collate.
 
-Sample (the schema of `ldm.data.spec`): ``{"pixel_values": float32 [3, H, W], "caption": str}``.
+Sample (the schema of `ldm.data.spec`): ``{"pixel_values": uint8 [H, W, 3], "caption": str}``,
+normalised after collation by the consumer (`ldm.data.transforms.normalize_pixels`):
 ``normalize="minus_one_one"`` (x / 127.5 - 1) is the diffusion convention; ``normalize="zero_one"``
 (x / 255) is what Stage C's EfficientNet encoder takes before its ImageNet mean/std normalisation.
 

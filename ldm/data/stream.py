@@ -170,7 +170,7 @@ class ShardedStream(paddle.io.IterableDataset):
         shuffle_buffer: size of a reservoir of raw records shuffled before decoding (0 = off;
             records then come in file order).
 
-    Yields the samples of `ldm.data.spec`: "pixel_values" float32 ndarray [3, R, R], "caption" str.
+    Yields the samples of `ldm.data.spec`: "pixel_values" uint8 ndarray [R, R, 3], "caption" str.
     Inside a DataLoader, worker id / count come from paddle.io.get_worker_info();
     `iter_consumer(worker, num_workers)` runs one consumer explicitly (tests, check_data).
     `self.stats` holds the counts of the latest pass run in this process.
@@ -329,7 +329,7 @@ class ShardedStream(paddle.io.IterableDataset):
             if decode_only:
                 yield None
                 continue
-            yield {"pixel_values": self.transform(img, rng), "caption": caption}  # float32 [3, R, R]
+            yield {"pixel_values": self.transform(img, rng), "caption": caption}  # uint8 [R, R, 3]
 
 
 def stream_kwargs(spec, rank: Optional[int], world_size: Optional[int]) -> dict:
