@@ -5,7 +5,8 @@
         --resolution 256 --num_workers 2 --samples 300 --rounds 5
 
 Three pipelines read the same records in the same way (line split + base64 decode) in one
-process, each for `--samples` samples, repeated `--rounds` times in alternation. Rates are
+process, each for `--samples` samples per round, taking turns in chunks of `--chunk` samples
+(so a change of load falls on all three alike), for `--rounds` rounds. Rates are
 samples per second of process CPU time (all three are single-threaded, so this is the
 throughput of one dedicated core and depends less on what else the machine runs); the median
 round is reported, and the wall-clock medians are printed too:
@@ -350,14 +351,15 @@ def main(argv=None) -> dict:
                    help="the DataLoader's use_shared_memory (1, the trainer's default; 0: batches pickled through pipes)")
     p.add_argument("--samples", type=int, default=300, help="samples per pipeline per round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--chunk", type=int, default=25, help="samples per turn when the pipelines alternate in a round")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jpeg_decoder", choices=("auto", "pillow"), default="auto",
                    help="auto: simplejpeg when installed (what training uses); pillow: force the Pillow path")
     p.add_argument("--resize", choices=("auto", "pillow"), default="auto",
                    help="auto: OpenCV for 1..2x downscales when installed (what training uses); pillow: Pillow only")
     args = p.parse_args(argv)
-    if args.samples < 1 or args.rounds < 1 or args.num_images < 1:
-        p.error("--samples, --rounds and --num_images must be >= 1")
+    if args.samples < 1 or args.rounds < 1 or args.num_images < 1 or args.chunk < 1:
+        p.error("--samples, --rounds, --chunk and --num_images must be >= 1")
 
     file_list = args.file_list
     if args.make_data:
@@ -392,9 +394,20 @@ def main(argv=None) -> dict:
         time_samples(fn, 5)
     rates = {name: [] for name in pipelines}  # samples per CPU second
     wall = {name: [] for name in pipelines}  # samples per wall second
+    names = list(pipelines)
     for _ in range(args.rounds):
-        for name, fn in pipelines.items():
-            dt_wall, dt_cpu = time_samples(fn, args.samples)
+        # each round: the pipelines take turns in chunks of --chunk samples (the starting one rotates),
+        # so a change of the machine's load falls on all three alike
+        spent = {name: [0.0, 0.0] for name in names}
+        done, turn = 0, 0
+        while done < args.samples:
+            n = min(args.chunk, args.samples - done)
+            for name in names[turn % 3:] + names[:turn % 3]:
+                dt_wall, dt_cpu = time_samples(pipelines[name], n)
+                spent[name][0] += dt_wall
+                spent[name][1] += dt_cpu
+            done, turn = done + n, turn + 1
+        for name, (dt_wall, dt_cpu) in spent.items():
             rates[name].append(args.samples / dt_cpu)
             wall[name].append(args.samples / dt_wall)
     med = {name: statistics.median(r) for name, r in rates.items()}
