@@ -165,7 +165,7 @@ STAGE_C_PRESETS = {
                  dropout=[0.0, 0.0], self_attn=True, t_conds=["sca", "crp"], switch_level=[False]),
     # the shipped demo (assets/demo/cascade: 6 x 6 latents of 256 px images; c_clip_* = the demo CLIP's
     # widths, no image encoder: clip_img is always zeros)
-    "demo": StageCConfig(c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=96, c_hidden=[96, 96], nhead=[4, 4],
+    "demo": StageCConfig(c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=64, c_hidden=[64, 64], nhead=[4, 4],
                  blocks=[[2, 2], [2, 2]], block_repeat=[[1, 1], [1, 1]], level_config=["CTA", "CTA"],
                  c_clip_text=64, c_clip_text_pooled=64, c_clip_img=16, c_clip_seq=4, kernel_size=3,
                  dropout=[0.0, 0.0], self_attn=True, t_conds=["sca", "crp"], switch_level=[False]),

@@ -49,7 +49,7 @@ logger = get_logger("ldm.train.stage_b")
 __all__ = ["StageBModelArguments", "StageBDataArguments", "parse_stage_b_args", "StageBTask", "build_stage_b_trainer",
            "build_stage_b_components", "pyramid_noise", "STAGE_B_FILE", "STAGE_B_EMA_FILE"]
 
-MODEL_VERSIONS = (*cfg_mod.STAGE_B_FILES, "tiny")
+MODEL_VERSIONS = (*cfg_mod.STAGE_B_FILES, "tiny", "demo")
 STAGE_B_FILE = "stage_b.safetensors"
 STAGE_B_EMA_FILE = "stage_b_ema.safetensors"
 TRAIN_CONFIG_FILE = "train_b_config.json"
@@ -63,7 +63,8 @@ SIZE_MULTIPLE = cfg_mod.SIZE_MULTIPLE  # Stage A / 4, Stage B patch 2 and its do
 @dataclass
 class StageBModelArguments(CascadeModelArguments):
     model_version: str = field(default=CascadeConfig.model_b_version, metadata={
-        "help": "Stage B size: 700M (lite), 3B, or tiny (random tiny networks, offline, for tests/demos)."})
+        "help": "Stage B size: 700M (lite), 3B, tiny (random tiny networks, offline, for tests) or demo (the demo "
+                "presets; frozen parts from the demo files in --weights_path, scripts/train_demo.sh)."})
     stage_b: Optional[str] = field(default=None, metadata={
         "help": "Stage B weights to fine-tune (name in weights_path or a path); default stage_b_lite (700M) / stage_b "
                 "(3B). With tiny: optional weights of a tiny Stage B."})
@@ -107,13 +108,8 @@ def build_stage_b_components(model_args):
     """Stage B, Stage A, EfficientNet, tokenizer + CLIP text of the run (tiny: the offline preset)."""
     from ldm.cascade import components as cp
 
-    if model_args.model_version == "tiny":
-        from ldm.cascade.loading import load_stage_b
-
-        comps = cp.tiny_components()
-        if model_args.stage_b:
-            comps.builders["stage_b"] = lambda: load_stage_b(model_args.stage_b, "tiny")
-        return comps
+    if model_args.model_version in cp.OFFLINE_PRESETS:  # tiny (random) or demo (the demo files)
+        return cp.training_components(model_args.model_version, "stage_b", model_args.stage_b, model_args.weights_path)
     cfg = dataclasses.replace(
         CascadeConfig(), weights_path=model_args.weights_path, effnet=model_args.effnet, stage_a=model_args.stage_a,
         stage_b=model_args.stage_b or cfg_mod.STAGE_B_FILES[model_args.model_version], clip_text=model_args.clip_text,

@@ -51,7 +51,7 @@ __all__ = ["StageCModelArguments", "StageCDataArguments", "StageCTrainingArgumen
            "StageCTask", "build_stage_c_trainer", "build_components", "stage_c_config_of", "STAGE_C_FILE",
            "STAGE_C_EMA_FILE", "DEFAULT_PREVIEW_PROMPTS"]
 
-MODEL_VERSIONS = (*cfg_mod.STAGE_C_FILES, "tiny")
+MODEL_VERSIONS = (*cfg_mod.STAGE_C_FILES, "tiny", "demo")
 STAGE_C_FILE = "stage_c.safetensors"  # TrainingTask.write_part names: <part>[_ema].safetensors
 STAGE_C_EMA_FILE = "stage_c_ema.safetensors"
 TRAIN_CONFIG_FILE = "train_c_config.json"
@@ -101,7 +101,8 @@ class CascadeModelArguments(LoRAArguments):
 @dataclass
 class StageCModelArguments(CascadeModelArguments):
     model_version: str = field(default=CascadeConfig.model_c_version, metadata={
-        "help": "Stage C size: 1B (lite), 3.6B, or tiny (random tiny networks, offline, for tests/demos)."})
+        "help": "Stage C size: 1B (lite), 3.6B, tiny (random tiny networks, offline, for tests) or demo (the demo "
+                "presets; frozen parts from the demo files in --weights_path, scripts/train_demo.sh)."})
     stage_c: Optional[str] = field(default=None, metadata={
         "help": "Stage C weights to fine-tune (name in weights_path or a path); default stage_c_lite (1B) / stage_c "
                 "(3.6B). With tiny: optional weights of a tiny Stage C."})
@@ -175,13 +176,9 @@ def build_components(model_args: StageCModelArguments):
     from ldm.cascade import components as cp
 
     want_image = str(model_args.clip_image).lower() not in NO_IMAGE_ENCODER
-    if model_args.model_version == "tiny":
-        from ldm.cascade.loading import load_stage_c
-
-        comps = cp.tiny_components()
-        if model_args.stage_c:
-            comps.builders["stage_c"] = lambda: load_stage_c(model_args.stage_c, "tiny")
-        return comps, want_image
+    if model_args.model_version in cp.OFFLINE_PRESETS:  # tiny (random) or demo (the demo files)
+        return cp.training_components(model_args.model_version, "stage_c", model_args.stage_c,
+                                      model_args.weights_path), want_image
     import dataclasses
 
     cfg = dataclasses.replace(

@@ -1,0 +1,109 @@
+#!/bin/sh
+# Rebuild the shipped demo (issue 14) from scratch on CPU: the Stable Cascade family into
+# assets/demo/cascade, then the SD family (scripts/train_demo_sd.sh) into assets/demo/sd.
+#   sh scripts/train_demo.sh                       # both families, deterministic for SEED
+#   FAMILIES=cascade sh scripts/train_demo.sh      # only Stable Cascade (FAMILIES=sd: only SD)
+#   WORK=/tmp/demo_build OUT=/tmp/demo_cascade STEPS_SCALE=0.01 sh scripts/train_demo.sh   # a quick trial
+#   SKIP_PARTS=1 sh scripts/train_demo.sh         # reuse WORK's data set and parts (steps 1-2), retrain B, C
+# Stable Cascade steps (every network is the "demo" preset of its class, ldm/demo/cascade.py):
+#   1. the shapes data set as a Stage C caption folder (ldm.demo.shapes.write_caption_folder, 256 px)
+#   2. scripts/demo_cascade_parts.py: random frozen CLIP text + word tokenizer; Stage A trained as an
+#      autoencoder; EfficientNet encoder + Previewer trained together as an autoencoder
+#   3. scripts/train_stage_b_trainer.py --model_version demo (256 px, encoder cache), and at the same
+#   4. time train_stage_c_trainer.py --model_version demo (192 px = the 6 x 6 latents of a 256 px image)
+#   5. the EMA weights of both into OUT (with the parts), a sample image
+set -e
+REPO=$(cd "$(dirname "$0")/.." && pwd)  # found from any folder
+PY=${PYTHON:-python}
+SEED=${SEED:-0}
+FAMILIES=${FAMILIES:-cascade sd}
+WORK=${WORK:-./demo_build}
+OUT=${OUT:-${REPO}/assets/demo/cascade}
+STEPS_SCALE=${STEPS_SCALE:-1}   # multiplies every step count (a quick trial: 0.01)
+PER_COMBINATION=${PER_COMBINATION:-8}
+steps() { ${PY} -c "import sys; print(max(2, round(float(sys.argv[1]) * float(sys.argv[2]))))" "$1" "${STEPS_SCALE}"; }
+STAGE_A_STEPS=${STAGE_A_STEPS:-$(steps 200)}
+ENCODER_STEPS=${ENCODER_STEPS:-$(steps 800)}
+STAGE_B_STEPS=${STAGE_B_STEPS:-$(steps 600)}
+STAGE_C_STEPS=${STAGE_C_STEPS:-$(steps 800)}
+export PYTHONHASHSEED=0
+
+part_start() { PART_T0=$(date +%s); echo "== demo: $1 ($(date -u +%H:%M:%S) UTC)"; }
+part_end() { echo "== demo: $1 done in $(( $(date +%s) - PART_T0 )) s wall"; }
+
+case " ${FAMILIES} " in *" cascade "*)
+    C_WORK="${WORK}/cascade"
+    if [ "${SKIP_PARTS:-0}" = 1 ]; then  # reuse WORK's data set and parts (a run stopped after step 2)
+        rm -rf "${C_WORK}/stage_b" "${C_WORK}/stage_c" "${C_WORK}/cache_b" "${C_WORK}/cache_c"
+    else
+    rm -rf "${C_WORK}"
+    mkdir -p "${C_WORK}/weights"
+    part_start "shapes caption folder"
+    ${PY} -c "import sys; from ldm.demo.shapes import write_caption_folder; \
+print(write_caption_folder(sys.argv[1], per_combination=int(sys.argv[2]), size=256, seed=int(sys.argv[3])), 'images')" \
+        "${C_WORK}/data" "${PER_COMBINATION}" "${SEED}"
+    part_end "shapes caption folder"
+
+    part_start "CLIP text; Stage A and EfficientNet + Previewer in parallel"
+    PARTS="${PY} ${REPO}/scripts/demo_cascade_parts.py --output_dir ${C_WORK}/weights --seed ${SEED}"
+    ${PARTS} --part clip
+    OMP_NUM_THREADS=1 ${PARTS} --part stage_a --stage_a_steps "${STAGE_A_STEPS}" > "${C_WORK}/stage_a.log" 2>&1 &
+    PID_A=$!
+    OMP_NUM_THREADS=1 ${PARTS} --part encoder --encoder_steps "${ENCODER_STEPS}" > "${C_WORK}/encoder.log" 2>&1 &
+    PID_E=$!
+    STATUS=0
+    wait ${PID_A} || { echo "Stage A failed, see ${C_WORK}/stage_a.log" >&2; STATUS=1; }
+    wait ${PID_E} || { echo "encoder failed, see ${C_WORK}/encoder.log" >&2; STATUS=1; }
+    grep -h "CPU" "${C_WORK}/stage_a.log" "${C_WORK}/encoder.log" || true
+    [ ${STATUS} = 0 ] || exit 1
+    part_end "CLIP text, Stage A, EfficientNet + Previewer"
+    fi
+
+    COMMON="--do_train --weights_path ${C_WORK}/weights --dataset_path ${C_WORK}/data --multi_aspect_ratio 1 \
+        --model_version demo --use_ema True --ema_decay 0.99 --lr_scheduler_type cosine --warmup_steps 20 \
+        --weight_decay 0.0 --max_grad_norm 1.0 --image_logging_steps 1000000 --logging_steps 20 \
+        --save_total_limit 1 --seed ${SEED} --dataloader_num_workers 0 --disable_tqdm True --overwrite_output_dir"
+    # Stage B and Stage C depend only on the parts above: they train at the same time, one thread each
+    part_start "Stage B (scripts/train_stage_b_trainer.py) and Stage C (train_stage_c_trainer.py), in parallel"
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=1 ${PY} -u "${REPO}/scripts/train_stage_b_trainer.py" ${COMMON} --output_dir "${C_WORK}/stage_b" \
+        --cache_dir "${C_WORK}/cache_b" --resolution 256 --per_device_train_batch_size 16 --learning_rate 1e-3 \
+        --max_steps "${STAGE_B_STEPS}" --save_steps "${STAGE_B_STEPS}" > "${C_WORK}/stage_b.log" 2>&1 &
+    PID_B=$!
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=1 ${PY} -u "${REPO}/train_stage_c_trainer.py" ${COMMON} --output_dir "${C_WORK}/stage_c" \
+        --cache_dir "${C_WORK}/cache_c" --clip_image none --resolution 192 --per_device_train_batch_size 32 \
+        --learning_rate 1e-3 --max_steps "${STAGE_C_STEPS}" --save_steps "${STAGE_C_STEPS}" > "${C_WORK}/stage_c.log" 2>&1 &
+    PID_C=$!
+    STATUS=0
+    wait ${PID_B} || { echo "Stage B failed, see ${C_WORK}/stage_b.log" >&2; STATUS=1; }
+    wait ${PID_C} || { echo "Stage C failed, see ${C_WORK}/stage_c.log" >&2; STATUS=1; }
+    grep -h "train_runtime" "${C_WORK}/stage_b.log" "${C_WORK}/stage_c.log" || true
+    [ ${STATUS} = 0 ] || exit 1
+    cp "${C_WORK}/stage_b/stage_b_ema.safetensors" "${C_WORK}/weights/stage_b.safetensors"
+    cp "${C_WORK}/stage_c/stage_c_ema.safetensors" "${C_WORK}/weights/stage_c.safetensors"
+    part_end "Stage B and Stage C"
+
+    mkdir -p "${OUT}"
+    rm -rf "${OUT}/clip_text"
+    cp -r "${C_WORK}/weights/clip_text" "${OUT}/clip_text"
+    for f in stage_a effnet_encoder previewer stage_b stage_c; do
+        cp "${C_WORK}/weights/${f}.safetensors" "${OUT}/${f}.safetensors"
+    done
+    part_start "sample"
+    ${PY} "${REPO}/inference.py" --preset demo --weights_path "${OUT}" --caption "a red circle on a blue background" \
+        --output_dir "${C_WORK}/samples" --no_progress
+    part_end "sample"
+    echo "Stable Cascade demo weights: ${OUT}"
+    ;;
+esac
+
+case " ${FAMILIES} " in *" sd "*)
+    if [ ! -f "${REPO}/scripts/train_demo_sd.sh" ]; then
+        echo "scripts/train_demo_sd.sh not found: the SD half is skipped" >&2
+        exit 1
+    fi
+    WORK="${WORK}" SEED="${SEED}" sh "${REPO}/scripts/train_demo_sd.sh"
+    ;;
+esac
+times
