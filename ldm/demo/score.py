@@ -4,14 +4,15 @@ color, shape)`, and the accuracy table of `scripts/demo_score.py`.
 - background: the palette colour (`ldm.demo.shapes.PALETTE`, nearest in RGB) of the median of the
   border pixels (the outer 5% of each side; a demo shape never reaches it: 30% half-size + 10%
   offset leaves 10% free).
-- foreground: the pixels farther than `FOREGROUND_DISTANCE` from that median border colour
-  (about half the smallest distance between two palette colours). Fewer than `MIN_AREA` of the
-  image: no shape, (background, None, None).
-- color: the palette colour nearest to the per-channel median of the foreground pixels.
-- shape: from the foreground's bounding box (rows and columns holding at least 2% of the side of
-  foreground pixels, so isolated specks do not widen it): an upward triangle is narrow at the top
-  (mean width of the top quarter of the box < 0.6 x that of the bottom quarter); otherwise the
-  fill ratio of the box tells a square (~1) from a circle (pi/4 ~ 0.785), threshold 0.89.
+- foreground: first the pixels farther than `FOREGROUND_DISTANCE` from that median border colour
+  (about half the smallest distance between two palette colours); fewer than `MIN_AREA` of the
+  image: no shape, (background, None, None). Their per-channel median is the shape's colour; the
+  final mask is the pixels nearer to it than to the border colour (soft edges split halfway).
+- color: the palette colour nearest to that median.
+- shape: from the mask's bounding box (rows and columns holding at least 2% of the side of mask
+  pixels, so isolated specks do not widen it) and the fill of its four corner patches (`CORNER`
+  of the box side): a square fills all four, an upward triangle the two bottom ones only (~0.75),
+  a circle none (~0.02).
 """
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
@@ -22,6 +23,7 @@ from ldm.demo.shapes import COLORS, PALETTE
 FOREGROUND_DISTANCE = 80.0
 MIN_AREA = 0.02
 BORDER = 0.05
+CORNER = 0.15  # corner patches of the shape's box, as a fraction of its side
 _PALETTE = np.array([PALETTE[c] for c in COLORS], dtype=np.float64)  # (6, 3)
 
 
@@ -42,19 +44,22 @@ def _as_array(image) -> np.ndarray:
     return a.astype(np.float64)
 
 
-def _shape_of(mask: np.ndarray) -> str:
+def _shape_of(mask: np.ndarray) -> Optional[str]:
     h, w = mask.shape
     rows = np.nonzero(mask.sum(1) >= max(1.0, 0.02 * w))[0]
     cols = np.nonzero(mask.sum(0) >= max(1.0, 0.02 * h))[0]
     if rows.size < 2 or cols.size < 2:
-        return "square" if mask.any() else None
-    box = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    widths = box.sum(1).astype(np.float64)  # per row
-    q = max(1, len(widths) // 4)
-    top, bottom = widths[:q].mean(), widths[-q:].mean()
-    if top < 0.6 * bottom:
+        return None
+    box = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].astype(np.float64)
+    bh, bw = box.shape
+    ch, cw = max(1, int(round(CORNER * bh))), max(1, int(round(CORNER * bw)))
+    top = (box[:ch, :cw].mean() + box[:ch, -cw:].mean()) / 2
+    bottom = (box[-ch:, :cw].mean() + box[-ch:, -cw:].mean()) / 2
+    if top > 0.5 and bottom > 0.5:
+        return "square"
+    if bottom - top > 0.3:
         return "triangle"
-    return "square" if box.mean() > 0.89 else "circle"
+    return "circle"
 
 
 def analyse(image) -> Tuple[str, Optional[str], Optional[str]]:
@@ -67,11 +72,12 @@ def analyse(image) -> Tuple[str, Optional[str], Optional[str]]:
                              a[:, :bw].reshape(-1, 3), a[:, -bw:].reshape(-1, 3)])
     bg_rgb = np.median(border, axis=0)
     background = nearest_color(bg_rgb)
-    mask = np.sqrt(((a - bg_rgb) ** 2).sum(-1)) > FOREGROUND_DISTANCE
-    if mask.mean() < MIN_AREA:
+    rough = np.sqrt(((a - bg_rgb) ** 2).sum(-1)) > FOREGROUND_DISTANCE
+    if rough.mean() < MIN_AREA:
         return background, None, None
-    color = nearest_color(np.median(a[mask], axis=0))
-    return background, color, _shape_of(mask)
+    fg_rgb = np.median(a[rough], axis=0)
+    mask = ((a - fg_rgb) ** 2).sum(-1) < ((a - bg_rgb) ** 2).sum(-1)  # nearer the shape colour: soft edges split halfway
+    return background, nearest_color(fg_rgb), _shape_of(mask)
 
 
 FIELDS = ("background", "color", "shape")
