@@ -23,13 +23,21 @@ STEPS_SCALE=${STEPS_SCALE:-1}   # multiplies every step count (a quick trial: 0.
 PER_COMBINATION=${PER_COMBINATION:-8}
 steps() { ${PY} -c "import sys; print(max(2, round(float(sys.argv[1]) * float(sys.argv[2]))))" "$1" "${STEPS_SCALE}"; }
 STAGE_A_STEPS=${STAGE_A_STEPS:-$(steps 200)}
-ENCODER_STEPS=${ENCODER_STEPS:-$(steps 800)}
-STAGE_B_STEPS=${STAGE_B_STEPS:-$(steps 600)}
-STAGE_C_STEPS=${STAGE_C_STEPS:-$(steps 800)}
+ENCODER_STEPS=${ENCODER_STEPS:-$(steps 400)}
+STAGE_B_STEPS=${STAGE_B_STEPS:-$(steps 500)}
+STAGE_C_STEPS=${STAGE_C_STEPS:-$(steps 700)}
 export PYTHONHASHSEED=0
 
 part_start() { PART_T0=$(date +%s); echo "== demo: $1 ($(date -u +%H:%M:%S) UTC)"; }
 part_end() { echo "== demo: $1 done in $(( $(date +%s) - PART_T0 )) s wall"; }
+# wait_both PID1 LOG1 PID2 LOG2 PATTERN: wait for two background jobs, show PATTERN's lines of their logs
+wait_both() {
+    STATUS=0
+    wait "$1" || { echo "failed, see $2" >&2; STATUS=1; }
+    wait "$3" || { echo "failed, see $4" >&2; STATUS=1; }
+    grep -h "$5" "$2" "$4" || true
+    [ ${STATUS} = 0 ] || exit 1
+}
 
 case " ${FAMILIES} " in *" cascade "*)
     C_WORK="${WORK}/cascade"
@@ -51,11 +59,7 @@ print(write_caption_folder(sys.argv[1], per_combination=int(sys.argv[2]), size=2
     PID_A=$!
     OMP_NUM_THREADS=1 ${PARTS} --part encoder --encoder_steps "${ENCODER_STEPS}" > "${C_WORK}/encoder.log" 2>&1 &
     PID_E=$!
-    STATUS=0
-    wait ${PID_A} || { echo "Stage A failed, see ${C_WORK}/stage_a.log" >&2; STATUS=1; }
-    wait ${PID_E} || { echo "encoder failed, see ${C_WORK}/encoder.log" >&2; STATUS=1; }
-    grep -h "CPU" "${C_WORK}/stage_a.log" "${C_WORK}/encoder.log" || true
-    [ ${STATUS} = 0 ] || exit 1
+    wait_both ${PID_A} "${C_WORK}/stage_a.log" ${PID_E} "${C_WORK}/encoder.log" "s CPU"
     part_end "CLIP text, Stage A, EfficientNet + Previewer"
     fi
 
@@ -75,11 +79,7 @@ print(write_caption_folder(sys.argv[1], per_combination=int(sys.argv[2]), size=2
         --cache_dir "${C_WORK}/cache_c" --clip_image none --resolution 192 --per_device_train_batch_size 32 \
         --learning_rate 1e-3 --max_steps "${STAGE_C_STEPS}" --save_steps "${STAGE_C_STEPS}" > "${C_WORK}/stage_c.log" 2>&1 &
     PID_C=$!
-    STATUS=0
-    wait ${PID_B} || { echo "Stage B failed, see ${C_WORK}/stage_b.log" >&2; STATUS=1; }
-    wait ${PID_C} || { echo "Stage C failed, see ${C_WORK}/stage_c.log" >&2; STATUS=1; }
-    grep -h "train_runtime" "${C_WORK}/stage_b.log" "${C_WORK}/stage_c.log" || true
-    [ ${STATUS} = 0 ] || exit 1
+    wait_both ${PID_B} "${C_WORK}/stage_b.log" ${PID_C} "${C_WORK}/stage_c.log" "train_runtime"
     cp "${C_WORK}/stage_b/stage_b_ema.safetensors" "${C_WORK}/weights/stage_b.safetensors"
     cp "${C_WORK}/stage_c/stage_c_ema.safetensors" "${C_WORK}/weights/stage_c.safetensors"
     part_end "Stage B and Stage C"

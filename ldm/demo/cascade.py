@@ -70,6 +70,24 @@ def _optimizer(parameters, learning_rate: float, steps: int):
     return paddle.optimizer.AdamW(schedule, parameters=parameters, weight_decay=0.0), schedule
 
 
+def _fit(name: str, batch_loss, parameters, steps: int, learning_rate: float, log_every: int) -> List[float]:
+    """`steps` AdamW steps (cosine decay to 5%) on `batch_loss()`; returns the losses."""
+    opt, schedule = _optimizer(parameters, learning_rate, steps)
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # paddle's BatchNorm warns on every training call
+        for step in range(int(steps)):
+            loss = batch_loss()
+            loss.backward()
+            opt.step()
+            opt.clear_grad()
+            schedule.step()
+            losses.append(float(loss))
+            if log_every and (step + 1) % log_every == 0:
+                logger.info("%s step %d/%d loss %.4f", name, step + 1, steps, np.mean(losses[-log_every:]))
+    return losses
+
+
 def _reconstruction_loss(pred, target):
     import paddle.nn.functional as F
 
@@ -117,21 +135,12 @@ def train_stage_a(steps: int = 200, batch_size: int = 8, crop: int = 128, learni
     rng = np.random.default_rng([seed, 0xA])
     net = StageA(STAGE_A_PRESETS["demo"])
     net.train()
-    opt, schedule = _optimizer(net.parameters(), learning_rate, steps)
-    losses = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # paddle's BatchNorm warns on every training call
-        for step in range(int(steps)):
-            x = paddle.to_tensor(_render_batch(rng, batch_size, IMAGE_SIZE, crop))
-            rec, _ = net(x)
-            loss = _reconstruction_loss(rec, x)
-            loss.backward()
-            opt.step()
-            opt.clear_grad()
-            schedule.step()
-            losses.append(float(loss))
-            if log_every and (step + 1) % log_every == 0:
-                logger.info("stage A step %d/%d loss %.4f", step + 1, steps, np.mean(losses[-log_every:]))
+
+    def batch_loss():
+        x = paddle.to_tensor(_render_batch(rng, batch_size, IMAGE_SIZE, crop))
+        return _reconstruction_loss(net(x)[0], x)
+
+    losses = _fit("stage A", batch_loss, net.parameters(), steps, learning_rate, log_every)
     net.eval()
     with paddle.no_grad():
         x = paddle.to_tensor(_render_batch(np.random.default_rng([seed, 0xA, 1]), 64, IMAGE_SIZE))
@@ -146,7 +155,7 @@ def train_stage_a(steps: int = 200, batch_size: int = 8, crop: int = 128, learni
 # ---------------------------------------------------------------------------------------------
 # EfficientNet encoder + Previewer
 # ---------------------------------------------------------------------------------------------
-def train_encoder_previewer(steps: int = 800, batch_size: int = 8, learning_rate: float = 3e-3, seed: int = 0,
+def train_encoder_previewer(steps: int = 400, batch_size: int = 8, learning_rate: float = 3e-3, seed: int = 0,
                             sides: Sequence[int] = ENCODER_SIDES, log_every: int = 50):
     """(EfficientNetEncoder, Previewer) of the demo presets trained together: the Previewer of the
     encoder's latent reconstructs the image box-downsampled 4x, at input sides drawn from `sides`
@@ -169,24 +178,16 @@ def train_encoder_previewer(steps: int = 800, batch_size: int = 8, learning_rate
         m._use_global_stats = False
     enc.train()
     prev.train()
-    opt, schedule = _optimizer(enc.parameters() + prev.parameters(), learning_rate, steps)
-    losses = []
+
+    def batch_loss():
+        side = int(sides[int(rng.integers(len(sides)))])
+        x = paddle.to_tensor(_render_batch(rng, batch_size, side))
+        pred = prev(enc(imagenet_normalize(x)))  # (B, 3, side / 4, side / 4)
+        return _reconstruction_loss(pred, F.avg_pool2d(x, 4))
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for step in range(int(steps)):
-                side = int(sides[int(rng.integers(len(sides)))])
-                x = paddle.to_tensor(_render_batch(rng, batch_size, side))
-                pred = prev(enc(imagenet_normalize(x)))  # (B, 3, side / 4, side / 4)
-                loss = _reconstruction_loss(pred, F.avg_pool2d(x, 4))
-                loss.backward()
-                opt.step()
-                opt.clear_grad()
-                schedule.step()
-                losses.append(float(loss))
-                if log_every and (step + 1) % log_every == 0:
-                    logger.info("encoder + previewer step %d/%d loss %.4f", step + 1, steps,
-                                np.mean(losses[-log_every:]))
+        losses = _fit("encoder + previewer", batch_loss, enc.parameters() + prev.parameters(), steps, learning_rate,
+                      log_every)
     finally:
         for m in frozen_stats:
             m._use_global_stats = True
