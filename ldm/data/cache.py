@@ -1,10 +1,12 @@
 """Encoder cache: frozen-encoder outputs computed once, trained from many times.
 
 kohya-ss/sd-scripts' ``--cache_latents`` / ``--cache_text_encoder_outputs`` for this project's
-recipes (facts only; the code is our own). One mechanism for every recipe: the Stable Cascade
-trainers (Stage C: EfficientNet latents + CLIP text; Stage B: Stage A latents + EfficientNet
-latents per size + pooled CLIP text) use it today; the SD trainer can store VAE latent
-moments + CLIP text outputs the same way (issue 15 item 5).
+recipes, and mosaicml/diffusion's precomputed latents for SD pretraining at scale (facts only;
+the code is our own). One mechanism for every recipe: the Stable Cascade trainers (Stage C:
+EfficientNet latents + CLIP text; Stage B: Stage A latents + EfficientNet latents per size +
+pooled CLIP text) cache image folders; the SD trainer trains from VAE latent moments (mean and
+std: a fresh sample per epoch) + CLIP text outputs of LAION part files / tar shards
+(`scripts/precompute_latents.py`, `--latents_path`; issue 15 item 5), stored as "streams".
 
 Layout of a cache folder:
 
@@ -30,10 +32,32 @@ source>, options={"source_kind": "folder", "source_path": ..., "source_options":
 "fingerprint": ...})`` yields ``{"caption": str, <field>: float32 ndarray, ...}`` with the
 source's caption; ``dataset.constants`` holds the constant entry. `build_encoder_cache` fills
 the missing entries first.
+
+Streams (a "cached" spec whose ``source_kind`` is a `STREAM_SOURCES` kind: an
+`ldm.data.stream.ShardedStream` of LAION part files or tar shards). The records of a stream are
+keyed by (part file, position) instead of by image file, behind the same seam:
+
+* one shard per part file, its entry key `entry_key` of the part file itself (path, bytes,
+  mtime, geometry, fingerprint; a changed part file is recomputed); tensors
+  ``<part key>/status`` (per record of the file: 0 valid, 1 + reason index if bad, negative for
+  a file that ends early), ``<part key>/positions`` (line / sample number), ``<part key>/captions``
+  (UTF-8 JSON of the valid records' captions) and ``<part key>.<i>/<field>`` of valid record i;
+* ``cache_index.json`` ``"streams"``: ``{stream_id: {"source", "size", "center_crop", "normalize",
+  "flip", "fingerprint", "reasons", "parts": [{"path", "weight", "source", "key"}], "complete"}}``:
+  the source's file entries in listing order, so training needs neither the listing nor the
+  images (`stream_id`: geometry + fingerprint);
+* `CachedStream` reads it as the source reads its files (`ldm.data.stream`: the same entry
+  order per pass, exactly-once dealing over rank x worker, shuffle buffer, resume, bad-record
+  counts, flip draw), so a run from the stream sees the samples of a run from the files, in the
+  same order; `select_stream` refuses other encoders, geometry, an unfinished pass or a changed
+  part file with one error saying which.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
+import itertools
 import json
 import os
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
@@ -42,6 +66,8 @@ import numpy as np
 import paddle
 
 from ldm.data.folder import FolderDataset
+from ldm.data.stream import (FileEntry, RecordError, ShardedStream, TruncatedFile, _buffer_shuffle, deal_records,
+                             decode_record_image, pass_order)
 from ldm.data.spec import DatasetSpec, build_dataset, check_options, register_dataset_kind
 from ldm.utils import get_logger
 
@@ -54,6 +80,7 @@ CACHE_FORMAT, CACHE_VERSION = "ldm-encoder-cache", 1
 INDEX_FILE = "cache_index.json"
 FLIP_SUFFIX = "@flip"  # image fields of the mirrored image (random_flip runs)
 CACHED_OPTIONS = ("source_kind", "source_path", "source_options", "fingerprint")
+STREAM_OPTIONS = ("infinite", "max_pixels", "shuffle_files", "shuffle_buffer")  # of a stream source (ShardedStream's)
 
 EncodeFn = Callable[..., Mapping[str, np.ndarray]]
 
@@ -86,6 +113,7 @@ class EncoderCache:
         self.folder = os.fspath(folder)
         os.makedirs(self.folder, exist_ok=True)
         self.entries: Dict[str, str] = {}
+        self.streams: Dict[str, dict] = {}  # stream id -> its record (see "Streams")
         path = os.path.join(self.folder, INDEX_FILE)
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
@@ -94,8 +122,10 @@ class EncoderCache:
                 raise ValueError(f"{path} is not an encoder cache index of format {CACHE_FORMAT} v{CACHE_VERSION}")
             self.entries = {k: v for k, v in index["entries"].items()
                             if os.path.isfile(os.path.join(self.folder, v))}
+            self.streams = dict(index.get("streams") or {})
         self._source = None
         self._pid = None
+        self._shards: Dict[str, object] = {}  # shard name -> WeightSource (stream parts, read one shard at a time)
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries
@@ -104,19 +134,22 @@ class EncoderCache:
         path = os.path.join(self.folder, INDEX_FILE)
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"format": CACHE_FORMAT, "version": CACHE_VERSION, "entries": self.entries}, f, indent=0)
+            index = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "entries": self.entries}
+            if self.streams:
+                index["streams"] = self.streams
+            json.dump(index, f, indent=0)
         os.replace(tmp, path)
 
-    def add(self, entries: Mapping[str, Mapping[str, np.ndarray]]) -> str:
-        """Write one shard of {key: {field: array}} and record its keys; returns the shard name."""
+    def add(self, entries: Mapping[str, Mapping[str, np.ndarray]], index_keys: Optional[Sequence[str]] = None) -> str:
+        """Write one shard of {key: {field: array}} and record its keys (or only `index_keys`: a
+        stream part records its part key, see "Streams"); returns the shard name."""
         from ldm.weights import save_safetensors
 
         used = {int(v[6:11]) for v in set(self.entries.values()) if v.startswith("shard-")}
         name = f"shard-{max(used, default=-1) + 1:05d}.safetensors"
-        state = {f"{k}/{f}": np.ascontiguousarray(a, dtype=np.float32) for k, fields in entries.items()
-                 for f, a in fields.items()}
+        state = {f"{k}/{f}": _stored(a) for k, fields in entries.items() for f, a in fields.items()}
         save_safetensors(state, os.path.join(self.folder, name), metadata={"format": CACHE_FORMAT})
-        self.entries.update({k: name for k in entries})
+        self.entries.update({k: name for k in (entries if index_keys is None else index_keys)})
         self._write_index()
         self._source = None
         return name
@@ -150,6 +183,60 @@ class EncoderCache:
         src = self._reader()
         return {n: np.asarray(src.get(f"{key}/{n}")) for n in (names or self.fields(key))}
 
+    # -- stream parts (see "Streams" in the module docstring)
+    def add_part(self, part_key: str, status: Sequence[int], positions: Sequence[int], captions: Sequence[str],
+                 records: Sequence[Mapping[str, np.ndarray]]) -> str:
+        """Write the shard of one part file: per record of the file its `status` (0: valid, else
+        1 + the index of its reason in the stream's `reasons`, negative for the end of a file that
+        ends early) and `position` (line / sample number), the captions and fields of its valid records."""
+        status = np.asarray(status, dtype=np.int32)
+        if int((status == 0).sum()) != len(records) or len(captions) != len(records):
+            raise ValueError(f"part {part_key}: {int((status == 0).sum())} valid records, {len(records)} encoded, "
+                             f"{len(captions)} captions")
+        entries = {f"{part_key}.{i}": dict(fields) for i, fields in enumerate(records)}
+        entries[part_key] = {"status": status, "positions": np.asarray(positions, dtype=np.int64),
+                             "captions": np.frombuffer(json.dumps(list(captions)).encode("utf-8"), np.uint8)}
+        return self.add(entries, index_keys=[part_key])
+
+    def _shard(self, part_key: str):
+        from ldm.weights import WeightSource
+
+        if part_key not in self.entries:
+            raise KeyError(f"part {part_key} is not in the encoder cache {self.folder}")
+        name = self.entries[part_key]
+        if self._pid != os.getpid():
+            self._shards, self._source, self._pid = {}, None, os.getpid()
+        if name not in self._shards:
+            for old in list(self._shards)[:-1]:  # keep at most two shards open
+                self._shards.pop(old).close()
+            self._shards[name] = WeightSource(os.path.join(self.folder, name))
+        return self._shards[name]
+
+    def part_records(self, part_key: str):
+        """(status int32 [records], positions int64 [records], captions of the valid records) of a part."""
+        src = self._shard(part_key)
+        captions = json.loads(np.asarray(src.get(f"{part_key}/captions")).tobytes().decode("utf-8"))
+        return np.asarray(src.get(f"{part_key}/status")), np.asarray(src.get(f"{part_key}/positions")), captions
+
+    def part_record(self, part_key: str, index: int, names: Sequence[str]) -> Dict[str, np.ndarray]:
+        """The fields `names` of valid record `index` (0-based among the part's valid records)."""
+        src = self._shard(part_key)
+        return {n: np.asarray(src.get(f"{part_key}.{index}/{n}")) for n in names}
+
+    def part_fields(self, part_key: str) -> List[str]:
+        prefix = f"{part_key}.0/"
+        return sorted(n[len(prefix):] for n in self._shard(part_key).keys() if n.startswith(prefix))
+
+    def set_stream(self, stream: str, record: Mapping) -> None:
+        self.streams[stream] = dict(record)
+        self._write_index()
+
+
+def _stored(a) -> np.ndarray:
+    """How a field is stored: floats as float32, integers (a stream part's status, captions) as they are."""
+    a = np.asarray(a)
+    return np.ascontiguousarray(a, dtype=a.dtype if a.dtype.kind in "iub" else np.float32)
+
 
 def _source_spec(spec: DatasetSpec, opts: Mapping) -> DatasetSpec:
     return DatasetSpec(opts.get("source_kind", "folder"), opts["source_path"], resolution=spec.resolution,
@@ -176,6 +263,19 @@ def _source_keys(dataset, spec: DatasetSpec, fingerprint: str) -> List[str]:
     return [entry_key(p, spec, fingerprint, hw) for (p, _), hw in zip(samples, sizes)]
 
 
+def _encode_batch(samples: Sequence[Mapping], encode_images: EncodeFn, encode_captions: EncodeFn,
+                  flip: bool) -> List[Dict[str, np.ndarray]]:
+    """{field: array} per sample: the image fields (and, with `flip`, those of the mirrored pixels:
+    the folder and LAION kinds' flip is an exact mirror of the same centre crop) and the caption fields."""
+    pixels = np.stack([s["pixel_values"] for s in samples])
+    fields = {k: np.asarray(v) for k, v in encode_images(pixels).items()}
+    if flip:
+        flipped = encode_images(np.ascontiguousarray(pixels[:, :, ::-1]))  # mirror W of uint8 [B, H, W, 3]
+        fields.update({k + FLIP_SUFFIX: np.asarray(v) for k, v in flipped.items()})
+    fields.update({k: np.asarray(v) for k, v in encode_captions([s["caption"] for s in samples]).items()})
+    return [{k: v[j] for k, v in fields.items()} for j in range(len(samples))]
+
+
 def build_encoder_cache(spec: DatasetSpec, encode_images: EncodeFn, encode_captions: EncodeFn,
                         constants: Optional[Callable[[], Mapping[str, np.ndarray]]] = None, batch_size: int = 8,
                         shard_size: int = 256) -> EncoderCache:
@@ -193,6 +293,9 @@ def build_encoder_cache(spec: DatasetSpec, encode_images: EncodeFn, encode_capti
     ckey = constant_key(fingerprint)
     if constants is not None and ckey not in cache:
         cache.add({ckey: dict(constants())})
+    if opts.get("source_kind", "folder") in STREAM_SOURCES:
+        _build_stream(spec, opts, cache, encode_images, encode_captions, batch_size)
+        return cache
     source = build_dataset(_source_spec(spec, opts))
     keys = _source_keys(source, spec, fingerprint)
     todo = [i for i, k in enumerate(keys) if k not in cache]
@@ -211,15 +314,9 @@ def build_encoder_cache(spec: DatasetSpec, encode_images: EncodeFn, encode_capti
     batches.append(batch)
     pending: Dict[str, Dict[str, np.ndarray]] = {}
     for idx in batches:
-        samples = [source[i] for i in idx]
-        pixels = np.stack([s["pixel_values"] for s in samples])
-        fields = {k: np.asarray(v) for k, v in encode_images(pixels).items()}
-        if spec.random_flip:  # the folder kind's flip is an exact mirror of the same crop
-            flipped = encode_images(np.ascontiguousarray(pixels[:, :, ::-1]))  # mirror W of uint8 [B, H, W, 3]
-            fields.update({k + FLIP_SUFFIX: np.asarray(v) for k, v in flipped.items()})
-        fields.update({k: np.asarray(v) for k, v in encode_captions([s["caption"] for s in samples]).items()})
-        for j, i in enumerate(idx):
-            pending[keys[i]] = {k: v[j] for k, v in fields.items()}
+        for j, fields in enumerate(_encode_batch([source[i] for i in idx], encode_images, encode_captions,
+                                                 spec.random_flip)):
+            pending[keys[idx[j]]] = fields
         if len(pending) >= shard_size:
             cache.add(pending)
             pending = {}
@@ -271,7 +368,10 @@ class CachedDataset(paddle.io.Dataset):
 
 
 def build_cached_dataset(spec: DatasetSpec, rank: Optional[int] = None, world_size: Optional[int] = None):
-    """Dataset kind "cached" (map-style: the Trainer's sampler shards it)."""
+    """Dataset kind "cached": map-style over a folder source (the Trainer's sampler shards it), a
+    self-sharding `CachedStream` over a stream source ("laion", "tar")."""
+    if spec.options.get("source_kind", "folder") in STREAM_SOURCES:
+        return CachedStream(spec, rank, world_size)
     return CachedDataset(spec)
 
 
@@ -285,7 +385,203 @@ def missing_entries(spec: DatasetSpec) -> int:
     if not os.path.isfile(os.path.join(spec.path, INDEX_FILE)):
         return 1
     cache = EncoderCache(spec.path)
+    if opts.get("source_kind", "folder") in STREAM_SOURCES:
+        record = cache.streams.get(stream_id(spec, opts["fingerprint"]))
+        if record is None:
+            return 1
+        return (constant_key(opts["fingerprint"]) not in cache) + sum(p["key"] not in cache for p in record["parts"])
     src_opts = {"verify_images": False, **dict(opts.get("source_options") or {})}
     source = build_dataset(_source_spec(spec, {**opts, "source_options": src_opts}))
     fp = opts["fingerprint"]
     return (constant_key(fp) not in cache) + sum(k not in cache for k in _source_keys(source, spec, fp))
+
+
+# --------------------------------------------------------------------------- streams
+STREAM_SOURCES = ("laion", "tar")  # ldm.data.stream.ShardedStream kinds: records keyed by (part, position)
+
+
+def stream_id(spec: DatasetSpec, fingerprint: str) -> str:
+    """The id of a stream in a cache folder: output size, crop, normalisation and encoder
+    fingerprint (not the source's listing: training reads only the cache)."""
+    ident = {"size": list(spec.size), "center_crop": spec.center_crop, "normalize": spec.normalize,
+             "fingerprint": str(fingerprint)}
+    return "stream-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _part_key(path: str, spec: DatasetSpec, fingerprint: str) -> str:
+    """`entry_key` of a part file (path, bytes, mtime, geometry, fingerprint), the flips included."""
+    return entry_key(path, spec, f"{fingerprint}|flip={bool(spec.random_flip)}")
+
+
+def _entry_records(source: ShardedStream, path: str):
+    """(position, reason or None, sample or None, truncated) of every record of one file of a
+    stream source, in file order, through the source's own hooks (`read_file`, `parse_record`)
+    and its decode limits and transform (a centre crop draws nothing)."""
+    try:
+        for position, record in source.read_file(path):
+            try:
+                caption, data = source.parse_record(record)
+                img = decode_record_image(data, source.max_pixels, source.resolution,
+                                          as_array=source.transform.prefers_array)
+            except RecordError as e:
+                yield position, e.reason, None, False
+                continue
+            yield position, None, {"pixel_values": source.transform(img, None), "caption": caption}, False
+    except TruncatedFile as e:
+        yield e.position, e.reason, None, True
+
+
+def _build_stream(spec: DatasetSpec, opts: Mapping, cache: EncoderCache, encode_images: EncodeFn,
+                  encode_captions: EncodeFn, batch_size: int) -> None:
+    """Fill the stream of `spec` (see "Streams"): one shard per part file not yet in the cache,
+    the stream record rewritten after each (a stopped pass continues where it stopped)."""
+    fingerprint = opts["fingerprint"]
+    source = build_dataset(_source_spec(spec, opts), rank=0, world_size=1)
+    if not isinstance(source, ShardedStream):
+        raise ValueError(f"dataset kind {opts.get('source_kind')!r} is no ldm.data.stream.ShardedStream")
+    sid = stream_id(spec, fingerprint)
+    old = cache.streams.get(sid, {})
+    path = os.path.abspath(opts["source_path"])
+    if old and path != old["source"]["path"]:
+        raise ValueError(f"{spec.path} already holds the stream of {old['source']['path']} for these encoders and "
+                         f"settings; write the one of {opts['source_path']} into another folder")
+    reasons = list(old.get("reasons", ()))
+    parts = [{"path": e.path, "weight": e.weight, "source": e.source, "key": _part_key(e.path, spec, fingerprint)}
+             for e in source.entries]
+    record = {"source": {"kind": opts["source_kind"], "path": path, "options": dict(opts.get("source_options") or {})},
+              "size": list(spec.size), "center_crop": spec.center_crop, "normalize": spec.normalize,
+              "flip": bool(spec.random_flip), "fingerprint": str(fingerprint), "reasons": reasons, "parts": parts,
+              "complete": False}
+    todo = {p["key"]: p["path"] for p in parts if p["key"] not in cache}
+    logger.info("stream cache %s: %d of %d part entries to compute", spec.path, len(todo), len(parts))
+    for key, part in todo.items():
+        status, positions, captions, fields, batch = [], [], [], [], []
+        for position, reason, sample, truncated in itertools.chain(_entry_records(source, part), [(0, None, None, 0)]):
+            if reason is not None:
+                if reason not in reasons:
+                    reasons.append(reason)
+                status.append((-1 if truncated else 1) * (1 + reasons.index(reason)))
+                positions.append(position)
+                continue
+            if sample is not None:
+                status.append(0)
+                positions.append(position)
+                captions.append(sample["caption"])
+                batch.append(sample)
+            if batch and (len(batch) == batch_size or sample is None):
+                fields += _encode_batch(batch, encode_images, encode_captions, spec.random_flip)
+                batch = []
+        cache.add_part(key, status, positions, captions, fields)
+        cache.set_stream(sid, record)
+    record["complete"] = True
+    cache.set_stream(sid, record)
+
+
+def _fingerprint_diff(have: str, want: str) -> str:
+    """What differs between two fingerprints: the differing fields of JSON objects, else the whole."""
+    try:
+        a, b = json.loads(have), json.loads(want)
+    except (TypeError, ValueError):
+        a = b = None
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return "the encoder fingerprint"
+    return ", ".join(sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)))
+
+
+def select_stream(cache: EncoderCache, spec: DatasetSpec, fingerprint: str) -> dict:
+    """The complete stream record of `spec` in `cache`, or one ValueError saying what differs
+    (other encoders, size, crop, normalisation), what is unfinished or which part file changed."""
+    record = cache.streams.get(stream_id(spec, fingerprint))
+    fix = "recompute them with scripts/precompute_latents.py (into a new folder), or train from the images"
+    if record is None:
+        if not cache.streams:
+            raise ValueError(f"{cache.folder} holds no precomputed stream (scripts/precompute_latents.py writes one)")
+        diffs = []
+        for r in cache.streams.values():
+            d = [f"{n} {r[n]} (this run: {v})" for n, v in (("size", list(spec.size)), ("center_crop", spec.center_crop),
+                                                           ("normalize", spec.normalize)) if r[n] != v]
+            if r["fingerprint"] != str(fingerprint):
+                d.insert(0, f"other encoders ({_fingerprint_diff(r['fingerprint'], str(fingerprint))} differ)")
+            diffs.append("; ".join(d))
+        raise ValueError(f"the precomputed latents in {cache.folder} do not match this run: {' | '.join(diffs)}; {fix}")
+    if not record["complete"] or any(p["key"] not in cache for p in record["parts"]):
+        done = sum(p["key"] in cache for p in record["parts"])
+        raise ValueError(f"the precomputed stream in {cache.folder} is unfinished ({done} of {len(record['parts'])} "
+                         f"part entries): run scripts/precompute_latents.py again to finish it")
+    if spec.random_flip and not record["flip"]:
+        raise ValueError(f"the precomputed stream in {cache.folder} has no mirrored entries for random_flip "
+                         f"(precompute with --random_flip True)")
+    made = dataclasses.replace(spec, random_flip=record["flip"])
+    for p in record["parts"]:
+        if os.path.isfile(p["path"]) and _part_key(p["path"], made, fingerprint) != p["key"]:
+            raise ValueError(f"part file {p['path']} changed since its latents were computed; {fix}")
+    return record
+
+
+class CachedStream(ShardedStream):
+    """The records of a precomputed stream (kind "cached" over a "laion" / "tar" source), read
+    as the source reads its files: `ldm.data.stream.ShardedStream` with the same file entries
+    (weights, order per pass), the same exactly-once split over (rank x DataLoader worker)
+    consumers (`deal_records`), shuffle buffer, resume (`set_start`) and checks; each file's
+    records come from its cache shard instead (`read_file`: position, status, caption).
+    Yields {"caption": str, <field>: float32 ndarray}; `constants` holds the constant entry."""
+
+    def __init__(self, spec: DatasetSpec, rank: Optional[int] = None, world_size: Optional[int] = None):
+        opts = check_options(spec, CACHED_OPTIONS)
+        check_cacheable(spec)
+        src = dict(opts.get("source_options") or {})
+        unknown = sorted(set(src) - set(STREAM_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown source option(s) {unknown} of a cached stream; it accepts {STREAM_OPTIONS}")
+        self.cache = EncoderCache(spec.path)
+        fp = opts["fingerprint"]
+        self.record = select_stream(self.cache, spec, fp)
+        ckey = constant_key(fp)
+        self.constants = self.cache.get(ckey) if ckey in self.cache else {}
+        self.entries = [FileEntry(p["path"], p["weight"], p["source"]) for p in self.record["parts"]]
+        self.part_keys = {p["path"]: p["key"] for p in self.record["parts"]}
+        self.reasons = list(self.record["reasons"])
+        super().__init__(spec.path, resolution=max(spec.size), normalize=spec.normalize, center_crop=True,
+                         random_flip=spec.random_flip, seed=spec.seed, rank=rank, world_size=world_size, **src)
+        self.random_flip = spec.random_flip
+        first = next((k for k in self.part_keys.values() if (self.cache.part_records(k)[0] == 0).any()), None)
+        names = self.cache.part_fields(first) if first else []
+        self.fields = [f for f in names if not f.endswith(FLIP_SUFFIX)]
+        self.flip_fields = [f for f in names if f.endswith(FLIP_SUFFIX)]
+        # a flipped record: the mirrored image fields, the caption fields as they are
+        self.flipped_names = self.flip_fields + [f for f in self.fields if f + FLIP_SUFFIX not in self.flip_fields]
+
+    def read_file(self, path: str):
+        """(position, (status, index among the valid records, caption)) of every record of a part,
+        from its shard; a part whose source file ended early raises TruncatedFile there, as the
+        source did."""
+        status, positions, captions = self.cache.part_records(self.part_keys[path])
+        index = 0
+        for s, position in zip(status.tolist(), positions.tolist()):
+            if s < 0:
+                raise TruncatedFile(self.reasons[-s - 1], position)
+            yield position, (s, index, captions[index] if s == 0 else None)
+            index += s == 0
+
+    def _iter_pass(self, worker, num_workers, epoch, stats, decode_only: bool):
+        consumer, num_consumers = self.rank * num_workers + worker, self.world_size * num_workers
+        rng = np.random.default_rng([self.seed, epoch, self.rank, self.world_size, worker, num_workers])
+        records = deal_records(pass_order(self.entries, self.seed, epoch, self.shuffle_files), consumer,
+                               num_consumers, stats, self.read_file)
+        if self.shuffle_buffer > 0:
+            records = _buffer_shuffle(records, self.shuffle_buffer, rng)
+        for path, position, (status, index, caption) in records:
+            stats.records += 1
+            if status:
+                stats.add_invalid(self.reasons[status - 1], f"{path}:{position}")
+                continue
+            stats.valid += 1
+            if decode_only:
+                yield None
+                continue
+            key = self.part_keys[path]
+            # the source transform's one draw with a centre crop: the flip
+            flip = self.random_flip and rng.random() < 0.5
+            out = self.cache.part_record(key, index, self.flipped_names if flip else self.fields)
+            yield {"caption": caption, **{f[:-len(FLIP_SUFFIX)] if f.endswith(FLIP_SUFFIX) else f: v
+                                          for f, v in out.items()}}
