@@ -545,6 +545,7 @@ class CachedStream(ShardedStream):
                          random_flip=spec.random_flip, seed=spec.seed, rank=rank, world_size=world_size, **src)
         self.random_flip = spec.random_flip
         first = next((k for k in self.part_keys.values() if (self.cache.part_records(k)[0] == 0).any()), None)
+        self.first_key = first  # a part with a valid record (None: no valid record at all)
         names = self.cache.part_fields(first) if first else []
         self.fields = [f for f in names if not f.endswith(FLIP_SUFFIX)]
         self.flip_fields = [f for f in names if f.endswith(FLIP_SUFFIX)]

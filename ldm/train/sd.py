@@ -581,6 +581,10 @@ def _check_latents(task: SDTask, dataset) -> None:
     if not {"latent_mean", "latent_std", "clip_text"} <= set(dataset.fields):
         raise ValueError(f"{dataset.cache.folder} holds {dataset.fields}, not SD latents (latent_mean, latent_std, "
                          f"clip_text)")
+    channels = dataset.cache.part_record(dataset.first_key, 0, ["latent_mean"])["latent_mean"].shape[0]
+    if channels != task.unet.config.in_channels:
+        raise ValueError(f"the precomputed latents have {channels} channels, the UNet's in_channels is "
+                         f"{task.unet.config.in_channels} (other VAE?)")
 
 
 def build_sd_trainer(model_args, data_args, training_args, resume: Optional[str] = None):
