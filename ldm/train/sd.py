@@ -130,9 +130,10 @@ class SDDataArguments:
     )
     latents_path: Optional[str] = field(
         default=None,
-        metadata={"help": "Train from precomputed VAE latent moments + CLIP text outputs (a folder written by "
-                          "scripts/precompute_latents.py) instead of --file_list: the VAE and the text encoder are "
-                          "not loaded (unless previews need them); --resolution / --random_flip must match it."},
+        metadata={"help": "Folder of precomputed VAE latent moments + CLIP text outputs: scripts/precompute_latents.py "
+                          "writes it from --file_list; the trainer then trains from it instead of --file_list, "
+                          "without loading the VAE and the text encoder (unless previews need them); --resolution, "
+                          "--random_flip and the encoder flags must match the precompute's."},
     )
 
     def __post_init__(self):
