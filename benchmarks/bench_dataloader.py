@@ -84,6 +84,12 @@ Measured 2026-12-02 (issue 15 item 4) on the 2-core CI machine shared by six age
   projection 1.00 / 1.31 / 1.13x. `--shared_memory 0` (uint8, load 8.5): 223 samples/s, main
   0.55 ms per sample (unpickling), projection 1.36x.
   1 worker (uint8, load 8.1): 129 samples/s, workers 3.8 ms per sample.
+* one more run at load 6.6 (`--num_workers 2 --samples 300 --rounds 5 --chunk 25`): in process
+  ours 426, decode_only 455, paddlemix 118 samples per CPU s (ours / decode_only 0.938, paired
+  median 0.934; ours / paddlemix 3.62); 2 workers: 172 samples/s (0.40x the in-process CPU rate,
+  0.88x its wall rate), workers 2.83 CPU ms per sample against 2.35 in process (collation and the
+  worker's tensor/shared-memory copy), main 0.08; projection 688 samples/s = 1.61x; with the
+  step's normalisation on this CPU 116 samples/s (main 1.31 ms per sample), projection 1.06x.
 
 
 `--make_data DIR --num_images N` first writes N photo-like 640x480 JPEGs (quality 90) as part
