@@ -59,8 +59,8 @@ Measured 2026-12-02 (issue 15 item 4) on the 2-core CI machine shared by six age
 * in process (`--samples 300 --rounds 5 --chunk 25`, three runs at load 7.9-9.6, 8.6, 8.1):
   ours 302 / 288 / 285 samples per CPU s, decode_only 281 / 319 / 307, paddlemix 70 / 70 / 64;
   ours / decode_only 1.075 / 0.900 / 0.928 (of the medians), per round (paired) median 1.019 /
-  0.898 / 0.958 (0.86-1.08 over the 15 rounds): the 1.0x goal is met in some runs, not reliably
-  at this load. ours / paddlemix 4.33 / 4.13 / 4.49.
+  0.898 / 0.958 (0.86-1.08 over the 15 rounds): the 1.0x goal is met in 1 of 4 runs (with the
+  run below), not reliably at this load. ours / paddlemix 4.33 / 4.13 / 4.49.
   Interleaved micro-timings at load 7.1 (ms per 640x480 image, one core): simplejpeg full decode
   1.79, at 5/8 2.50 (before: the M/8 choice), Pillow full decode + convert 2.29 (decode_only's);
   ImageTransform from the full decode 0.92 (3-tap prefilter + bilinear over 480x480), from 5/8
@@ -74,8 +74,8 @@ Measured 2026-12-02 (issue 15 item 4) on the 2-core CI machine shared by six age
   measure here, as two workers never had two cores; against the in-process wall rate of the same
   run: 1.15 / 1.29 / 0.82 / 0.85. What the measured CPU time allows on 2 idle cores
   (min(2 / (main + workers), 2 / workers) per ms): 583 / 508 / 486 / 469 samples/s = 1.79 /
-  1.73 / 2.18 / 1.54x the in-process rate: the >= 1.7x goal is met in 3 of 4 runs by that
-  projection, and could not be measured by the clock under this load.
+  1.73 / 2.18 / 1.54x the in-process rate: the >= 1.7x goal is met in 3 of 5 runs (with the
+  run below) by that projection, and could not be measured by the clock under this load.
   With the step's normalisation on the batch done in the main process on this CPU (paddle,
   `normalize_pixels`: 1.3-1.6 ms per sample; on a GPU it is device work) : 106 / 58 / 104 / 93
   samples/s, projection 1.28 / 1.07 / 1.72 / 1.25x.
