@@ -117,6 +117,49 @@ def test_no_valid_record_stops_the_loader(tmp_path, workers, bad):
 
 
 @pytest.mark.slow
+class _RaisingItems(paddle.io.Dataset):
+    """A map-style data set whose items (or their collation) fail: a bug in a data set or collator."""
+
+    def __init__(self, where):
+        self.where = where
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        if self.where == "item":
+            raise RuntimeError("item 3 is broken")
+        pixels = np.zeros((4, 4, 3), np.uint8)
+        return {"pixel_values": pixels} if i == 3 else {"pixel_values": pixels, "caption": "a caption"}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("where", ["item", "collate"])
+def test_a_failing_item_or_collation_stops_the_loader(tmp_path, workers, where):
+    """It hung with 0 workers (paddle's loader thread died with the error) for map-style data sets
+    and for collation errors of streams too (a sample without its caption here)."""
+    loader = _trainer(tmp_path, _RaisingItems(where), workers).get_train_dataloader()
+    result = {}
+
+    def consume():
+        try:
+            for _ in loader:
+                pass
+        except Exception as e:  # noqa: BLE001
+            result["error"] = e
+
+    if workers == 0:
+        thread = threading.Thread(target=consume, daemon=True)
+        thread.start()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), f"the loader hangs ({workers} workers, {where})"
+    else:
+        consume()
+    assert result.get("error") is not None, result
+    assert ("item 3 is broken" if where == "item" else "has keys ['pixel_values']") in str(result["error"]), \
+        result["error"]
+
+
 def test_sd_script_without_valid_record_prints_one_error_line(sd_env):
     bad = sd_env / "random.part"
     bad.write_bytes(np.random.default_rng(1).bytes(4000))

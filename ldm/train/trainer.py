@@ -28,7 +28,7 @@ from typing import Dict
 
 import numpy as np
 import paddle
-from paddle.io import DataLoader, IterableDataset
+from paddle.io import DataLoader, Dataset, IterableDataset
 from paddlenlp.trainer import Trainer
 
 from ldm.data import collate
@@ -148,7 +148,8 @@ class DiffusionTrainer(Trainer):
         if resume:
             sampler.start_at(*resume_position(checkpoint_global_step(resume), len(sampler), self.args))
         common.pop("batch_size")
-        return TimedDataLoader(ds, batch_sampler=sampler, **common)
+        common["collate_fn"] = _collate_checked
+        return TimedDataLoader(_ErrorCatchingDataset(ds), batch_sampler=sampler, **common)
 
     def fit(self, resume_from_checkpoint=None, ema=None):
         """`train`, then the final files in `--output_dir`: the task's trained weights, the EMA
@@ -271,11 +272,44 @@ class _ErrorCatchingIterable(IterableDataset):
         return getattr(self.dataset, name)
 
 
+class _ErrorCatchingDataset(Dataset):
+    """`_ErrorCatchingIterable` for map-style datasets: an item that raises becomes
+    `_DatasetFailure(error)` (paddle's loader thread would die on it and, with 0 workers, the main
+    loop would wait forever)."""
+
+    def __init__(self, dataset):
+        super().__init__()
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except Exception as e:  # noqa: BLE001 - re-raised in the main loop
+            return _DatasetFailure(e)
+
+    def __getattr__(self, name):
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _failure_batch(error: BaseException) -> dict:
+    return {_DATASET_ERROR: error, "_": np.zeros(1, np.float32)}  # paddle drops a batch without arrays
+
+
 def _collate_checked(samples):
+    """`collate`, except that a failed sample or a failing collation becomes an error batch that
+    `TimedDataLoader` raises in the main loop (the loader thread must not die with it)."""
     for s in samples:
         if isinstance(s, _DatasetFailure):
-            return {_DATASET_ERROR: s.error, "_": np.zeros(1, np.float32)}  # paddle drops a batch without arrays
-    return collate(samples)
+            return _failure_batch(s.error)
+    try:
+        return collate(samples)
+    except Exception as e:  # noqa: BLE001 - re-raised in the main loop
+        return _failure_batch(e)
 
 
 def run_training(model_args, data_args, training_args, build) -> DiffusionTrainer:
