@@ -1,0 +1,87 @@
+"""The SD family of the demo (issue 14): the word tokenizer, a 2-step run of the whole recipe
+(scripts/train_demo_sd.sh) on CPU, and the shipped assets/demo/sd (loads through the normal SD
+loaders, config in the metadata, `generate_sd.py --preset demo` writes 128x128 images)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm.demo import sd as demo_sd
+from ldm.demo.shapes import caption, combinations
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_word_tokenizer_gives_one_token_per_word(tmp_path):
+    from ldm.sd.loading import load_tokenizer
+
+    tok = load_tokenizer(demo_sd.write_tokenizer(str(tmp_path / "tok")))
+    vocab = tok.get_vocab()
+    seen = set()
+    for combo in combinations():
+        ids = tok(caption(*combo)).input_ids
+        assert len(ids) == 9  # bos, 7 words, eos
+        assert ids[1:-1] == [vocab[w + "</w>"] for w in caption(*combo).split()]
+        seen.add(tuple(ids))
+    assert len(seen) == 90
+    assert len(vocab) == demo_sd.DEMO_CLIP["vocab_size"]
+    assert tok("a purple circle").input_ids[2:-2]  # other words still tokenize (bytes)
+
+
+def test_demo_recipe_two_steps_on_cpu(tmp_path):
+    env = dict(os.environ, MAX_STEPS="2", VAE_STEPS="2", PER_COMBINATION="1", BATCH_SIZE="2", THREADS="1",
+               WORK_DIR=str(tmp_path / "work"), DEST=str(tmp_path / "sd"), PYTHON=sys.executable)
+    proc = subprocess.run(["sh", os.path.join(ROOT, "scripts", "train_demo_sd.sh")], env=env, cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert os.path.isdir(tmp_path / "sd" / sub), sub
+    gen = _load_script("generate_sd")
+    written = gen.main(["--preset", "demo", "--pretrained_model_name_or_path", str(tmp_path / "sd"),
+                        "--prompt", "a red circle on a blue background", "--num_inference_steps", "2",
+                        "--output_dir", str(tmp_path / "out")])
+    assert Image.open(written[0]).size == (128, 128)
+
+
+def test_shipped_demo_loads_and_generates(tmp_path):
+    from ldm.sd.loading import load_for_inference
+    from ldm.weights import opened
+
+    folder = demo_sd.check_folder()
+    unet, vae, te, tok, sched = load_for_inference(folder)
+    assert unet.config.in_channels == vae.config.latent_channels == 4
+    assert unet.config.sample_size * 8 == demo_sd.RESOLUTION == 2 ** (len(vae.config.block_out_channels) - 1) * 16
+    for sub, name in (("unet", "diffusion_paddle_model.safetensors"), ("vae", "diffusion_paddle_model.safetensors"),
+                      ("text_encoder", "model.safetensors")):
+        with opened(os.path.join(folder, sub, name)) as src:
+            meta = src.metadata
+        assert "config" in meta and json.loads(meta["config"]), sub
+    size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder) for f in fs)
+    assert size <= 12.5 * 2 ** 20
+    gen = _load_script("generate_sd")
+    written = gen.main(["--preset", "demo", "--prompt", "a red circle on a blue background",
+                        "--num_inference_steps", "3", "--num_images", "2", "--output_dir", str(tmp_path)])
+    assert len(written) == 2
+    for p in written:
+        im = np.asarray(Image.open(p))
+        assert im.shape == (128, 128, 3) and im.std() > 0
+
+
+def test_generate_sd_needs_a_folder_or_the_preset(capsys):
+    gen = _load_script("generate_sd")
+    with pytest.raises(SystemExit):
+        gen.parse_args(["--prompt", "x"])
+    assert "--preset demo" in capsys.readouterr().err
