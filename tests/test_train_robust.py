@@ -83,6 +83,29 @@ def _snapshot(folder):
 
 
 # ------------------------------------------------------------------------------------------ item 1
+def _drain(loader, workers, timeout=30):
+    """Iterate `loader` to its end; {"error": the exception it raised}. With 0 workers it hung:
+    consume in a thread the test can give up on; worker processes need the main thread (signal
+    handlers), where they raised paddle's unrelated SystemError."""
+    result = {}
+
+    def consume():
+        try:
+            for _ in loader:
+                pass
+        except Exception as e:  # noqa: BLE001
+            result["error"] = e
+
+    if workers == 0:
+        thread = threading.Thread(target=consume, daemon=True)
+        thread.start()
+        thread.join(timeout=timeout)
+        assert not thread.is_alive(), f"the loader hangs ({workers} workers)"
+    else:
+        consume()
+    return result
+
+
 @pytest.mark.parametrize("workers", [0, 1, 2])
 @pytest.mark.parametrize("bad", ["empty_part", "random_bytes"])
 def test_no_valid_record_stops_the_loader(tmp_path, workers, bad):
@@ -93,30 +116,13 @@ def test_no_valid_record_stops_the_loader(tmp_path, workers, bad):
     part.write_bytes(b"" if bad == "empty_part" else np.random.default_rng(0).bytes(4000))
     listing = write_filelist(tmp_path / "x.filelist", [str(part)])
     ds = build_dataset(DatasetSpec("laion", listing, resolution=8, options={"infinite": True}), rank=0, world_size=1)
-    loader = _trainer(tmp_path, ds, workers).get_train_dataloader()
-    result = {}
-
-    def consume():
-        try:
-            for _ in loader:
-                pass
-        except Exception as e:  # noqa: BLE001
-            result["error"] = e
-
     t0 = time.time()
-    if workers == 0:  # it hung here: consume in a thread that the test can give up on
-        thread = threading.Thread(target=consume, daemon=True)
-        thread.start()
-        thread.join(timeout=30)
-        assert not thread.is_alive(), f"the loader hangs ({workers} workers, {bad})"
-    else:  # worker processes need the main thread (signal handlers); they raised paddle's SystemError
-        consume()
+    result = _drain(_trainer(tmp_path, ds, workers).get_train_dataloader(), workers)
     assert isinstance(result.get("error"), LaionDataError), result
     assert "bad.part" in str(result["error"]) or "x.filelist" in str(result["error"])
     assert time.time() - t0 < 30
 
 
-@pytest.mark.slow
 class _RaisingItems(paddle.io.Dataset):
     """A map-style data set whose items (or their collation) fail: a bug in a data set or collator."""
 
@@ -138,28 +144,13 @@ class _RaisingItems(paddle.io.Dataset):
 def test_a_failing_item_or_collation_stops_the_loader(tmp_path, workers, where):
     """It hung with 0 workers (paddle's loader thread died with the error) for map-style data sets
     and for collation errors of streams too (a sample without its caption here)."""
-    loader = _trainer(tmp_path, _RaisingItems(where), workers).get_train_dataloader()
-    result = {}
-
-    def consume():
-        try:
-            for _ in loader:
-                pass
-        except Exception as e:  # noqa: BLE001
-            result["error"] = e
-
-    if workers == 0:
-        thread = threading.Thread(target=consume, daemon=True)
-        thread.start()
-        thread.join(timeout=30)
-        assert not thread.is_alive(), f"the loader hangs ({workers} workers, {where})"
-    else:
-        consume()
+    result = _drain(_trainer(tmp_path, _RaisingItems(where), workers).get_train_dataloader(), workers)
     assert result.get("error") is not None, result
     assert ("item 3 is broken" if where == "item" else "has keys ['pixel_values']") in str(result["error"]), \
         result["error"]
 
 
+@pytest.mark.slow
 def test_sd_script_without_valid_record_prints_one_error_line(sd_env):
     bad = sd_env / "random.part"
     bad.write_bytes(np.random.default_rng(1).bytes(4000))
@@ -265,6 +256,22 @@ def test_stage_c_finished_run_is_left_as_is(tmp_path):
     before = _snapshot(tmp_path / "c")
     assert script.main(argv).state.global_step == 2
     assert _snapshot(tmp_path / "c") == before
+
+
+def test_finished_run_without_a_last_checkpoint_is_left_as_is(tmp_path):
+    """The seed's train.sh saves every 5000 steps and stops at 1000: no checkpoint at --max_steps.
+    Re-running it retrained from scratch and rewrote the final files; the final marker says the
+    run is finished. --overwrite_output_dir still trains again."""
+    from test_train_stage_c import script, tiny_argv
+
+    argv = tiny_argv(tmp_path / "c", "--max_steps", "2", "--save_steps", "100")
+    assert script.main(argv).state.global_step == 2
+    assert not [d for d in os.listdir(tmp_path / "c") if d.startswith("checkpoint-")]
+    before = _snapshot(tmp_path / "c")
+    assert script.main(argv).state.global_step == 2
+    assert _snapshot(tmp_path / "c") == before
+    assert script.main(argv + ["--overwrite_output_dir", "True"]).state.global_step == 2
+    assert _snapshot(tmp_path / "c") != before  # trained and written again
 
 
 # ------------------------------------------------------------------------------------------ items 3, 10

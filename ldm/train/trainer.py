@@ -156,18 +156,24 @@ class DiffusionTrainer(Trainer):
         weights (`ema`: the EMACallback, if any) and trainer_state.json, then `training_complete.json`.
 
         While it runs, `--output_dir` is locked (`OutputDirLock`: a second run into it refuses).
-        A run whose checkpoint already reached `--max_steps` trains nothing: with the final marker
-        in place it leaves everything as it is; without it (killed during the final save) the
-        final files are written again from that checkpoint."""
-        with OutputDirLock(self.args.output_dir, enabled=self.args.should_save):
+        A finished run (its final marker reached `--max_steps`, or any marker when the run is
+        bounded by epochs) trains nothing and leaves every file as it is, whether or not a
+        checkpoint was saved at the last step; `--overwrite_output_dir` trains again. A run whose
+        checkpoint reached `--max_steps` but has no final marker (killed during the final save)
+        writes the final files again from that checkpoint."""
+        out = self.args.output_dir
+        with OutputDirLock(out, enabled=self.args.should_save):
+            final = read_final_marker(out)
+            if final is not None and not self.args.overwrite_output_dir and (
+                    self.args.max_steps <= 0 or int(final.get("global_step", -1)) >= self.args.max_steps):
+                logger.info("%s: training already finished (step %s, --max_steps %d): nothing to do "
+                            "(--overwrite_output_dir or another --output_dir trains again)",
+                            out, final.get("global_step"), self.args.max_steps)
+                if os.path.isfile(os.path.join(out, "trainer_state.json")):
+                    self.state = read_trainer_state(out)
+                return self
             done = checkpoint_global_step(resume_from_checkpoint)
             if resume_from_checkpoint and 0 < self.args.max_steps <= done:
-                final = read_final_marker(self.args.output_dir)
-                if final is not None and final.get("global_step") == done:
-                    logger.info("%s: training already finished (step %d of --max_steps %d): nothing to do",
-                                self.args.output_dir, done, self.args.max_steps)
-                    self.state = read_trainer_state(resume_from_checkpoint)
-                    return self
                 logger.info("training already finished at %s (step %d): writing the final files again from it",
                             resume_from_checkpoint, done)
                 self._load_from_checkpoint(resume_from_checkpoint)
