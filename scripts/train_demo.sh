@@ -24,7 +24,7 @@ PER_COMBINATION=${PER_COMBINATION:-8}
 steps() { ${PY} -c "import sys; print(max(2, round(float(sys.argv[1]) * float(sys.argv[2]))))" "$1" "${STEPS_SCALE}"; }
 STAGE_A_STEPS=${STAGE_A_STEPS:-$(steps 200)}
 ENCODER_STEPS=${ENCODER_STEPS:-$(steps 400)}
-STAGE_B_STEPS=${STAGE_B_STEPS:-$(steps 500)}
+STAGE_B_STEPS=${STAGE_B_STEPS:-$(steps 400)}
 STAGE_C_STEPS=${STAGE_C_STEPS:-$(steps 700)}
 export PYTHONHASHSEED=0
 
@@ -71,7 +71,7 @@ print(write_caption_folder(sys.argv[1], per_combination=int(sys.argv[2]), size=2
     part_start "Stage B (scripts/train_stage_b_trainer.py) and Stage C (train_stage_c_trainer.py), in parallel"
     # shellcheck disable=SC2086
     OMP_NUM_THREADS=1 ${PY} -u "${REPO}/scripts/train_stage_b_trainer.py" ${COMMON} --output_dir "${C_WORK}/stage_b" \
-        --cache_dir "${C_WORK}/cache_b" --resolution 256 --per_device_train_batch_size 16 --learning_rate 1e-3 \
+        --cache_dir "${C_WORK}/cache_b" --resolution 256 --per_device_train_batch_size 8 --learning_rate 1e-3 \
         --max_steps "${STAGE_B_STEPS}" --save_steps "${STAGE_B_STEPS}" > "${C_WORK}/stage_b.log" 2>&1 &
     PID_B=$!
     # shellcheck disable=SC2086

@@ -143,11 +143,12 @@ STAGE_B_PRESETS = {
                  c_clip_seq=4, c_effnet=16, c_pixels=3, kernel_size=3, dropout=[0.0, 0.0], self_attn=True,
                  t_conds=["sca"]),
     # the shipped demo (assets/demo/cascade: 256 px, 64 x 64 Stage A latents; c_clip = the demo CLIP's
-    # projection width); patch 4 (16 x 16 and 8 x 8 levels, attention at 8 x 8): ~0.7 s per training
-    # step of 16 on one CPU thread, 2.4x less than patch 2 with a 32 x 32 level
-    "demo": StageBConfig(c_in=4, c_out=4, c_r=64, patch_size=4, c_cond=64, c_hidden=[48, 96], nhead=[-1, 4],
-                 blocks=[[1, 2], [2, 1]], block_repeat=[[1, 1], [1, 1]], level_config=["CT", "CTA"],
-                 c_clip=64, c_clip_seq=4, c_effnet=16, c_pixels=3, kernel_size=3, dropout=[0.0, 0.0],
+    # projection width); patch 2 (32, 16 and 8 px levels, attention at 8 x 8). The first level is wider
+    # than the 4 * 2 * 2 patch values, so the noise prediction can pass the full-resolution noise through
+    # (a patch-4 level of 48 channels < 64 could not: it never learnt to denoise)
+    "demo": StageBConfig(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=64, c_hidden=[32, 64, 128], nhead=[-1, -1, 4],
+                 blocks=[[1, 1, 2], [2, 1, 1]], block_repeat=[[1, 1, 1], [1, 1, 1]], level_config=["CT", "CT", "CTA"],
+                 c_clip=64, c_clip_seq=4, c_effnet=16, c_pixels=3, kernel_size=3, dropout=[0.0, 0.0, 0.0],
                  self_attn=True, t_conds=["sca"]),
 }
 
