@@ -106,6 +106,21 @@ def test_readme_has_the_commands():
     assert not bare, bare  # nothing relies on whichever `python` is first on PATH
 
 
+def test_no_bare_venv_tools():
+    """A console script of the venv (visualdl, huggingface-cli, pip, ...) is not on PATH after the
+    set-up command: the README calls it as .venv/bin/NAME. (The set-up lines start with python3,
+    the interpreter that makes the venv.)"""
+    tools = set(os.listdir(os.path.dirname(sys.executable))) - {"python3", "activate"}
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    spans = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
+    lines = [line for block in spans for line in block.split("\n")]
+    lines += re.findall(r"(?<!`)`([^`\n]+)`(?!`)", re.sub(r"```.*?```", "", text, flags=re.S))
+    bare = [line for line in lines if len(line.split()) >= 2 and re.sub(r"^([A-Z_a-z0-9]+=\S+ )*", "", line.strip()).split()[0]
+            in tools]
+    assert not bare, bare
+
+
 def test_every_script_runs_help_from_another_folder(helps):
     for script, flags in _python_commands():
         proc = helps[script]
