@@ -119,13 +119,15 @@ def _unet(folder):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_from_latents_is_exact(env, tmp_path, workers):
     def argv(out, steps):
-        return _with(_argv(env, out, steps, "--latents_path", env["lat"], "--save_steps", "3"),
-                     "--dataloader_num_workers", str(workers))
+        return _with(_argv(env, out, steps, "--latents_path", env["lat"], "--save_steps", "3",
+                           "--record_log_dir", str(out) + "_rec"), "--dataloader_num_workers", str(workers))
 
     _train(argv(tmp_path / "straight", 6))
     _train(argv(tmp_path / "resumed", 3))
     _, _, trainer = _train(argv(tmp_path / "resumed", 6))
     assert trainer.state.global_step == 6
+    seen = [(tmp_path / f"{k}_rec" / "rank0.txt").read_text().splitlines() for k in ("straight", "resumed")]
+    assert len(seen[0]) == 12 and seen[0] == seen[1]  # steps 4-6 resumed (not 6 steps again) on the same records
     a, b = _unet(tmp_path / "straight"), _unet(tmp_path / "resumed")
     assert sorted(a) == sorted(b)
     for k in a:
