@@ -163,3 +163,19 @@ def test_inference_preset_demo_from_another_folder(tmp_path):
     img = Image.open(tmp_path / "result_0.png")
     assert img.size == (256, 256) and img.text["model"] == "demo"
     assert np.asarray(img).std() > 5  # not a flat image
+
+
+@needs_shipped
+def test_generate_matches_inference(tmp_path):
+    """ldm.demo.cascade.generate (for scripts and the score) gives what inference.py --preset demo writes."""
+    import inference
+    from PIL import Image
+
+    from ldm.demo.cascade import generate
+
+    images = generate("a red circle on a blue background", n=1, seed=3, steps_c=3, steps_b=2)
+    assert len(images) == 1 and images[0].shape == (256, 256, 3) and images[0].dtype == np.uint8
+    written = inference.main(["--preset", "demo", "--caption", "a red circle on a blue background", "--seed", "3",
+                              "--batch_size", "1", "--steps_c", "3", "--steps_b", "2", "--output_dir", str(tmp_path),
+                              "--no_progress"])
+    np.testing.assert_array_equal(np.asarray(Image.open(written[0]).convert("RGB")), images[0])
