@@ -49,6 +49,9 @@ def test_demo_recipe_two_steps_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert os.path.isdir(tmp_path / "sd" / sub), sub
+    for sub in ("unet", "vae", "text_encoder"):  # the build folder's path is not written into the package
+        with open(tmp_path / "sd" / sub / "config.json", encoding="utf-8") as f:
+            assert str(tmp_path) not in f.read(), sub
     gen = _load_script("generate_sd")
     written = gen.main(["--preset", "demo", "--pretrained_model_name_or_path", str(tmp_path / "sd"),
                         "--prompt", "a red circle on a blue background", "--num_inference_steps", "2",
@@ -85,3 +88,24 @@ def test_generate_sd_needs_a_folder_or_the_preset(capsys):
     with pytest.raises(SystemExit):
         gen.parse_args(["--prompt", "x"])
     assert "--preset demo" in capsys.readouterr().err
+
+
+def test_shipped_demo_files_name_no_build_folder():
+    """No config of assets/demo (config.json files, weight-file metadata) carries the absolute path
+    of the folder it was built in (ppdiffusers writes `_name_or_path`); users do not have it."""
+    from ldm.weights import WeightSource
+
+    texts = {}
+    for root, _, files in os.walk(os.path.join(ROOT, "assets", "demo")):
+        for name in files:
+            path = os.path.join(root, name)
+            if name.endswith(".json"):
+                with open(path, encoding="utf-8") as f:
+                    texts[path] = f.read()
+            elif name.endswith(".safetensors"):
+                src = WeightSource(path)
+                texts[path] = json.dumps(dict(src.metadata or {}))
+                src.close()
+    assert len([p for p in texts if p.endswith(".safetensors")]) >= 8, sorted(texts)
+    bad = [p for p, t in texts.items() if any(s in t for s in ("/tmp/", "/work/", "/root/", "/home/"))]
+    assert not bad, bad

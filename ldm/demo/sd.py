@@ -131,6 +131,14 @@ def save_model(model, folder: str, weights_name: str, model_name: str) -> str:
     else:  # ppdiffusers.transformers models
         model.config.save_pretrained(folder)
         config = model.config.to_dict()
+    # the folder it was loaded from (a build folder) means nothing on a user's machine: not shipped
+    config.pop("_name_or_path", None)
+    config_file = os.path.join(folder, "config.json")
+    with open(config_file, encoding="utf-8") as f:
+        written = json.load(f)
+    if written.pop("_name_or_path", None) is not None:
+        with open(config_file, "w", encoding="utf-8") as f:
+            json.dump(written, f, indent=2, sort_keys=True)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
     path = os.path.join(folder, weights_name)
     save_safetensors(state, path, metadata=weights_metadata(model_name, config=json.loads(json.dumps(config,
