@@ -33,3 +33,15 @@ import ppdiffusers.utils.load_utils  # noqa: E402,F401
 _np.bool = _real_np_bool
 if _torch is not None:
     _torch.uint16 = _real_torch_uint16
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def two_rank_runs(tmp_path_factory):
+    """{job: folder} of the one 2-rank launch of tests/two_rank_runs.py (the distributed tests that
+    only read a run's outputs share it)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from two_rank_runs import launch_all
+
+    return launch_all(tmp_path_factory.mktemp("two_rank"))

@@ -1,5 +1,5 @@
-"""Worker of tests/test_eval_online.py's 2-process run: OnlineEvaluation under
-paddle.distributed.launch (gloo on CPU); writes rank<k>.json with the metrics and the calls."""
+"""Worker of tests/test_eval_online.py's 2-process run (a job of tests/two_rank_runs.py):
+OnlineEvaluation under paddle.distributed.launch (gloo on CPU); writes rank<k>.json with the metrics and the calls."""
 import json
 import os
 import sys

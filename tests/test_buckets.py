@@ -9,6 +9,7 @@
 """
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,7 +224,7 @@ def test_tiny_stage_b_run_trains_with_64px_buckets(tmp_path):
     assert all(np.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
 
 
-def _worker(out, data):  # one rank of test_two_process_gloo_buckets (run by paddle.distributed.launch)
+def _worker(out, data):  # one rank of test_two_process_gloo_buckets (run by tests/two_rank_runs.py)
     import paddle
 
     import train_stage_c_trainer as script
@@ -239,17 +240,13 @@ def _worker(out, data):  # one rank of test_two_process_gloo_buckets (run by pad
              **{k: v.numpy() for k, v in trainer.model.stage_c.state_dict().items()})
 
 
-def test_two_process_gloo_buckets(tmp_path):
-    import subprocess
+def prepare_two_process(folder):  # the two_rank_runs job: worker arguments
+    data = _write_images(Path(folder) / "d", 8)  # 4 buckets x 2 images: one epoch = 4 steps of 1 image per rank
+    return [folder, str(data)]
 
-    data = _write_images(tmp_path / "d", 8)  # 4 buckets x 2 images: one epoch = 4 steps of 1 image per rank
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    log = tmp_path / "log"
-    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log),
-           os.path.abspath(__file__), str(tmp_path), str(data)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    logs = "".join(open(log / f).read()[-3000:] for f in sorted(os.listdir(log)))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs
+
+def test_two_process_gloo_buckets(two_rank_runs):
+    tmp_path = Path(two_rank_runs["stage_c_buckets"])
     caps = [(tmp_path / "captions" / f"rank{r}.txt").read_text(encoding="utf-8").splitlines() for r in (0, 1)]
     assert len(caps[0]) == len(caps[1]) == 4  # equal step counts
     assert not set(caps[0]) & set(caps[1]) and sorted(caps[0] + caps[1]) == sorted(f"image {i}" for i in range(8))
@@ -258,7 +255,3 @@ def test_two_process_gloo_buckets(tmp_path):
         assert i % 4 == j % 4
     p0, p1 = (np.load(tmp_path / f"params_rank{r}.npz") for r in (0, 1))
     assert all(np.array_equal(p0[k], p1[k]) for k in p0.files)
-
-
-if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])

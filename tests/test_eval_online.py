@@ -1,10 +1,9 @@
 """Training-time evaluation core (ldm.eval.online): shards cover every caption exactly once, the
 metrics equal a direct computation on the same images, caption k always gets seed + k, and two
-gloo ranks (paddle.distributed.launch) get the metrics of one process."""
+gloo ranks (paddle.distributed.launch: a job of tests/two_rank_runs.py) get the metrics of one
+process."""
 import json
-import os
-import subprocess
-import sys
+from pathlib import Path
 
 import numpy as np
 import paddle
@@ -16,7 +15,6 @@ from ldm.eval.online import OnlineEvaluation, metric_names, shard_range
 
 DIM = 16
 CAPTIONS = ["a", "bb", "ccc", "dddd", "eeeee"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def reference_stats():
@@ -89,14 +87,13 @@ def test_online_metrics_equal_direct_computation(inception):
         OnlineEvaluation(captions, reference, inception, LengthScorer(), num_images=9, guidance_scales=[1.0])
 
 
+def prepare_two_ranks(folder):  # the two_rank_runs job (tests/eval_dist_worker.py): worker arguments
+    return [folder]
+
+
 @pytest.mark.slow
-def test_two_ranks_give_the_one_process_metrics(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
-           str(tmp_path / "logs"), os.path.join(ROOT, "tests", "eval_dist_worker.py"), str(tmp_path)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
-    logs = "".join(f.read_text()[-2000:] for f in sorted((tmp_path / "logs").glob("workerlog.*")))
-    assert res.returncode == 0, logs + res.stderr[-2000:]
+def test_two_ranks_give_the_one_process_metrics(two_rank_runs):
+    tmp_path = Path(two_rank_runs["eval_online"])
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == 2 and ranks[0]["metrics"] == ranks[1]["metrics"]
     # rank 0 sampled captions 0-1, rank 1 captions 2-4, each from seed + k, at both scales

@@ -1,8 +1,6 @@
-"""Training-time evaluation under 2-process data parallel (gloo, CPU; issue 13 item 3):
-
-    python -m paddle.distributed.launch --nproc_per_node 2 tests/test_eval_training_distributed.py <out>
-
-runs this file as a worker: the tiny Stage C recipe (`train_stage_c_trainer.main`, 2 steps) with
+"""Training-time evaluation under 2-process data parallel (gloo, CPU; issue 13 item 3): a job of
+the shared launch of tests/two_rank_runs.py (`prepare` writes the files, `worker` runs on both
+ranks): the tiny Stage C recipe (`train_stage_c_trainer.main`, 2 steps) with
 `--eval_steps 2 --eval_captions ... --eval_num_images 3 --eval_guidance_scales 1 4`. Every call of
 the recipe's sampling hook is recorded per rank. After training, rank 0 scores the same weights in
 one process (a fresh OnlineEvaluation built from the files, world size 1). The test checks that
@@ -12,8 +10,8 @@ logged to VisualDL at step 2 equal the 1-process evaluation.
 """
 import json
 import os
-import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,8 +69,11 @@ def worker(d):
         return real(self, captions, seed, guidance_scale, **kwargs)
 
     StageCTask.sample_images = recording
-    trainer = script.main(tiny_argv(os.path.join(d, "train"), "--max_steps", "2", "--seed", str(SEED),
-                                    "--num_inference_steps", "2", "--report_to", "visualdl", *_eval_flags(d)))
+    try:
+        trainer = script.main(tiny_argv(os.path.join(d, "train"), "--max_steps", "2", "--seed", str(SEED),
+                                        "--num_inference_steps", "2", "--report_to", "visualdl", *_eval_flags(d)))
+    finally:  # the next job of the launch samples unrecorded
+        StageCTask.sample_images = real
     rank = paddle.distributed.get_rank()
     (cb,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, EvaluationCallback)]
     params = trainer.model.stage_c.state_dict()
@@ -91,19 +92,16 @@ def worker(d):
         json.dump(result, f)
 
 
+def prepare(folder):  # the two_rank_runs job: its files, the worker's arguments
+    _files(folder)
+    return [folder]
+
+
 @pytest.mark.slow
-def test_two_process_training_evaluation(tmp_path):
+def test_two_process_training_evaluation(two_rank_runs):
     from test_eval_training import _scalars
 
-    _files(str(tmp_path))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    log = str(tmp_path / "log")
-    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", log,
-           os.path.abspath(__file__), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    logs = "".join(open(os.path.join(log, f)).read()[-3000:] for f in sorted(os.listdir(log)))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs
-
+    tmp_path = Path(two_rank_runs["eval_training"])
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
     assert r0["digest"] == r1["digest"]  # data parallel: both ranks hold the same weights
@@ -127,7 +125,3 @@ def test_two_process_training_evaluation(tmp_path):
     for tag, points in logged.items():
         assert [s for s, _ in points] == [2]
         assert points[0][1] == pytest.approx(single[tag], rel=1e-5), tag
-
-
-if __name__ == "__main__":
-    worker(sys.argv[1])

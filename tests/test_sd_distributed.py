@@ -1,48 +1,50 @@
-"""2-process CPU data parallel (gloo) under `python -m paddle.distributed.launch --nproc_per_node 2`:
-each rank trains on its own shard (disjoint records) and both end with identical weights
-(UNet and the text encoder, trained here with its own learning rate)."""
-import os
-import subprocess
-import sys
+"""2-process CPU data parallel (gloo) under `python -m paddle.distributed.launch --nproc_per_node 2`
+(the shared launch of tests/two_rank_runs.py): each rank trains on its own shard (disjoint records)
+and both end with identical weights (UNet and the text encoder, trained here with its own learning
+rate)."""
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_RECORDS = 12
 
 
-@pytest.mark.slow
-def test_two_process_data_parallel(tmp_path):
+def prepare(folder):
+    """The two_rank_runs job's folder: tiny SD components, 12 records in LAION part files."""
+    import create_pretraining_data as prep
     from sd_tiny import build_tiny_sd, write_images_jsonl
 
+    tmp_path = Path(folder)
     build_tiny_sd(tmp_path / "m")
     jsonl = write_images_jsonl(str(tmp_path / "img"), n=N_RECORDS)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    for k in ("FLAG_USE_EMA", "FLAG_RECOMPUTE", "FLAG_XFORMERS"):
-        env.pop(k, None)
-    subprocess.run([sys.executable, os.path.join(ROOT, "create_pretraining_data.py"), "--input_path", jsonl,
-                    "--output_path", str(tmp_path / "data"), "--per_part_file_num", "4", "--num_workers", "0"],
-                   check=True, env=env, capture_output=True, timeout=120)
-    out, records = tmp_path / "out", tmp_path / "records"
-    # 2 ranks x batch 2 x 3 steps = 12 samples = exactly one pass over the 12 records
-    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(tmp_path / "logs"),
-           os.path.join(ROOT, "tests", "sd_dist_worker.py"),
-           "--do_train", "--output_dir", str(out), "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
-           "--max_steps", "3", "--lr_scheduler_type", "constant", "--image_logging_steps", "0", "--logging_steps", "1",
-           "--resolution", "16", "--save_steps", "3", "--seed", "23", "--dataloader_num_workers", "0",
-           "--pretrained_model_name_or_path", str(tmp_path / "m"),
-           "--unet_name_or_path", str(tmp_path / "m" / "unet_config.json"),
-           "--file_list", str(tmp_path / "data" / "filelist" / "custom_dataset.filelist.list"),
-           "--model_max_length", "16", "--max_grad_norm", "-1", "--disable_tqdm", "True", "--caption_drop_prob", "0",
-           "--recompute", "1", "--use_ema", "1", "--record_log_dir", str(records),
-           "--train_text_encoder", "True", "--text_encoder_learning_rate", "1e-3"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=str(tmp_path))
-    logs = ""
-    for f in sorted((tmp_path / "logs").glob("workerlog.*")):
-        logs += f"--- {f.name}\n" + f.read_text()[-3000:]
-    assert res.returncode == 0, logs + res.stderr[-2000:]
+    assert prep.main(["--input_path", jsonl, "--output_path", str(tmp_path / "data"), "--per_part_file_num", "4",
+                      "--num_workers", "0"]) == 0
+    return [folder]
 
+
+def worker(folder):
+    """One rank (tests/two_rank_runs.py): 2 ranks x batch 2 x 3 steps = 12 samples = exactly one pass
+    over the 12 records."""
+    from sd_dist_worker import run
+
+    tmp_path = Path(folder)
+    out, records = tmp_path / "out", tmp_path / "records"
+    run(["--do_train", "--output_dir", str(out), "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+         "--max_steps", "3", "--lr_scheduler_type", "constant", "--image_logging_steps", "0", "--logging_steps", "1",
+         "--resolution", "16", "--save_steps", "3", "--seed", "23", "--dataloader_num_workers", "0",
+         "--pretrained_model_name_or_path", str(tmp_path / "m"),
+         "--unet_name_or_path", str(tmp_path / "m" / "unet_config.json"),
+         "--file_list", str(tmp_path / "data" / "filelist" / "custom_dataset.filelist.list"),
+         "--model_max_length", "16", "--max_grad_norm", "-1", "--disable_tqdm", "True", "--caption_drop_prob", "0",
+         "--recompute", "1", "--use_ema", "1", "--record_log_dir", str(records),
+         "--train_text_encoder", "True", "--text_encoder_learning_rate", "1e-3"])
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel(two_rank_runs):
+    tmp_path = Path(two_rank_runs["sd_dp"])
+    out, records = tmp_path / "out", tmp_path / "records"
     seen = {r: (records / f"rank{r}.txt").read_text().splitlines() for r in (0, 1)}
     assert len(seen[0]) == len(seen[1]) == 6, seen
     assert set(seen[0]).isdisjoint(seen[1]), seen

@@ -1,15 +1,13 @@
-"""2-process data-parallel Stage B fine-tuning on CPU (gloo) with the tiny model:
-
-    python -m paddle.distributed.launch --nproc_per_node 2 tests/test_stage_b_distributed.py <out> [flags]
-
-runs this file as a worker: `scripts/train_stage_b_trainer.main` for one epoch of the 8-image demo set
+"""2-process data-parallel Stage B fine-tuning on CPU (gloo) with the tiny model: the one launch of
+tests/two_rank_runs.py (session fixture `two_rank_runs`) runs `worker` here on both ranks,
+`scripts/train_stage_b_trainer.main` for one epoch of the 8-image demo set
 (2 steps of 2 images per rank), recording each rank's captions, then every rank writes its own
 Stage B parameters; once fully trained, once as a LoRA run. The test checks that the ranks read
 disjoint halves of the data and end with identical parameters that moved from the initial ones.
 """
 import os
-import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,17 +33,19 @@ def worker(out, extra):
     np.savez(os.path.join(out, f"params_rank{rank}.npz"), **state)
 
 
+def prepare_full(folder):  # worker arguments of the two_rank_runs jobs
+    return [folder, []]
+
+
+def prepare_lora(folder):
+    return [folder, ["--lora_rank", "4"]]
+
+
 @pytest.mark.parametrize("extra", [[], ["--lora_rank", "4"]], ids=["full", "lora"])
-def test_two_process_gloo_stage_b(tmp_path, extra):
+def test_two_process_gloo_stage_b(two_rank_runs, extra):
     from ldm.cascade.components import tiny_components
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    log = os.path.join(tmp_path, "log")
-    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", log,
-           os.path.abspath(__file__), str(tmp_path), *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    logs = "".join(open(os.path.join(log, f)).read()[-3000:] for f in sorted(os.listdir(log)))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs
+    tmp_path = Path(two_rank_runs["stage_b_lora" if extra else "stage_b_full"])
     caps = [open(tmp_path / "captions" / f"rank{r}.txt", encoding="utf-8").read().splitlines() for r in (0, 1)]
     every = sorted(open(os.path.join(DEMO, f), encoding="utf-8").read().strip() for f in os.listdir(DEMO) if f.endswith(".txt"))
     assert len(caps[0]) == len(caps[1]) == 4  # 2 steps x 2 images per rank
@@ -63,7 +63,3 @@ def test_two_process_gloo_stage_b(tmp_path, extra):
     else:
         assert len(moved) > len(p0.files) // 2
         assert os.path.isfile(tmp_path / "train" / "stage_b.safetensors")
-
-
-if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2:])

@@ -4,15 +4,19 @@
 
 runs this file as a worker: `train_stage_c_trainer.main` for one epoch of the 8-image demo set
 (2 steps of 2 images per rank), recording each rank's captions, then every rank writes its own
-Stage C parameters; once as plain data parallel, once with ZeRO stage 1 (`--sharding stage1`,
-optimiser state split over the ranks) and recompute. Stage 2 needs a GPU. The test checks that the ranks read disjoint halves of the data and end with
-identical parameters that differ from the initial ones. A third case stops a ZeRO-1 run at a
-checkpoint and resumes it: every rank restores its own optimizer shard and RNG states, and the end
-equals the uninterrupted run bit for bit.
+Stage C parameters; once as plain data parallel (in the shared launch of tests/two_rank_runs.py),
+once with ZeRO stage 1 (`--sharding stage1`, optimiser state split over the ranks) and recompute.
+Stage 2 needs a GPU. The test checks that the ranks read disjoint halves of the data and end with
+identical parameters that differ from the initial ones. A third case stops a ZeRO-1 + recompute run
+at a checkpoint and resumes it in new processes: every rank restores its own optimizer shard and RNG
+states, and the end equals the uninterrupted run bit for bit. (The 2-step ZeRO-1 + recompute case
+is the first launch of that resumed run, kept as it was before the resume launch: one launch less.)
 """
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,11 +53,33 @@ def launch(out, extra):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs
 
 
-@pytest.mark.parametrize("extra", [[], ["--sharding", "stage1", "--recompute", "True"]], ids=["dp", "zero1_recompute"])
-def test_two_process_gloo(tmp_path, extra):
+def prepare_dp(folder):  # worker arguments of the two_rank_runs job
+    return [folder, []]
+
+
+ZERO1 = ["--sharding", "stage1", "--recompute", "True", "--lr_scheduler_type", "constant", "--save_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def zero1_runs(tmp_path_factory):
+    """ZeRO-1 + recompute: 4 straight steps; 2 steps (copied to zero1_2steps as they are), then
+    resumed to 4 by new processes."""
+    root = tmp_path_factory.mktemp("zero1")
+    launch(root / "straight", ZERO1 + ["--max_steps", "4"])
+    launch(root / "resumed", ZERO1 + ["--max_steps", "2"])
+    shutil.copytree(root / "resumed", root / "zero1_2steps")
+    launch(root / "resumed", ZERO1 + ["--max_steps", "4"])  # resumes from its checkpoint-2
+    return root
+
+
+@pytest.mark.parametrize("run", ["dp", "zero1_recompute"])
+def test_two_process_gloo(request, run):
     from ldm.cascade.components import tiny_components
 
-    launch(tmp_path, extra)
+    if run == "dp":
+        tmp_path = Path(request.getfixturevalue("two_rank_runs")["stage_c_dp"])
+    else:
+        tmp_path = request.getfixturevalue("zero1_runs") / "zero1_2steps"
     caps = [open(tmp_path / "captions" / f"rank{r}.txt", encoding="utf-8").read().splitlines() for r in (0, 1)]
     every = sorted(open(os.path.join(DEMO, f), encoding="utf-8").read().strip() for f in os.listdir(DEMO) if f.endswith(".txt"))
     assert len(caps[0]) == len(caps[1]) == 4  # 2 steps x 2 images per rank
@@ -68,13 +94,10 @@ def test_two_process_gloo(tmp_path, extra):
     assert os.path.isfile(tmp_path / "train" / "stage_c_ema.safetensors")
 
 
-def test_two_process_zero1_resume_is_exact(tmp_path):
+def test_two_process_zero1_resume_is_exact(zero1_runs):
     from ldm.weights import load_state_dict
 
-    common = ["--sharding", "stage1", "--lr_scheduler_type", "constant", "--save_steps", "2"]
-    launch(tmp_path / "straight", common + ["--max_steps", "4"])
-    launch(tmp_path / "resumed", common + ["--max_steps", "2"])
-    launch(tmp_path / "resumed", common + ["--max_steps", "4"])  # resumes from its checkpoint-2
+    tmp_path = zero1_runs
     ck2 = set(os.listdir(tmp_path / "resumed" / "train" / "checkpoint-2"))
     assert {"optimizer.shard00.safetensors", "optimizer.shard01.safetensors", "rng_state_rank0.json",
             "rng_state_rank1.json", "train_c_state_rank1.json"} <= ck2
