@@ -3,17 +3,21 @@
 Every command line of README.md (code blocks and inline code) is collected: the
 `.venv/bin/python <script> ...` ones and the `[VAR=value ...] sh train.sh ...` ones. For each
 script, `--help` is run by its absolute path from an unrelated folder with the test's Python (the
-venv the test command made) and must succeed and list every flag the README passes to it;
+venv the test command made) and must succeed and list every flag the README passes to it (one
+subprocess runs every script in turn as `python <path> --help` would: its own folder first on
+sys.path, the repository's top-level modules another script imported forgotten; paddle is imported
+once, not once per script);
 train.sh must read every variable the README sets and its trainers must accept the flags passed
 through. (The commands themselves need downloaded weights or GPUs; the tests that run the offline
 ones live next to their features: test_inference.py, test_sd_tiny_recipe.py, test_train_stage_c.py.)
 """
+import json
 import os
 import re
 import shlex
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 
@@ -77,22 +81,50 @@ def _python_commands():
     return out
 
 
-def _help(script):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=HELP_CWD, capture_output=True,
-                          text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-    return proc
+_HELP_ALL = r"""
+import contextlib, io, json, os, runpy, sys, traceback
 
-
-HELP_CWD = None
+root, scripts, result_file = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+kept = (os.path.join(root, "ldm") + os.sep, os.path.join(sys.prefix, ""))  # installed: the package, the venv
+base_path, results = list(sys.path[1:]), {}  # sys.path[0] of `python -c` is the working folder: dropped
+for script in scripts:
+    path = os.path.join(root, script)
+    sys.path[:] = [os.path.dirname(path)] + base_path  # what `python <path>` puts first
+    sys.argv = [path, "--help"]
+    before = set(sys.modules)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(path, run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    for name in set(sys.modules) - before:  # the repo's top-level modules (config, inference, scripts.*)
+        f = getattr(sys.modules[name], "__file__", None) or ""
+        if f.startswith(root + os.sep) and not f.startswith(kept):
+            del sys.modules[name]
+    results[script] = {"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
+with open(result_file, "w", encoding="utf-8") as f:
+    json.dump(results, f)
+"""
 
 
 @pytest.fixture(scope="module")
 def helps(tmp_path_factory):
-    global HELP_CWD
-    HELP_CWD = str(tmp_path_factory.mktemp("elsewhere"))
+    """{script: its `--help` run (returncode, stdout, stderr)}, run from an unrelated folder."""
+    cwd = tmp_path_factory.mktemp("elsewhere")
     scripts = sorted({s for s, _ in _python_commands()} | {"train_stage_c_trainer.py", "scripts/train_stage_b_trainer.py"})
-    with ThreadPoolExecutor(2) as pool:
-        return dict(zip(scripts, pool.map(_help, scripts)))
+    result_file = str(tmp_path_factory.mktemp("helps") / "helps.json")
+    proc = subprocess.run([sys.executable, "-c", _HELP_ALL, ROOT, json.dumps(scripts), result_file], cwd=str(cwd),
+                          capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(result_file, encoding="utf-8") as f:
+        results = json.load(f)
+    assert sorted(results) == scripts
+    return {script: SimpleNamespace(**r) for script, r in results.items()}
 
 
 def test_readme_has_the_commands():
