@@ -10,7 +10,7 @@ Stage 2 needs a GPU. The test checks that the ranks read disjoint halves of the 
 identical parameters that differ from the initial ones. A third case stops a ZeRO-1 + recompute run
 at a checkpoint and resumes it in new processes: every rank restores its own optimizer shard and RNG
 states, and the end equals the uninterrupted run bit for bit. (The 2-step ZeRO-1 + recompute case
-is the first launch of that resumed run, kept as it was before the resume launch: one launch less.)
+is that run before its resume, copied as it was; it and the uninterrupted run share one launch.)
 """
 import os
 import shutil
@@ -60,13 +60,24 @@ def prepare_dp(folder):  # worker arguments of the two_rank_runs job
 ZERO1 = ["--sharding", "stage1", "--recompute", "True", "--lr_scheduler_type", "constant", "--save_steps", "2"]
 
 
+def prepare_zero1_straight(folder):  # worker arguments of the ZeRO-1 launch's jobs
+    return [folder, ZERO1 + ["--max_steps", "4"]]
+
+
+def prepare_zero1_first_half(folder):
+    return [folder, ZERO1 + ["--max_steps", "2"]]
+
+
 @pytest.fixture(scope="module")
 def zero1_runs(tmp_path_factory):
-    """ZeRO-1 + recompute: 4 straight steps; 2 steps (copied to zero1_2steps as they are), then
-    resumed to 4 by new processes."""
+    """ZeRO-1 + recompute: 4 straight steps and 2 steps, one launch (tests/two_rank_runs.py); the
+    2-step run copied to zero1_2steps as it is, then resumed to 4 by new processes."""
+    from two_rank_runs import launch_all
+
     root = tmp_path_factory.mktemp("zero1")
-    launch(root / "straight", ZERO1 + ["--max_steps", "4"])
-    launch(root / "resumed", ZERO1 + ["--max_steps", "2"])
+    here = "test_train_stage_c_distributed."
+    launch_all(root, {"straight": (here + "prepare_zero1_straight", here + "worker"),
+                      "resumed": (here + "prepare_zero1_first_half", here + "worker")})
     shutil.copytree(root / "resumed", root / "zero1_2steps")
     launch(root / "resumed", ZERO1 + ["--max_steps", "4"])  # resumes from its checkpoint-2
     return root

@@ -6,8 +6,9 @@ Each job is a test module's worker function (its own output folder, its own seed
 turn by the same two rank processes (gloo on CPU), so the launcher, paddle's import and the process
 group are paid once (about 13 s a launch on 2 cores) instead of once per test. The tests' assertions
 stay in their modules (session fixture `two_rank_runs` in conftest.py). Runs that resume in a new
-process (test_train_stage_c_distributed's ZeRO-1 resume, test_train_robust's SD resume) and the ZeRO
-runs (sharding cannot follow a plain data-parallel run in one process) keep their own launches.
+process keep their own launch for that part: test_train_robust's SD run (its uninterrupted run and
+its first 2 steps are a job here) and test_train_stage_c_distributed's ZeRO-1 run (whose two first
+runs share a launch of their own: sharding cannot follow a plain data-parallel run in one process).
 """
 import importlib
 import json
@@ -26,6 +27,7 @@ JOBS = {
     "stage_c_dp": ("test_train_stage_c_distributed.prepare_dp", "test_train_stage_c_distributed.worker"),
     "stage_c_buckets": ("test_buckets.prepare_two_process", "test_buckets._worker"),
     "sd_dp": ("test_sd_distributed.prepare", "test_sd_distributed.worker"),
+    "sd_resume": ("test_train_robust.prepare_sd_resume", "test_train_robust.sd_resume_worker"),
     "eval_online": ("test_eval_online.prepare_two_ranks", "eval_dist_worker.main"),
     "eval_training": ("test_eval_training_distributed.prepare", "test_eval_training_distributed.worker"),
 }
@@ -38,11 +40,12 @@ def _function(dotted):
     return getattr(importlib.import_module(module), name)
 
 
-def launch_all(root):
-    """Prepare every job's folder under `root`, run them all in one 2-rank launch; {job: folder}."""
+def launch_all(root, jobs_by_name=None):
+    """Prepare every job's folder (root/<name>), run them all in one 2-rank launch; {name: folder}.
+    `jobs_by_name`: as JOBS (the default)."""
     root = str(root)
     jobs, folders = [], {}
-    for name, (prepare, worker) in JOBS.items():
+    for name, (prepare, worker) in (jobs_by_name or JOBS).items():
         folder = os.path.join(root, name)
         os.makedirs(folder)
         jobs.append({"name": name, "worker": worker, "args": _function(prepare)(folder)})
