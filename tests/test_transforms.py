@@ -393,6 +393,25 @@ def test_fast_path_scaled_close_to_pillow(monkeypatch, target):
 
 
 @needs_simplejpeg
+def test_fast_chroma_upsampling_only_before_a_downscale(monkeypatch):
+    # 640x480 decoded at full size: short side 480 >= 1.5 x 256 (or 320), and at 1/4 (120) >= 1.5 x 70
+    # -> replicated chroma; 480 < 1.5 x 400, no target, or 1/2 (240) for 200 -> the triangle filter
+    data = encode(smooth_rgb(640, 480, seed=4), "JPEG", quality=90)
+    calls = _spy_decode(monkeypatch)
+    for target in (256, 320, 400, None, 200, 70):
+        decode_image(data, target_short_side=target, as_array=True)
+    assert [c["fastupsample"] for c in calls] == [True, True, False, False, False, True]
+    # what it changes after the training resize: well under a grey level on average
+    exact = transforms._simplejpeg.decode_jpeg(data, colorspace="RGB")
+    fast = decode_image(data, target_short_side=256, as_array=True)
+    assert fast.shape == exact.shape and not np.array_equal(fast, exact)
+    t = ImageTransform(256, center_crop=True)
+    diff = np.abs(t(fast).astype(np.int16) - t(exact).astype(np.int16))
+    assert diff.mean() < 1.0, diff.mean()
+    assert diff.max() <= 24, diff.max()
+
+
+@needs_simplejpeg
 def test_fast_path_short_side_covers_target_portrait_and_small():
     portrait = encode(smooth_rgb(333, 517), "JPEG")
     for target in (1, 42, 65, 100, 126, 200, 256, 333):

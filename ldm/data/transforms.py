@@ -37,6 +37,17 @@
   (truncated data included) fall back to the Pillow path, which then decides the result
   or the error reason exactly as before. Without `simplejpeg`, Pillow's draft (1/2, 1/4, 1/8)
   is used.
+  Chroma upsampling: when the decoded image's short side is >= 1.5x ``target_short_side``
+  (`FAST_UPSAMPLE_MIN_DOWNSCALE`: an antialiased downscale by >= 1.5x follows), libjpeg-turbo
+  upsamples the half-resolution chroma of 4:2:0 / 4:2:2 JPEGs by pixel replication (its
+  ``do_fancy_upsampling = FALSE``, merged with the colour conversion) instead of its triangle
+  filter: ~7-10% of the decode (640x480: 0.76 instead of 0.81-0.83 ms on one core). Measured on
+  the benchmark's 200 photo-like 640x480 JPEGs (quality 90, 4:2:0), against the default decode:
+  full size mean |diff| 1.9 grey levels, PSNR 38.5 dB (max 94, on hard colour edges); after
+  `ImageTransform` to 256 px mean 0.45, PSNR 50.2 dB, max 20. Luma is untouched. (The DCT is
+  left exact: its fast integer variant gave ~2% for a mean difference of 0.93 after the resize.)
+  Smaller downscales, upscales, ``target_short_side=None`` and the Pillow path decode with
+  the triangle filter.
 
 `ImageTransform` does the training-time geometry: short-side resize to the target (small images
 are upscaled, never dropped) + random or centre crop + optional horizontal flip, returned as the
@@ -91,6 +102,9 @@ _DRAFT_SCALES = (8, 4, 2)
 _WHITE = (255, 255, 255)
 _JPEG_SOI = b"\xff\xd8\xff"  # what Pillow's JPEG plugin accepts
 _SIMPLEJPEG_COLORSPACES = ("YCbCr", "RGB", "Gray")  # libjpeg-turbo converts these to RGB itself
+# simplejpeg path: libjpeg-turbo's fast chroma upsampling when the decoded short side is at least this
+# many times the target (an antialiased downscale follows); see the module docstring
+FAST_UPSAMPLE_MIN_DOWNSCALE = 1.5
 
 
 class ImageDecodeError(ValueError):
@@ -282,8 +296,12 @@ def _decode_jpeg_fast(
             min_h = -(-h // k)
         else:
             min_w = -(-w // k)
+    # chroma upsampling by pixel replication when a downscale by >= 1.5x follows (see the module doc)
+    fast_upsample = (target_short_side is not None
+                     and -(-min(w, h) // k) >= FAST_UPSAMPLE_MIN_DOWNSCALE * target_short_side)
     try:  # strict: libjpeg-turbo warnings (e.g. "Premature end of JPEG file") raise
-        arr = _simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w, strict=True)
+        arr = _simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w,
+                                      fastupsample=fast_upsample, strict=True)
     except Exception:
         return None
     if orientation not in _ORIENTATION_TRANSPOSE:
@@ -306,7 +324,8 @@ def decode_image(
         target_short_side: if given and the image is a JPEG, decode at the smallest DCT scale
             whose short side is still >= this value (the output may be larger; never smaller
             than the original's short side allows). Scales 1/2, 1/4, 1/8, through simplejpeg when
-            it is installed, else Pillow's draft (see the module docstring).
+            it is installed, else Pillow's draft (see the module docstring); with simplejpeg,
+            chroma is upsampled by replication when the decode is >= 1.5x the target.
         as_array: return the pixels as a uint8 ndarray [H, W, 3] instead of a PIL image (what
             `ImageTransform` works on fastest: no Pillow copy in and out). It may be read-only.
     Raises:
