@@ -265,3 +265,57 @@ def test_transform_returns_owned_uint8_hwc(monkeypatch):
     pil_out = ImageTransform(32, random_flip=True)(_photo(50, 40, 2), np.random.default_rng(0))
     assert pil_out.dtype == np.uint8 and pil_out.shape == (32, 32, 3) and pil_out.flags.writeable
     assert ImageTransform(40, center_crop=True)(_photo(40, 40, 3)).flags.writeable  # Pillow crop of the whole image
+
+
+_REUSE_SCRIPT = r"""
+import json, sys
+import numpy as np
+from ldm.data import DatasetSpec, build_dataset, collate
+from ldm.train import trainer
+
+spec = DatasetSpec("laion", sys.argv[1], resolution=64, random_flip=True, seed=2, options={"infinite": True})
+ref = build_dataset(spec, rank=0, world_size=1)
+consumers = [ref.iter_consumer(0, 2), ref.iter_consumer(1, 2)]
+expected = [np.stack([next(consumers[k % 2])["pixel_values"] for _ in range(2)]) for k in range(24)]
+
+
+def run(n):  # the consumer keeps the 3 latest batches alive (workers go on filling reused buffers)
+    bad, held = 0, []
+    loader = trainer.TimedDataLoader(build_dataset(spec, rank=0, world_size=1), batch_size=2, num_workers=2,
+                                     collate_fn=collate)
+    for k, b in enumerate(loader):
+        held.append((k, b["pixel_values"]))
+        if len(held) > 3:
+            j, px = held.pop(0)
+            bad += not np.array_equal(px.numpy(), expected[j])
+        if k + 1 == n:
+            break
+    return bad + sum(not np.array_equal(px.numpy(), expected[j]) for j, px in held)
+
+
+first = run(24)
+reused = trainer._shm_reuse_taken
+second = run(12)  # a second iterator of the process: no reuse, the same batches
+import paddle
+print(json.dumps({"first_bad": first, "second_bad": second, "reused": reused,
+                  "flag": paddle.get_flags(["FLAGS_use_shm_cache"])["FLAGS_use_shm_cache"]}))
+"""
+
+
+def test_trainer_loader_reuses_shared_memory_and_batches_stay_exact(tmp_path):
+    """TimedDataLoader's shared-memory buffer reuse (the trainer's loader, 2 workers): every batch,
+    read while the consumer still holds the 3 before it, equals the in-process consumers' batch;
+    a second iterator of the same process (no reuse) too. A fresh process, as reuse is per process."""
+    import json
+    import subprocess
+    import sys
+
+    part = _laion_part(tmp_path, 8)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _REUSE_SCRIPT, str(part)], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "open failed" not in done.stderr, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got == {"first_bad": 0, "second_bad": 0, "reused": True, "flag": True}
