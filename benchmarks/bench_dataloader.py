@@ -4,12 +4,11 @@
     python benchmarks/bench_dataloader.py --file_list ./bench_data/filelist/bench.filelist.list \
         --resolution 256 --num_workers 2 --samples 300 --rounds 5
 
-Three pipelines read the same records in the same way (line split + base64 decode) in one
-process, each for `--samples` samples per round, taking turns in chunks of `--chunk` samples
-(so a change of load falls on all three alike), for `--rounds` rounds. Rates are
-samples per second of process CPU time (all three are single-threaded, so this is the
-throughput of one dedicated core and depends less on what else the machine runs); the median
-round is reported, and the wall-clock medians are printed too:
+Four pipelines read the same records in one process, each for `--samples` samples per round,
+taking turns in chunks of `--chunk` samples (so a change of load falls on all of them alike), for
+`--rounds` rounds. Rates are samples per second of process CPU time (all are single-threaded, so
+this is the throughput of one dedicated core and depends less on what else the machine runs);
+the median round is reported, and the wall-clock medians are printed too:
 
 1. ours: `ldm.data.laion.LaionDataset` (JPEG decode at 1/2, 1/4, 1/8 or full scale + antialiased
    crop-box resize + flip), giving the sample schema, uint8 [R, R, 3]: what a DataLoader worker
@@ -21,76 +20,79 @@ round is reported, and the wall-clock medians are printed too:
    `Image.open(...).convert("RGB")` at full size, 10% caption dropout, drop images smaller than
    the size, then paddle.vision `Resize(int(size / 0.9), "lanczos")`, a RandomCrop whose offsets
    come from `paddle.randint`, `ToTensor()`, `Normalize(0.5, 0.5)`. Tokenisation is left out of
-   all three pipelines.
-3. decode_only: the same reading, then `Image.open(...).convert("RGB")` at full size (plain
-   full-decode speed).
+   all pipelines.
+3. decode_only, the "plain full decode" of the goal: the record read as PaddleMIX reads it (UTF-8
+   line, split on tabs, base64), then Pillow's full-size decode exactly as torchvision's default
+   loader does it, `Image.open(...).convert("RGB")`: `Image.open` reads the header only, `convert`
+   decodes every pixel into the returned image (Pillow's own buffer, 4 bytes per pixel).
+4. decode_to_array: decode_only + `np.asarray(image)`, the uint8 [H, W, 3] array a loader must
+   hand to collation (reported; not the goal's baseline).
 
-With `--num_workers N >= 1` our stream then goes through `paddle.io.DataLoader` with N workers
-and the trainer's settings (`ldm.data.collate`, shared memory): `rounds` windows of `samples`
-samples per wall second ("loader": the batches the step waits for), then as many windows in
-which each batch is also normalised in this process as the step does ("with_step_normalize":
-on a CPU-only machine that is host work in the training process; on a GPU it runs on the
-device). Each comes with the CPU milliseconds per sample of this process and of the workers
-(/proc), and a CPU-bound projection: min(cores / (main + workers CPU per sample), N / workers
-CPU per sample), i.e. the rate the measured CPU work allows on min(N, cores) idle cores.
+With `--num_workers N >= 1` our stream then goes through the trainer's DataLoader
+(`ldm.train.trainer.TimedDataLoader` with its `worker_init_fn`, `ldm.data.collate`, shared memory,
+drop_last; `--loader paddle`: a plain `paddle.io.DataLoader` with `collate`, the loader before
+issue 15 item 4's worker changes; `--shm_buffers 0`: the trainer's loader without shared-memory
+buffer reuse). After the workers' start-up and first prefetch, one window of `--samples` samples
+(`--warmup` to change) is read and reported as "warmup" but not counted (the first batches of
+fresh workers are slower); then `rounds` windows of `samples` samples per wall second ("loader":
+the batches the step waits for), then as many windows in which each batch is also normalised in
+this process as the step does ("with_step_normalize": on a CPU-only machine that is host work in
+the training process; on a GPU it runs on the device). Each comes with the CPU milliseconds and
+minor page faults per sample of the worker processes (/proc) and the CPU ms of this process, and
+a CPU-bound projection: min(cores / (main + workers CPU per sample), N / workers CPU per sample).
 `--handover float32` makes the workers normalise (the handover before issue 15 item 4) for
 comparison; `--shared_memory 0` pickles batches through pipes instead.
 
 The last stdout line is JSON: `samples_per_s` (ours: per CPU second in this process, or with
 N >= 1 workers per wall-clock second through the DataLoader, see `samples_per_s_basis`), the
-three single-process rates, the ratios `ours_vs_paddlemix` (target >= 3) and
-`ours_vs_decode_only` (target >= 1.0), and with workers `dataloader.*.vs_1proc_cpu_rate` (the
-DataLoader's wall rate over ours' single-process CPU rate; target >= 1.7 with 2 workers).
+single-process rates, the ratios `ours_vs_paddlemix` (target >= 3), `ours_vs_decode_only`
+(target >= 1.0) and `ours_vs_decode_to_array`, and with workers `dataloader.*.vs_1proc_cpu_rate`
+(the DataLoader's wall rate over ours' single-process CPU rate; target >= 1.7 with 2 workers),
+`dataloader.loader_kind`, `dataloader.shm_buffers` and the `dataloader.warmup` window.
 
-Where the time goes (640x480 JPEGs, quality 90, ~74 KB, one core, loaded machine): base64
-~0.3 ms. Ours: libjpeg-turbo (simplejpeg) full decode ~1.7 ms (at 5/8, the smallest M/8 scale
-covering 256, it took 2.3 ms: scalar IDCT; 1/2 takes 1.4 ms but is too small for 256), the
-crop-box resize of 480x480 with OpenCV (3-tap prefilter + bilinear) ~0.4 ms, flip ~0.02 ms;
-the [-1, 1] float32 CHW conversion is no longer the worker's: numpy takes ~0.3 ms per sample,
-paddle on one CPU core ~1.0 ms (`normalize_pixels`), a GPU next to nothing. decode_only:
-base64 + Pillow's full decode ~4 ms. PaddleMIX: the same full decode + Lanczos to 284x379 +
-paddle ToTensor/Normalize. Without simplejpeg (`--jpeg_decoder pillow`) Pillow decodes at the
-same scales; without OpenCV (`--resize pillow`) Pillow resizes.
+Where the time goes (640x480 JPEGs, quality 90, 4:2:0, ~74 KB; one core, ms per image, micro-timings
+interleaved in one process with paddle imported, quiet machine unless said): ours = base64 0.18 +
+simplejpeg (libjpeg-turbo) full decode 0.76 (0.81-0.83 with its default triangle chroma
+upsampling, see `ldm.data.transforms`: full size is the smallest SIMD scale covering 256; 5/8 took
+1.12, 3/4 1.3) + the antialiased crop-box resize of 480x480 to 256 0.35 (OpenCV: 3-tap prefilter
+0.23 + bilinear 0.15; Pillow's resize 1.2; cv2 INTER_AREA 0.78) + flip 0.02-0.04 + Python ~0.05.
+decode_only = line split + base64 0.25 + Pillow decode + convert 0.92-1.0 (the same libjpeg-turbo
+work as ours' decode). So ours is the plain decode plus the resize, minus ~0.15 ms; it cannot be
+faster without decoding less: only the 480 of 640 columns the crop uses (libjpeg-turbo's
+jpeg_crop_scanline, which neither simplejpeg nor Pillow expose). decode_to_array's np.asarray
+costs 0.1-0.2 ms in the benchmark (1.6 ms in a micro-benchmark: ~790 page faults per image).
+Workers: before this change a worker spent 1.71 ms per sample against 1.35 in process: the
+handover, per 256 px sample of a batch of 8, is paddle's copy of the collated array into a
+tensor (0.09 ms) and of that into a new /dev/shm file (0.16 ms) with ~100 page faults (~2 us each
+in this VM; ~50 per sample in the worker). `TimedDataLoader`'s shared-memory buffer reuse removes
+them (0-2 faults per sample). OpenCV's thread count (2 by default; 1 in the workers now) made no
+measurable difference. The [-1, 1] float32 CHW conversion is the step's (`normalize_pixels`):
+paddle on one CPU core 0.85-0.94 ms per sample, a GPU next to nothing.
 
-Measured 2026-12-02 (issue 15 item 4) on the 2-core CI machine shared by six agents (load average
-7-10 throughout: each process got well under one core), 200 synthetic 640x480 JPEGs at 256 px,
-`uptime` before each run; CPU-time rates, medians:
+Measured 2026-12-02 (issue 15 item 4), 2-core machine, 200 synthetic 640x480 JPEGs at 256 px,
+`--num_workers 2 --samples 300 --rounds 5`, each run inside `sh /work/house2/quiet.sh` (the demo
+trainings and test runs paused: SIGSTOP'd, checked with ps; `uptime` load average 7.1 -> 2.5, the
+1-minute average of the load before the pause decaying), 5 runs (medians of each run's 5 rounds):
 
-* in process (`--samples 300 --rounds 5 --chunk 25`, three runs at load 7.9-9.6, 8.6, 8.1):
-  ours 302 / 288 / 285 samples per CPU s, decode_only 281 / 319 / 307, paddlemix 70 / 70 / 64;
-  ours / decode_only 1.075 / 0.900 / 0.928 (of the medians), per round (paired) median 1.019 /
-  0.898 / 0.958 (0.86-1.08 over the 15 rounds): the 1.0x goal is met in 1 of 4 runs (with the
-  run below), not reliably at this load. ours / paddlemix 4.33 / 4.13 / 4.49.
-  Interleaved micro-timings at load 7.1 (ms per 640x480 image, one core): simplejpeg full decode
-  1.79, at 5/8 2.50 (before: the M/8 choice), Pillow full decode + convert 2.29 (decode_only's);
-  ImageTransform from the full decode 0.92 (3-tap prefilter + bilinear over 480x480), from 5/8
-  0.52. So ours = decode_only's decode - 0.5 ms + the antialiased resize (0.9 ms) + base64: about
-  the plain decode's speed, and no faster; before this change (5/8 decode + float32 CHW in the
-  worker) it was 1.003x on a quiet machine (load 0.9) and 0.83x in a chunk-less run at load 7.
-* through `paddle.io.DataLoader`, 2 workers (`--num_workers 2 --samples 400 --rounds 3`), uint8
-  handover, 4 runs at load 6.5-8.1: 149 / 128 / 122 / 112 batches' samples per wall s
-  ("loader"); main process 0.08-0.11 CPU ms per sample, workers 3.35-4.15 (in process: 3.1-3.7).
-  The goal's ratio, wall rate / in-process CPU rate: 0.46 / 0.43 / 0.55 / 0.37 -- not a fair
-  measure here, as two workers never had two cores; against the in-process wall rate of the same
-  run: 1.15 / 1.29 / 0.82 / 0.85. What the measured CPU time allows on 2 idle cores
-  (min(2 / (main + workers), 2 / workers) per ms): 583 / 508 / 486 / 469 samples/s = 1.79 /
-  1.73 / 2.18 / 1.54x the in-process rate: the >= 1.7x goal is met in 3 of 5 runs (with the
-  run below) by that projection, and could not be measured by the clock under this load.
-  With the step's normalisation on the batch done in the main process on this CPU (paddle,
-  `normalize_pixels`: 1.3-1.6 ms per sample; on a GPU it is device work) : 106 / 58 / 104 / 93
-  samples/s, projection 1.28 / 1.07 / 1.72 / 1.25x.
-  The former float32 handover (`--handover float32`, 3 runs at load 7.1-8.1): 92 / 88 / 94
-  samples/s, workers 5.3-5.45 CPU ms per sample (float conversion, 4x the bytes to copy),
-  projection 1.00 / 1.31 / 1.13x. `--shared_memory 0` (uint8, load 8.5): 223 samples/s, main
-  0.55 ms per sample (unpickling), projection 1.36x.
-  1 worker (uint8, load 8.1): 129 samples/s, workers 3.8 ms per sample.
-* one more run at load 6.6 (`--num_workers 2 --samples 300 --rounds 5 --chunk 25`): in process
-  ours 426, decode_only 455, paddlemix 118 samples per CPU s (ours / decode_only 0.938, paired
-  median 0.934; ours / paddlemix 3.62); 2 workers: 172 samples/s (0.40x the in-process CPU rate,
-  0.88x its wall rate), workers 2.83 CPU ms per sample against 2.35 in process (collation and the
-  worker's tensor/shared-memory copy), main 0.08; projection 688 samples/s = 1.61x; with the
-  step's normalisation on this CPU 116 samples/s (main 1.31 ms per sample), projection 1.06x.
-
+* in process, samples per CPU s: ours 737 / 744 / 732 / 713 / 706 (median 732), decode_only
+  776 / 787 / 797 / 795 / 763 (787), decode_to_array 704 / 710 / 720 / 700 / 687, paddlemix
+  169 / 172 / 148 / 171 / 160. ours / decode_only 0.950 / 0.946 / 0.919 / 0.897 / 0.925 (median
+  0.925: the >= 1.0 goal is not met); ours / decode_to_array 1.048 / 1.048 / 1.016 / 1.018 /
+  1.028; ours / paddlemix 4.35 / 4.32 / 4.95 / 4.17 / 4.42. (Before: 0.88-0.905 by the same
+  ratio at load 0.1; the fast chroma upsampling gained ~4%.)
+* 2 workers, trainer's loader, samples per wall s ("loader"): 1112 / 1384 / 1310 / 1249 / 1029
+  (median 1249) = 1.508 / 1.859 / 1.789 / 1.753 / 1.456x the in-process CPU rate (median 1.753:
+  the >= 1.7 goal met in 3 of 5 runs); workers 1.645 / 1.382 / 1.447 / 1.579 / 1.711 CPU ms per
+  sample (in process 1.36-1.42), 1.5 / 1.7 / 1.2 / 1.3 / 0.0 page faults per sample, main process
+  0.04-0.07 ms; the warm-up window before them 1056 / 1330 / 1300 / 1033 / 935. The slow runs are
+  slow everywhere (run 5: the main process's normalisation 1.30 ms per sample against 0.85-0.94),
+  i.e. the machine, not the loader. With the step's normalisation on this CPU: 726 / 809 / 757 /
+  732 / 567 samples/s (0.80-1.09x).
+* the same conditions, one run each (before the final code): a plain `paddle.io.DataLoader`
+  (`--loader paddle`, the loader before): 1056 samples/s = 1.455x, workers 1.711 ms and 50.7
+  page faults per sample, main 0.077 ms; the trainer's loader without buffer reuse
+  (`--shm_buffers 0`): 999 samples/s = 1.498x, workers 1.743 ms, 49.5 faults; with it: 1357
+  samples/s = 1.832x, workers 1.382 ms, 0 faults, main 0.041 ms.
 
 `--make_data DIR --num_images N` first writes N photo-like 640x480 JPEGs (quality 90) as part
 files under DIR (through `create_pretraining_data` when ldm/data/prepare.py is present).
@@ -258,9 +260,20 @@ class PaddleMixChain:
 
 
 def decode_only(raw: bytes):
+    """Plain full decode (the goal's baseline): the record read as PaddleMIX reads it, then Pillow's
+    full-size decode as torchvision's default loader does it, `Image.open(...).convert("RGB")`.
+    `Image.open` reads only the header; `convert` decodes every pixel into the returned image's
+    memory (Pillow's own buffer, 4 bytes per pixel)."""
     line = raw.decode("utf-8")
     caption, _, img_b64 = line.strip().split("\t")[:3]
     return Image.open(io.BytesIO(base64.b64decode(img_b64))).convert("RGB"), caption
+
+
+def decode_to_array(raw: bytes):
+    """`decode_only` plus `np.asarray` of the image: the uint8 [H, W, 3] array a loader hands to
+    collation (reported, not the goal's baseline)."""
+    image, caption = decode_only(raw)
+    return np.asarray(image), caption
 
 
 def _laion_dataset(file_list: str, resolution: int, seed: int):
@@ -317,33 +330,66 @@ class _FloatHandover(paddle.io.IterableDataset):
             yield {**s, "pixel_values": normalize_pixels(s["pixel_values"], self.normalize)}
 
 
-def _proc_cpu_seconds(pid: int):
-    """utime + stime of process `pid` (Linux /proc; None elsewhere)."""
+def _proc_stat(pid: int):
+    """(utime + stime in seconds, minor page faults) of process `pid` (Linux /proc; None elsewhere)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[7])
     except (OSError, ValueError, IndexError):
         return None
 
 
+def _child_pids() -> list:
+    """The processes whose parent is this one (Linux /proc; [] elsewhere)."""
+    me, out = os.getpid(), []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in names:
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == me:
+                        out.append(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
 def measure_dataloader(file_list: str, resolution: int, num_workers: int, samples: int, batch_size: int, seed: int,
-                       rounds: int = 3, handover: str = "uint8", shared_memory: bool = True) -> dict:
-    """Samples per wall second through `paddle.io.DataLoader` with `num_workers` workers and the
-    trainer's settings (`ldm.data.collate`, shared memory on): `rounds` windows of `samples`
-    samples after a warm-up, median window, with the CPU seconds per sample of this process (the
-    DataLoader's reader thread) and of the workers. Then as many windows in which each batch is
-    also normalised here as the training step does (`normalize_pixels` on the batch's paddle
-    Tensor: device work on a GPU, host work in the training process on a CPU-only machine)."""
+                       rounds: int = 3, handover: str = "uint8", shared_memory: bool = True,
+                       loader: str = "trainer", warmup: int = 0, shm_buffers: int = 4) -> dict:
+    """Samples per wall second through a DataLoader with `num_workers` workers: `rounds` windows of
+    `samples` samples after a warm-up, median window, with the CPU seconds and page faults per
+    sample of this process (the DataLoader's reader thread) and of the workers. Then as many
+    windows in which each batch is also normalised here as the training step does
+    (`normalize_pixels` on the batch's paddle Tensor: device work on a GPU, host work in the
+    training process on a CPU-only machine).
+
+    loader "trainer": the trainer's DataLoader (`ldm.train.trainer.TimedDataLoader`: worker setup
+    and shared-memory buffer reuse, `worker_init_fn`, `collate`, drop_last); "paddle": a plain
+    `paddle.io.DataLoader` with `collate` (the loader before that setup, for comparison).
+    Warm-up: the workers' start-up and first prefetch, then `warmup` samples (default: one
+    window) whose rate is reported but not counted."""
     from ldm.data import collate
 
     dataset = _laion_dataset(file_list, resolution, seed)
     if handover == "float32":
         dataset = _FloatHandover(dataset)
-    loader = paddle.io.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-                                  use_shared_memory=shared_memory)
-    it = iter(loader)
-    pids = [w.pid for w in getattr(it, "_workers", [])]
+    if loader == "trainer":
+        from ldm.train.trainer import TimedDataLoader, worker_init_fn
+
+        dl = TimedDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                             use_shared_memory=shared_memory, drop_last=True, worker_init_fn=worker_init_fn(seed, 0),
+                             shm_buffers=shm_buffers)
+    else:
+        dl = paddle.io.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                                  use_shared_memory=shared_memory, drop_last=True)
+    it = iter(dl)
+    first = next(it)  # the workers exist from here on (TimedDataLoader's iterator starts them at its first batch)
+    pids = _child_pids()  # the DataLoader's worker processes
 
     def take(n, normalize):
         got = 0
@@ -354,20 +400,22 @@ def measure_dataloader(file_list: str, resolution: int, num_workers: int, sample
             got += int(px.shape[0])
         return got
 
-    def window(normalize):
-        w0 = [_proc_cpu_seconds(p) for p in pids]
+    def window(n, normalize):
+        w0 = [_proc_stat(p) for p in pids]
         t0, c0 = time.perf_counter(), time.process_time()
-        got = take(samples, normalize)
+        got = take(n, normalize)
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        w1 = [_proc_cpu_seconds(p) for p in pids]
-        workers_cpu = sum(b - a for a, b in zip(w0, w1)) if pids and None not in w0 + w1 else None
+        w1 = [_proc_stat(p) for p in pids]
+        ok = pids and None not in w0 + w1
         return {"samples_per_s": got / dt, "main_cpu_ms_per_sample": 1e3 * dc / got,
-                "workers_cpu_ms_per_sample": None if workers_cpu is None else 1e3 * workers_cpu / got}
+                "workers_cpu_ms_per_sample": 1e3 * sum(b[0] - a[0] for a, b in zip(w0, w1)) / got if ok else None,
+                "workers_page_faults_per_sample": sum(b[1] - a[1] for a, b in zip(w0, w1)) / got if ok else None}
 
-    take(2 * batch_size * num_workers, False)  # worker start-up and the first prefetch are not part of the rate
-    out = {}
+    take(max(0, 2 * batch_size * num_workers - int(first["pixel_values"].shape[0])), False)  # the first prefetch
+    warm = window(warmup or samples, False)  # workers' first batches: page cache, allocator, shared memory
+    out = {"warmup": {k: (round(v, 3) if v is not None else None) for k, v in warm.items()}}
     for key, normalize in (("loader", False), ("with_step_normalize", True)):
-        windows = sorted((window(normalize) for _ in range(rounds)), key=lambda w: w["samples_per_s"])
+        windows = sorted((window(samples, normalize) for _ in range(rounds)), key=lambda w: w["samples_per_s"])
         out[key] = {**windows[len(windows) // 2], "rounds_samples_per_s": [round(w["samples_per_s"], 1) for w in windows]}
     del it
     return out
@@ -387,6 +435,15 @@ def main(argv=None) -> dict:
                         "workers normalise (the handover before issue 15 item 4), for comparison")
     p.add_argument("--shared_memory", type=int, choices=(0, 1), default=1,
                    help="the DataLoader's use_shared_memory (1, the trainer's default; 0: batches pickled through pipes)")
+    p.add_argument("--loader", choices=("trainer", "paddle"), default="trainer",
+                   help="trainer: the trainer's DataLoader (ldm.train.trainer.TimedDataLoader: worker setup, "
+                        "shared-memory buffer reuse); paddle: a plain paddle.io.DataLoader, for comparison")
+    p.add_argument("--shm_buffers", type=int, default=4,
+                   help="trainer loader: shared-memory batch buffers each worker reuses (TimedDataLoader's "
+                        "shm_buffers, default 4 as the trainer's; 0: a new /dev/shm file per batch, as paddle does "
+                        "for iterable data sets)")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="DataLoader samples read before the timed windows (after the first prefetch; 0: one window)")
     p.add_argument("--samples", type=int, default=300, help="samples per pipeline per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--chunk", type=int, default=25, help="samples per turn when the pipelines alternate in a round")
@@ -422,11 +479,12 @@ def main(argv=None) -> dict:
     paths = part_files(file_list)
     ours = ours_iterator(file_list, args.resolution, args.seed)
     pm_chain = PaddleMixChain(args.resolution)
-    pm_lines, dec_lines = iter_lines_forever(paths), iter_lines_forever(paths)
+    pm_lines, dec_lines, arr_lines = iter_lines_forever(paths), iter_lines_forever(paths), iter_lines_forever(paths)
     pipelines = {
         "ours": lambda: next(ours),
         "paddlemix": lambda: pm_chain(next(pm_lines)),
         "decode_only": lambda: decode_only(next(dec_lines)),
+        "decode_to_array": lambda: decode_to_array(next(arr_lines)),
     }
     for fn in pipelines.values():  # warm-up: imports, file cache, Pillow plugin init
         time_samples(fn, 5)
@@ -435,12 +493,12 @@ def main(argv=None) -> dict:
     names = list(pipelines)
     for _ in range(args.rounds):
         # each round: the pipelines take turns in chunks of --chunk samples (the starting one rotates),
-        # so a change of the machine's load falls on all three alike
+        # so a change of the machine's load falls on all of them alike
         spent = {name: [0.0, 0.0] for name in names}
         done, turn = 0, 0
         while done < args.samples:
             n = min(args.chunk, args.samples - done)
-            for name in names[turn % 3:] + names[:turn % 3]:
+            for name in names[turn % len(names):] + names[:turn % len(names)]:
                 dt_wall, dt_cpu = time_samples(pipelines[name], n)
                 spent[name][0] += dt_wall
                 spent[name][1] += dt_cpu
@@ -463,6 +521,8 @@ def main(argv=None) -> dict:
         "decode_only_samples_per_s": round(med["decode_only"], 2),
         "ours_vs_paddlemix": round(med["ours"] / med["paddlemix"], 3),
         "ours_vs_decode_only": round(med["ours"] / med["decode_only"], 3),
+        "decode_to_array_samples_per_s": round(med["decode_to_array"], 2),
+        "ours_vs_decode_to_array": round(med["ours"] / med["decode_to_array"], 3),
         # both ratios compare the three pipelines run one at a time in this process (the work of one
         # worker), per CPU second; they do not depend on --num_workers
         "ratio_basis": "one worker's throughput per CPU second, same process, same records",
@@ -477,12 +537,15 @@ def main(argv=None) -> dict:
         if _laion is None:  # pragma: no cover
             p.error("--num_workers >= 1 needs ldm/data/laion.py")
         dl = measure_dataloader(file_list, args.resolution, args.num_workers, args.samples, args.batch_size, args.seed,
-                                rounds=args.rounds, handover=args.handover, shared_memory=bool(args.shared_memory))
+                                rounds=args.rounds, handover=args.handover, shared_memory=bool(args.shared_memory),
+                                loader=args.loader, warmup=args.warmup, shm_buffers=args.shm_buffers)
         result["samples_per_s"] = round(dl["loader"]["samples_per_s"], 2)
         result["samples_per_s_basis"] = "wall_clock_dataloader"
         cores = min(args.num_workers, os.cpu_count() or 1)
-        result["dataloader"] = {"handover": args.handover, "shared_memory": bool(args.shared_memory),
-                                "batch_size": args.batch_size, "ours_1proc_cpu_ms_per_sample": round(1e3 / med["ours"], 3)}
+        result["dataloader"] = {"loader_kind": args.loader, "shm_buffers": args.shm_buffers, "handover": args.handover,
+                                "shared_memory": bool(args.shared_memory), "batch_size": args.batch_size,
+                                "ours_1proc_cpu_ms_per_sample": round(1e3 / med["ours"], 3),
+                                "warmup": dl.pop("warmup")}
         for key, d in dl.items():
             rate, main_ms, workers_ms = d["samples_per_s"], d["main_cpu_ms_per_sample"], d["workers_cpu_ms_per_sample"]
             entry = {
@@ -492,8 +555,11 @@ def main(argv=None) -> dict:
                 "vs_1proc_wall_rate": round(rate / med_wall["ours"], 3),  # the in-process rate by the clock, this load
                 "main_cpu_ms_per_sample": round(main_ms, 3),
                 "workers_cpu_ms_per_sample": None if workers_ms is None else round(workers_ms, 3),
+                "workers_page_faults_per_sample": (None if d["workers_page_faults_per_sample"] is None
+                                                   else round(d["workers_page_faults_per_sample"], 1)),
             }
-            if workers_ms is not None:  # what the measured CPU time allows on min(N, cores) idle cores: a projection
+            if workers_ms:  # (None: no /proc; 0: too short to tick) a projection: what the measured CPU
+                # time allows on min(N, cores) idle cores
                 entry["cpu_bound_projection_samples_per_s"] = round(
                     min(1e3 * cores / (main_ms + workers_ms), 1e3 * args.num_workers / workers_ms), 1)
                 entry["projection_vs_1proc_cpu_rate"] = round(entry["cpu_bound_projection_samples_per_s"] / med["ours"], 3)
