@@ -93,6 +93,11 @@ trainings and test runs paused: SIGSTOP'd, checked with ps; `uptime` load averag
   page faults per sample, main 0.077 ms; the trainer's loader without buffer reuse
   (`--shm_buffers 0`): 999 samples/s = 1.498x, workers 1.743 ms, 49.5 faults; with it: 1357
   samples/s = 1.832x, workers 1.382 ms, 0 faults, main 0.041 ms.
+* three later quiet runs of the plain loader and one of `--shm_buffers 0` were disturbed by jobs
+  the pause does not cover (a pytest run and scripts/make_demo_sd.py started meanwhile, seen
+  with ps): their wall rates (436-735 samples/s) say nothing; CPU per sample: plain loader
+  workers 1.74-1.81 ms and 61-72 page faults, `--shm_buffers 0` 1.68 ms and 50; in process
+  ours / decode_only 0.913-0.958 (CPU time).
 
 `--make_data DIR --num_images N` first writes N photo-like 640x480 JPEGs (quality 90) as part
 files under DIR (through `create_pretraining_data` when ldm/data/prepare.py is present).
