@@ -188,6 +188,8 @@ class DiffusionTrainer(Trainer):
             else:
                 self.train(resume_from_checkpoint=resume_from_checkpoint)
             self._save_final(ema)
+            if self.args.world_size > 1:  # no rank leaves (tearing its process group down) before rank 0 wrote
+                paddle.distributed.barrier()
         return self
 
     def _save_final(self, ema) -> None:
@@ -315,20 +317,39 @@ class TimedDataLoader(DataLoader):
             # set); from here on this side keeps the workers' buffers mapped, and they may reuse them
             paddle.base.core._set_max_memory_map_allocation_pool_size(2 * self.num_workers * reuse.shm_buffers)
             reuse.ready.set()
-        while True:
-            t0 = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            finally:
-                self.wait_seconds += time.perf_counter() - t0
-            if isinstance(batch, dict) and _DATASET_ERROR in batch:
-                raise batch[_DATASET_ERROR]
-            yield batch
+        try:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+                finally:
+                    self.wait_seconds += time.perf_counter() - t0
+                if isinstance(batch, dict) and _DATASET_ERROR in batch:
+                    raise batch[_DATASET_ERROR]
+                yield batch
+        finally:  # the consumer stopped (--max_steps mid-pass, an error, the end): stop the reader now
+            _shutdown_loader_iterator(it)
 
 
 _DATASET_ERROR = "__dataset_error__"
+
+
+def _shutdown_loader_iterator(it) -> None:
+    """Stop a paddle DataLoader iterator's reader thread (0 workers) or its worker processes now.
+
+    paddle does it in the iterator's `__del__`. An iterator left to the interpreter's exit (the
+    training loop stops at --max_steps in the middle of a pass) can still have its reader thread
+    blocked on a full queue while the process is torn down; a rank then aborted (exit code -6)
+    after a finished run, now and then."""
+    shutdown = getattr(it, "_try_shutdown_all", None)
+    if shutdown is None:
+        return
+    if getattr(it, "_num_workers", 0) > 0:
+        shutdown(5)  # seconds to wait for each worker (they exit on the None paddle sends them)
+    else:
+        shutdown()
 
 
 class _DatasetFailure:
