@@ -132,10 +132,11 @@ def main(argv=None):
     preview, latent_c = model.log_image(
         args.caption, height=height, width=width, cfg=args.cfg_c, batch_size=args.batch_size, seed=args.seed,
         steps=args.steps_c, shift=args.shift_c, cfg_rho=args.cfg_rho, negative_caption=args.negative_caption,
-        image=image, init_image=init_image, strength=args.strength)
+        image=image, init_image=init_image, strength=args.strength, t_start=cfg.t_start)
     images, _ = model_b.log_image(
         latent_c, args.caption, seed=args.seed, batch_size=args.batch_size, steps=args.steps_b, cfg=args.cfg_b,
-        shift=args.shift_b, cfg_rho=args.cfg_rho, negative_caption=args.negative_caption, height=height, width=width)
+        shift=args.shift_b, cfg_rho=args.cfg_rho, negative_caption=args.negative_caption, height=height, width=width,
+        t_start=cfg.t_start)
     meta = {"prompt": args.caption, "negative_prompt": args.negative_caption,
             "steps": f"C {args.steps_c}, B {args.steps_b}", "cfg": f"C {args.cfg_c}, B {args.cfg_b}",
             "shift": f"C {args.shift_c}, B {args.shift_b}", "cfg_rho": args.cfg_rho,

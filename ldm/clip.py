@@ -41,6 +41,7 @@ __all__ = [
     "load_clip_text",
     "load_clip_vision",
     "load_tokenizer",
+    "folder_max_length",
     "bytes_to_unicode",
     "write_clip_bpe_tokenizer",
     "write_tiny_clip_tokenizer",
@@ -308,6 +309,19 @@ def convert_clip_dir(src_dir, dst_dir, part: str, dtype: str | None = None) -> d
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
 # ---------------------------------------------------------------------------------------------
+def folder_max_length(folder, default: int = CLIP_MAX_LENGTH) -> int:
+    """The ``model_max_length`` a tokenizer folder's tokenizer_config.json names (the length its
+    text encoder is used with: 77 for CLIP, fewer for the demo's), at most ``default`` (some
+    Hugging Face configs hold a huge "no limit" value); ``default`` without a config."""
+    path = os.path.join(os.fspath(folder), "tokenizer_config.json")
+    if not os.path.lexists(path):
+        return int(default)
+    value = read_json(path, "tokenizer config").get("model_max_length", default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
+        raise WeightsError(f"tokenizer config {path}: model_max_length must be a positive number, got {value!r}")
+    return int(min(value, default))
+
+
 def load_tokenizer(folder, max_length: int = CLIP_MAX_LENGTH):
     """The CLIP BPE tokenizer (ppdiffusers/paddlenlp `CLIPTokenizer`) from vocab.json + merges.txt in
     `folder`, with `model_max_length` = `max_length`. Use with truncation=True,

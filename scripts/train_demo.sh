@@ -9,9 +9,11 @@
 #   1. the shapes data set as a Stage C caption folder (ldm.demo.shapes.write_caption_folder, 256 px)
 #   2. scripts/demo_cascade_parts.py: random frozen CLIP text + word tokenizer; Stage A trained as an
 #      autoencoder; EfficientNet encoder + Previewer trained together as an autoencoder
-#   3. scripts/train_stage_b_trainer.py --model_version demo (256 px, encoder cache), and at the same
-#   4. time train_stage_c_trainer.py --model_version demo (192 px = the 6 x 6 latents of a 256 px image)
+#   3. train_stage_c_trainer.py --model_version demo (192 px = the 6 x 6 latents of a 256 px image)
+#   4. scripts/train_stage_b_trainer.py --model_version demo (256 px, encoder cache)
 #   5. the EMA weights of both into OUT (with the parts), a sample image
+# Every Stable Cascade step runs on one thread (OMP_NUM_THREADS=1), one after the other; with both
+# families the SD one (scripts/train_demo_sd.sh, log WORK/sd.log) trains at the same time, started first.
 set -e
 REPO=$(cd "$(dirname "$0")/.." && pwd)  # found from any folder
 PY=${PYTHON:-python}
@@ -22,24 +24,33 @@ OUT=${OUT:-${REPO}/assets/demo/cascade}
 STEPS_SCALE=${STEPS_SCALE:-1}   # multiplies every step count (a quick trial: 0.01)
 PER_COMBINATION=${PER_COMBINATION:-8}
 steps() { ${PY} -c "import sys; print(max(2, round(float(sys.argv[1]) * float(sys.argv[2]))))" "$1" "${STEPS_SCALE}"; }
-STAGE_A_STEPS=${STAGE_A_STEPS:-$(steps 200)}
-ENCODER_STEPS=${ENCODER_STEPS:-$(steps 400)}
-STAGE_B_STEPS=${STAGE_B_STEPS:-$(steps 400)}
-STAGE_C_STEPS=${STAGE_C_STEPS:-$(steps 700)}
+STAGE_A_STEPS=${STAGE_A_STEPS:-$(steps 600)}
+ENCODER_STEPS=${ENCODER_STEPS:-$(steps 1200)}
+STAGE_B_STEPS=${STAGE_B_STEPS:-$(steps 1000)}
+STAGE_C_STEPS=${STAGE_C_STEPS:-$(steps 1200)}
 export PYTHONHASHSEED=0
 
 part_start() { PART_T0=$(date +%s); echo "== demo: $1 ($(date -u +%H:%M:%S) UTC)"; }
 part_end() { echo "== demo: $1 done in $(( $(date +%s) - PART_T0 )) s wall"; }
-# wait_both PID1 LOG1 PID2 LOG2 PATTERN: wait for two background jobs, show PATTERN's lines of their logs
-wait_both() {
-    STATUS=0
-    wait "$1" || { echo "failed, see $2" >&2; STATUS=1; }
-    wait "$3" || { echo "failed, see $4" >&2; STATUS=1; }
-    grep -h "$5" "$2" "$4" || true
-    [ ${STATUS} = 0 ] || exit 1
-}
+SD_PID=
+case " ${FAMILIES} " in *" sd "*)
+    if [ ! -f "${REPO}/scripts/train_demo_sd.sh" ]; then
+        echo "scripts/train_demo_sd.sh not found: the SD half is skipped" >&2
+        exit 1
+    fi
+    case " ${FAMILIES} " in
+        *" cascade "*)  # both: SD in the background, on the other core
+            mkdir -p "${WORK}"
+            echo "== demo: SD family (scripts/train_demo_sd.sh) in the background, log ${WORK}/sd.log"
+            WORK="${WORK}" SEED="${SEED}" sh "${REPO}/scripts/train_demo_sd.sh" > "${WORK}/sd.log" 2>&1 &
+            SD_PID=$! ;;
+        *) WORK="${WORK}" SEED="${SEED}" sh "${REPO}/scripts/train_demo_sd.sh" ;;
+    esac
+    ;;
+esac
 
 case " ${FAMILIES} " in *" cascade "*)
+    export OMP_NUM_THREADS=1
     C_WORK="${WORK}/cascade"
     if [ "${SKIP_PARTS:-0}" = 1 ]; then  # reuse WORK's data set and parts (a run stopped after step 2)
         rm -rf "${C_WORK}/stage_b" "${C_WORK}/stage_c" "${C_WORK}/cache_b" "${C_WORK}/cache_c"
@@ -52,37 +63,48 @@ print(write_caption_folder(sys.argv[1], per_combination=int(sys.argv[2]), size=2
         "${C_WORK}/data" "${PER_COMBINATION}" "${SEED}"
     part_end "shapes caption folder"
 
-    part_start "CLIP text; Stage A and EfficientNet + Previewer in parallel"
     PARTS="${PY} ${REPO}/scripts/demo_cascade_parts.py --output_dir ${C_WORK}/weights --seed ${SEED}"
+    part_start "CLIP text"
     ${PARTS} --part clip
-    OMP_NUM_THREADS=1 ${PARTS} --part stage_a --stage_a_steps "${STAGE_A_STEPS}" > "${C_WORK}/stage_a.log" 2>&1 &
-    PID_A=$!
-    OMP_NUM_THREADS=1 ${PARTS} --part encoder --encoder_steps "${ENCODER_STEPS}" > "${C_WORK}/encoder.log" 2>&1 &
-    PID_E=$!
-    wait_both ${PID_A} "${C_WORK}/stage_a.log" ${PID_E} "${C_WORK}/encoder.log" "s CPU"
-    part_end "CLIP text, Stage A, EfficientNet + Previewer"
+    part_end "CLIP text"
+    part_start "Stage A"
+    ${PARTS} --part stage_a --stage_a_steps "${STAGE_A_STEPS}" > "${C_WORK}/stage_a.log" 2>&1 || {
+        echo "failed, see ${C_WORK}/stage_a.log" >&2; exit 1; }
+    grep -h "s CPU" "${C_WORK}/stage_a.log"
+    part_end "Stage A"
+    part_start "EfficientNet + Previewer"
+    ${PARTS} --part encoder --encoder_steps "${ENCODER_STEPS}" > "${C_WORK}/encoder.log" 2>&1 || {
+        echo "failed, see ${C_WORK}/encoder.log" >&2; exit 1; }
+    grep -h "s CPU" "${C_WORK}/encoder.log"
+    part_end "EfficientNet + Previewer"
     fi
 
+    # captions padded to the demo tokenizer's length (ldm.demo.cascade.MAX_LENGTH, its tokenizer_config.json)
+    MAX_LENGTH=$(${PY} -c "import json, sys; print(json.load(open(sys.argv[1]))['model_max_length'])" \
+        "${C_WORK}/weights/clip_text/tokenizer_config.json")
     COMMON="--do_train --weights_path ${C_WORK}/weights --dataset_path ${C_WORK}/data --multi_aspect_ratio 1 \
-        --model_version demo --use_ema True --ema_decay 0.99 --lr_scheduler_type cosine --warmup_steps 20 \
+        --model_max_length ${MAX_LENGTH} --model_version demo --use_ema True --ema_decay 0.99 --lr_scheduler_type cosine --warmup_steps 20 \
         --weight_decay 0.0 --max_grad_norm 1.0 --image_logging_steps 1000000 --logging_steps 20 \
         --save_total_limit 1 --seed ${SEED} --dataloader_num_workers 0 --disable_tqdm True --overwrite_output_dir"
-    # Stage B and Stage C depend only on the parts above: they train at the same time, one thread each
-    part_start "Stage B (scripts/train_stage_b_trainer.py) and Stage C (train_stage_c_trainer.py), in parallel"
-    # shellcheck disable=SC2086
-    OMP_NUM_THREADS=1 ${PY} -u "${REPO}/scripts/train_stage_b_trainer.py" ${COMMON} --output_dir "${C_WORK}/stage_b" \
+    # train LOG SCRIPT ARGS...: one trainer run, its log in C_WORK/LOG.log
+    train() {
+        LOG="${C_WORK}/$1.log"; shift
+        # shellcheck disable=SC2086
+        ${PY} -u "$@" ${COMMON} > "${LOG}" 2>&1 || { echo "failed, see ${LOG}" >&2; exit 1; }
+        grep -h "train_runtime" "${LOG}" || true
+    }
+    part_start "Stage C (train_stage_c_trainer.py)"
+    train stage_c "${REPO}/train_stage_c_trainer.py" --output_dir "${C_WORK}/stage_c" --cache_dir "${C_WORK}/cache_c" \
+        --clip_image none --resolution 192 --per_device_train_batch_size 32 --learning_rate 2e-3 \
+        --max_steps "${STAGE_C_STEPS}" --save_steps "${STAGE_C_STEPS}"
+    part_end "Stage C"
+    part_start "Stage B (scripts/train_stage_b_trainer.py)"
+    train stage_b "${REPO}/scripts/train_stage_b_trainer.py" --output_dir "${C_WORK}/stage_b" \
         --cache_dir "${C_WORK}/cache_b" --resolution 256 --per_device_train_batch_size 8 --learning_rate 1e-3 \
-        --max_steps "${STAGE_B_STEPS}" --save_steps "${STAGE_B_STEPS}" > "${C_WORK}/stage_b.log" 2>&1 &
-    PID_B=$!
-    # shellcheck disable=SC2086
-    OMP_NUM_THREADS=1 ${PY} -u "${REPO}/train_stage_c_trainer.py" ${COMMON} --output_dir "${C_WORK}/stage_c" \
-        --cache_dir "${C_WORK}/cache_c" --clip_image none --resolution 192 --per_device_train_batch_size 32 \
-        --learning_rate 1e-3 --max_steps "${STAGE_C_STEPS}" --save_steps "${STAGE_C_STEPS}" > "${C_WORK}/stage_c.log" 2>&1 &
-    PID_C=$!
-    wait_both ${PID_B} "${C_WORK}/stage_b.log" ${PID_C} "${C_WORK}/stage_c.log" "train_runtime"
+        --max_steps "${STAGE_B_STEPS}" --save_steps "${STAGE_B_STEPS}"
+    part_end "Stage B"
     cp "${C_WORK}/stage_b/stage_b_ema.safetensors" "${C_WORK}/weights/stage_b.safetensors"
     cp "${C_WORK}/stage_c/stage_c_ema.safetensors" "${C_WORK}/weights/stage_c.safetensors"
-    part_end "Stage B and Stage C"
 
     mkdir -p "${OUT}"
     rm -rf "${OUT}/clip_text"
@@ -98,12 +120,8 @@ print(write_caption_folder(sys.argv[1], per_combination=int(sys.argv[2]), size=2
     ;;
 esac
 
-case " ${FAMILIES} " in *" sd "*)
-    if [ ! -f "${REPO}/scripts/train_demo_sd.sh" ]; then
-        echo "scripts/train_demo_sd.sh not found: the SD half is skipped" >&2
-        exit 1
-    fi
-    WORK="${WORK}" SEED="${SEED}" sh "${REPO}/scripts/train_demo_sd.sh"
-    ;;
-esac
+if [ -n "${SD_PID}" ]; then
+    wait "${SD_PID}" || { echo "the SD family failed, see ${WORK}/sd.log" >&2; exit 1; }
+    tail -n 3 "${WORK}/sd.log"
+fi
 times

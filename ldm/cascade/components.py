@@ -140,7 +140,7 @@ def file_components(cfg: CascadeConfig, needed: Sequence[str]) -> Components:
         return lambda: fn(paths[comp]) if comp in paths else fn(resolve_weights(cfg, [comp])[comp])
 
     builders = {
-        "tokenizer": lazy("tokenizer", clip.load_tokenizer),
+        "tokenizer": lazy("tokenizer", lambda p: clip.load_tokenizer(p, clip.folder_max_length(p))),
         "text_encoder": lazy("text_encoder", lambda p: clip.load_clip_text(p, dtype=dtype)),
         "image_encoder": lazy("image_encoder", lambda p: clip.load_clip_vision(p, dtype=dtype)),
         "stage_c": lazy("stage_c", lambda p: loading.load_stage_c(p, cfg.model_c_version, dtype=dtype)),

@@ -7,12 +7,15 @@ Every network is the project's own class in its "demo" preset (``STAGE_A_PRESETS
 ``ldm.cascade.loading.save_network`` (config in the metadata), so the shipped files load through
 the same loaders as the real weights (``ldm.cascade.components.demo_components``).
 
-- CLIP text: a random, frozen ppdiffusers ``CLIPTextModelWithProjection`` of the SD demo's shape
-  (``ldm.demo.sd.DEMO_CLIP``, projection 64) with the demo's word-level tokenizer
+- CLIP text: a random, frozen ppdiffusers ``CLIPTextModelWithProjection`` (``CLIP_CONFIG``: 2
+  layers, width 64, projection 64, 77 positions) with the demo's word-level tokenizer
   (``ldm.demo.sd.write_tokenizer``: one token per caption word), in a ``clip_text/`` folder as
-  ``scripts/convert_other_weight.py`` writes it. Random weights still give each caption its own
-  hidden states (each word keeps its embedding in the residual stream; position tells the shape's
-  colour from the background's).
+  ``scripts/convert_other_weight.py`` writes it. Its token and position embeddings are drawn at
+  std 1 (``EMBEDDING_STD``), so each position's hidden state is dominated by its own word and
+  position: Stage C reads the colour, shape and background words from them (with CLIP's 0.02 the
+  random layers' output dominated, captions one word apart were at cosine 0.93-0.98 at that word,
+  and a Stage C trained on them ignored the text). The pooled output is then about the same for
+  every caption (cosine > 0.99): Stage B, which only sees it, works from the Stage C latent.
 - Stage A (f4 VQGAN): trained as a plain autoencoder (``train_stage_a``: L1 + L2 on random crops of
   rendered shapes). Stage B trains on and the pipeline decodes the unquantised latent (as the
   original's train_b.py), so the codebook is never used; ``scale_factor`` is set afterwards to the
@@ -33,6 +36,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from ldm.demo.sd import DEMO_CLIP
 from ldm.utils import get_logger
 
 logger = get_logger("ldm.demo.cascade")
@@ -40,6 +44,16 @@ logger = get_logger("ldm.demo.cascade")
 __all__ = ["write_clip_text", "train_stage_a", "train_encoder_previewer", "generate", "CLIP_PROJECTION"]
 
 CLIP_PROJECTION = 64  # pooled text width = STAGE_B/C_PRESETS["demo"] c_clip / c_clip_text_pooled
+# the demo CLIP text encoder: the word tokenizer's ids (ldm.demo.sd.DEMO_CLIP), width 64 (the "demo"
+# presets' c_clip_text / c_clip), CLIP's 77 positions
+CLIP_CONFIG = dict({k: DEMO_CLIP[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")},
+                   hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=77)
+EMBEDDING_STD = 1.0  # init std of its token and position embeddings (write_clip_text)
+# captions are padded to MAX_LENGTH tokens (bos, 7 words, eos, 1 pad; the clip_text folder's
+# tokenizer_config.json, read by the loaders; the trainers get --model_max_length MAX_LENGTH): at
+# 77, 68 padding positions, the same for every caption, would fill Stage C's text attention
+MAX_LENGTH = 10
 IMAGE_SIZE = 256  # the demo's images (settings.TINY_SIZE, the presets' default size)
 ENCODER_SIDES = (128, 160, 192, 224, 256)  # Stage B's EfficientNet inputs at 256 px (factor 0.5-1), Stage C's 192
 
@@ -104,25 +118,42 @@ def _check_steps(steps: int, batch_size: int):
 # ---------------------------------------------------------------------------------------------
 def write_clip_text(folder: str, seed: int = 0) -> str:
     """``folder`` = a CLIP text folder (config.json, model.safetensors, vocab.json, merges.txt) of
-    a random CLIPTextModelWithProjection of DEMO_CLIP's shape; loads with ``ldm.clip.load_clip_text``
-    and ``load_tokenizer``."""
+    a random CLIPTextModelWithProjection of ``CLIP_CONFIG``; loads with ``ldm.clip.load_clip_text``
+    and ``load_tokenizer``. Paddle's init (``seed``), then the token and position embeddings redrawn
+    from N(0, EMBEDDING_STD^2) (numpy, [seed, 0xC7]): at CLIP's 0.02 they are small against the
+    random layers' output and every position holds about the same mixture of the caption's words
+    (two captions at cosine 0.93-0.98 at the word where they differ, measured); at 1.0 each
+    position's output is dominated by its own word + position (cosine ~0.45-0.6 there)."""
+    import json
+
     import paddle
     from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from ldm.demo.sd import DEMO_CLIP, save_model, write_tokenizer
+    from ldm.demo.sd import save_model, write_tokenizer
 
     write_tokenizer(folder)
+    config_file = os.path.join(folder, "tokenizer_config.json")  # captions are padded to MAX_LENGTH tokens
+    with open(config_file, encoding="utf-8") as f:
+        tok_config = json.load(f)
+    tok_config["model_max_length"] = MAX_LENGTH
+    with open(config_file, "w", encoding="utf-8") as f:
+        json.dump(tok_config, f)
     paddle.seed(seed)
-    config = CLIPTextConfig(**DEMO_CLIP, projection_dim=CLIP_PROJECTION)
+    config = CLIPTextConfig(**CLIP_CONFIG, projection_dim=CLIP_PROJECTION)
     config.architectures = ["CLIPTextModelWithProjection"]
-    save_model(CLIPTextModelWithProjection(config), folder, "model.safetensors", "clip_text")
+    model = CLIPTextModelWithProjection(config)
+    rng = np.random.default_rng([seed, 0xC7])
+    emb = model.text_model.embeddings
+    for w in (emb.token_embedding.weight, emb.position_embedding.weight):
+        w.set_value(paddle.to_tensor(rng.standard_normal(w.shape).astype(np.float32) * EMBEDDING_STD))
+    save_model(model, folder, "model.safetensors", "clip_text")
     return folder
 
 
 # ---------------------------------------------------------------------------------------------
 # Stage A
 # ---------------------------------------------------------------------------------------------
-def train_stage_a(steps: int = 200, batch_size: int = 8, crop: int = 128, learning_rate: float = 2e-3,
+def train_stage_a(steps: int = 600, batch_size: int = 8, crop: int = 128, learning_rate: float = 2e-3,
                   seed: int = 0, log_every: int = 50):
     """A StageA of the demo preset trained to reconstruct crops of rendered shapes, its
     ``scale_factor`` set to the std of its latents over 64 full images. Returns (net, losses)."""
@@ -155,7 +186,7 @@ def train_stage_a(steps: int = 200, batch_size: int = 8, crop: int = 128, learni
 # ---------------------------------------------------------------------------------------------
 # EfficientNet encoder + Previewer
 # ---------------------------------------------------------------------------------------------
-def train_encoder_previewer(steps: int = 400, batch_size: int = 8, learning_rate: float = 3e-3, seed: int = 0,
+def train_encoder_previewer(steps: int = 1200, batch_size: int = 8, learning_rate: float = 3e-3, seed: int = 0,
                             sides: Sequence[int] = ENCODER_SIDES, log_every: int = 50):
     """(EfficientNetEncoder, Previewer) of the demo presets trained together: the Previewer of the
     encoder's latent reconstructs the image box-downsampled 4x, at input sides drawn from `sides`
@@ -233,8 +264,8 @@ def generate(caption: str, n: int = 1, seed: int = 0, weights_path: Optional[str
     size = st.TINY_SIZE
     _, latent_c = model_c.log_image(caption, height=size, width=size, batch_size=int(n), seed=int(seed),
                                     steps=sampling.get("steps_c", c.steps), cfg=sampling.get("cfg_c", c.cfg),
-                                    shift=sampling.get("shift_c", c.shift), cfg_rho=c.cfg_rho)
+                                    shift=sampling.get("shift_c", c.shift), cfg_rho=c.cfg_rho, t_start=st.DEMO.t_start)
     images, _ = model_b.log_image(latent_c, caption, seed=int(seed), batch_size=int(n), height=size, width=size,
                                   steps=sampling.get("steps_b", b.steps), cfg=sampling.get("cfg_b", b.cfg),
-                                  shift=sampling.get("shift_b", b.shift), cfg_rho=b.cfg_rho)
+                                  shift=sampling.get("shift_b", b.shift), cfg_rho=b.cfg_rho, t_start=st.DEMO.t_start)
     return list(images)
