@@ -68,6 +68,7 @@ crop, random flip, normalise with mean = std = 0.5); the code is this project's 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from struct import error as struct_error
 from typing import Sequence
@@ -398,21 +399,40 @@ def _as_hw(resolution: int | Sequence[int]) -> tuple[int, int]:
 
 # Largest downscale factor the OpenCV path handles; beyond it the 3-tap prefilter is too narrow.
 _CV2_MAX_SCALE = 2.0
-_ONE_TAP = np.ones(1, np.float32)
+# Prefilter weight a of [a, 1 - 2a, a]: _PREFILTER_SLOPE per unit of downscale above 1, capped at
+# 1/4 (the [1, 2, 1] / 4 kernel, exact at 2x); see `_prefilter_kernel`.
+_PREFILTER_SLOPE = 0.39
+_PREFILTER_MAX = 0.25
 
 
 def _prefilter_kernel(scale: float) -> np.ndarray | None:
     """3-tap low-pass [a, 1 - 2a, a] for a downscale by `scale` in (1, 2] (None for no downscale).
 
-    Bilinear interpolation is a triangle kernel of half-width 1 (variance 1/6); Pillow's
-    antialiased bilinear downscale is a triangle of half-width `scale` (variance scale**2 / 6).
-    Choosing 2a = (scale**2 - 1) / 6 makes prefilter + interpolation match that variance; at
-    scale 2 the combined kernel is exactly Pillow's [1, 3, 3, 1] / 8, at scale 1 the identity.
+    a = min(1/4, 0.39 * (scale - 1)). At scale 2 prefilter + bilinear interpolation is exactly
+    Pillow's antialiased bilinear kernel [1, 3, 3, 1] / 8. The slope is fitted to Pillow's output
+    (200 photo-like 640x480 JPEGs, whole-pixel crop boxes, PSNR against Pillow's bilinear): it
+    beats the kernel whose variance matches Pillow's triangle ((scale**2 - 1) / 12) at every
+    factor measured, by 0.0 dB at 1.02, 0.6-2.3 dB at 1.1-1.6, 0.9 dB at 1.7, 0.6 dB at 1.875
+    and 0.1 dB at 1.96 (Pillow's antialiased triangle attenuates more near Nyquist than the variance
+    match does). From scale 1.64 on the kernel is [1, 2, 1] / 4, for which OpenCV's fixed-point
+    Gaussian blur has a dedicated integer path (~2x faster than a general 3-tap kernel).
     """
     if scale <= 1.0 + 1e-9:
         return None
-    a = (scale * scale - 1.0) / 12.0
+    a = min(_PREFILTER_MAX, _PREFILTER_SLOPE * (scale - 1.0))
     return np.array([a, 1.0 - 2.0 * a, a], np.float32)
+
+
+def _gaussian_sigma(kernel: np.ndarray | None) -> tuple[int, float]:
+    """(ksize, sigma) for which `cv2.GaussianBlur`'s kernel along one axis is `kernel` (None: (1, 1.0), no filter).
+
+    A 3-tap sampled Gaussian is [r, 1, r] / (1 + 2r) with r = exp(-1 / (2 sigma**2)); r = a / (1 - 2a)
+    gives [a, 1 - 2a, a].
+    """
+    if kernel is None:
+        return 1, 1.0
+    a = float(kernel[0])
+    return 3, math.sqrt(-0.5 / math.log(a / (1.0 - 2.0 * a)))
 
 
 def _resize_box_cv2(arr: np.ndarray, box: tuple, width: int, height: int) -> np.ndarray:
@@ -421,6 +441,16 @@ def _resize_box_cv2(arr: np.ndarray, box: tuple, width: int, height: int) -> np.
     The region is snapped to whole source pixels (its corner moves by < 0.5 px, its size by
     < 0.5 px, i.e. < 0.4% at the usual sizes), low-pass filtered by `_prefilter_kernel` (on a
     window one pixel wider, so edge pixels see their real neighbours) and bilinearly resampled.
+    The prefilter runs as OpenCV's fixed-point (bit-exact) Gaussian blur with the 3-tap kernel
+    along each axis (`_gaussian_sigma`).
+
+    Measured (one core, 640x480 JPEGs of the data-loader benchmark, 480x480 random crop boxes to
+    256x256, i.e. factor 1.875, right after the decode): 0.29-0.30 ms per image (the previous
+    variance-matched kernel through cv2.sepFilter2D: 0.36-0.38), of which the bilinear resize is
+    ~0.14. Against Pillow's antialiased resize of the same box, over the 200 images: PSNR 42.47 dB
+    to BILINEAR (previous kernel 42.35), 41.82 dB to BICUBIC (41.86), max |diff| 63 grey levels
+    (68), mean |diff| 1.16 (1.18); with whole-pixel boxes 53.2 dB to BILINEAR (52.6), i.e. the
+    random-box figures are dominated by the box snapping.
     """
     h_in, w_in = arr.shape[:2]
     x0, y0, x1, y1 = box
@@ -434,10 +464,8 @@ def _resize_box_cv2(arr: np.ndarray, box: tuple, width: int, height: int) -> np.
     else:
         mx, my = min(ix, 1), min(iy, 1)
         win = arr[iy - my:min(h_in, iy + hh + 1), ix - mx:min(w_in, ix + ww + 1)]
-        win = _cv2.sepFilter2D(
-            win, -1, _ONE_TAP if kx is None else kx, _ONE_TAP if ky is None else ky,
-            borderType=_cv2.BORDER_REPLICATE,
-        )
+        (kw, sx), (kh, sy) = _gaussian_sigma(kx), _gaussian_sigma(ky)
+        win = _cv2.GaussianBlur(win, (kw, kh), sx, sigmaY=sy, borderType=_cv2.BORDER_REPLICATE)
         src = win[my:my + hh, mx:mx + ww]
     return _cv2.resize(src, (width, height), interpolation=_cv2.INTER_LINEAR)
 
@@ -466,9 +494,9 @@ class ImageTransform:
     Fast path: with the default bilinear filter, OpenCV importable and a downscale by a factor
     in [1, 2] (the usual case after a reduced-scale JPEG decode, whose remaining factor is below
     (M+1)/M),
-    the resize is `_resize_box_cv2`: a 3-tap prefilter whose variance makes prefilter + bilinear
-    interpolation match Pillow's antialiased bilinear (identical at factors 1 and 2), then
-    OpenCV's SIMD bilinear resize, ~3x faster than Pillow's. Outputs differ from the Pillow
+    the resize is `_resize_box_cv2`: a 3-tap prefilter fitted so that prefilter + bilinear
+    interpolation is close to Pillow's antialiased bilinear (identical at factors 1 and 2), then
+    OpenCV's SIMD bilinear resize, ~4x faster than Pillow's. Outputs differ from the Pillow
     path by about one grey level on average. Larger factors, other filters, or no OpenCV use
     Pillow's `Image.resize(..., box=...)`.
     """
