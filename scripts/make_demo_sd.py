@@ -49,6 +49,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def shuffle_lines(path: str, seed: int) -> None:
+    """Put the jsonl's lines in a random order (numpy, [seed, 0x5F]). write_jsonl writes them
+    combination by combination, and the LAION stream reads a part file's records in order: a batch
+    would then hold one caption, and the UNet would learn the recent combination, not the text."""
+    import numpy as np
+
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    order = np.random.default_rng([seed, 0x5F]).permutation(len(lines))
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines[i] for i in order)
+    os.replace(tmp, path)
+
+
 def _package(parts: str, unet_dir: str, out: str) -> dict:
     from ldm.demo.sd import check_folder, save_model
     from ldm.sd.loading import load_unet
@@ -87,6 +102,7 @@ def main(argv=None):
 
         image_dir = args.image_dir or os.path.join(os.path.dirname(os.path.abspath(args.jsonl)), "images")
         n = write_jsonl(args.jsonl, image_dir, args.per_combination, args.size, args.seed)
+        shuffle_lines(args.jsonl, args.seed)
         summary = {"jsonl": os.path.abspath(args.jsonl), "records": n}
     else:
         summary = _package(args.parts, args.unet, args.output_dir)

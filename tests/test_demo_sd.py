@@ -41,6 +41,62 @@ def test_word_tokenizer_gives_one_token_per_word(tmp_path):
     assert tok("a purple circle").input_ids[2:-2]  # other words still tokenize (bytes)
 
 
+def test_text_encoder_tells_the_words_apart(tmp_path):
+    """The frozen random text encoder pads to its MAX_LENGTH positions, and one word changed changes
+    that position's output by much more than the rest (cosine < 0.9 there, > 0.95 elsewhere)."""
+    import paddle
+
+    from ldm.sd.loading import load_tokenizer
+    from ldm.sd.sampling import tokenize_prompts
+
+    te = demo_sd.make_text_encoder(0)
+    tok = load_tokenizer(demo_sd.write_tokenizer(str(tmp_path / "tok")), te.config.max_position_embeddings)
+    ids = tokenize_prompts(tok, [caption("red", "circle", "blue"), caption("green", "circle", "blue"),
+                                 caption("red", "circle", "green")])
+    assert ids.shape == [3, demo_sd.MAX_LENGTH]
+    with paddle.no_grad():
+        out = te(ids)[0].numpy()
+    cos = (out[0] * out[1:]).sum(-1) / np.linalg.norm(out[0], axis=-1) / np.linalg.norm(out[1:], axis=-1)  # (2, L)
+    assert cos[0, 2] < 0.9 and cos[1, 6] < 0.9  # the colour word, the background word
+    assert cos[0, :2].min() > 0.999 and cos[1, :6].min() > 0.999  # causal: earlier positions unchanged
+    emb = te.text_model.embeddings
+    assert abs(float(emb.token_embedding.weight.numpy().std()) - demo_sd.TOKEN_STD) < 0.05
+
+
+def test_parts_are_deterministic_for_a_seed(tmp_path):
+    """Two builds of the parts (text encoder, tokenizer, 2 VAE steps) with seed 0 write the same
+    bytes; seed 1 another text encoder."""
+    def build(name, seed):
+        folder = str(tmp_path / name)
+        demo_sd.write_components(folder, seed=seed)
+        demo_sd.train_vae(os.path.join(folder, "vae"), steps=2, batch_size=2, seed=seed)
+        files = {}
+        for root, _, names in os.walk(folder):
+            for n in names:
+                with open(os.path.join(root, n), "rb") as f:
+                    files[os.path.relpath(os.path.join(root, n), folder)] = f.read()
+        return files
+
+    a, b, c = build("a", 0), build("b", 0), build("c", 1)
+    assert len(a) >= 8 and a == b
+    assert a["text_encoder/model.safetensors"] != c["text_encoder/model.safetensors"]
+
+
+def test_jsonl_lines_are_shuffled(tmp_path):
+    """make_demo_sd.py data: every trained record once, in a seeded order that mixes the
+    combinations (a batch read in file order holds several captions)."""
+    mod = _load_script("make_demo_sd")
+    jsonl = tmp_path / "d.jsonl"
+    assert mod.main(["data", "--jsonl", str(jsonl), "--per_combination", "2", "--size", "32"]) == 0
+    lines = jsonl.read_text(encoding="utf-8").splitlines()
+    captions = [json.loads(line)["caption"] for line in lines]
+    assert len(captions) == 162 and sorted(set(captions)) == sorted(caption(*c) for c in combinations(held_out=False))
+    assert len(set(captions[:16])) >= 12
+    again = tmp_path / "e.jsonl"
+    mod.main(["data", "--jsonl", str(again), "--per_combination", "2", "--size", "32"])
+    assert again.read_text(encoding="utf-8").splitlines() == lines
+
+
 def test_demo_recipe_two_steps_on_cpu(tmp_path):
     env = dict(os.environ, MAX_STEPS="2", VAE_STEPS="2", PER_COMBINATION="1", BATCH_SIZE="2", THREADS="1",
                WORK_DIR=str(tmp_path / "work"), DEST=str(tmp_path / "sd"), PYTHON=sys.executable)
@@ -65,6 +121,7 @@ def test_shipped_demo_loads_and_generates(tmp_path):
 
     folder = demo_sd.check_folder()
     unet, vae, te, tok, sched = load_for_inference(folder)
+    assert tok.model_max_length == te.config.max_position_embeddings == demo_sd.MAX_LENGTH
     assert unet.config.in_channels == vae.config.latent_channels == 4
     assert unet.config.sample_size * 8 == demo_sd.RESOLUTION == 2 ** (len(vae.config.block_out_channels) - 1) * 16
     for sub, name in (("unet", "diffusion_paddle_model.safetensors"), ("vae", "diffusion_paddle_model.safetensors"),

@@ -8,9 +8,11 @@ download:
 - tokenizer: the byte-level CLIP BPE tokenizer of `ldm.sd.tiny.write_tokenizer`, plus one token
   and BPE merge chain per demo word (`DEMO_WORDS`), so a caption is 7 word tokens (a byte-level
   one is ~30 tokens and the colour words would have to be read letter by letter);
-- text encoder: a ppdiffusers CLIPTextModel of `DEMO_CLIP`'s shape, random and frozen (each word
-  keeps its own embedding through the residual stream; position tells shape colour from
-  background);
+- text encoder: a ppdiffusers CLIPTextModel of `DEMO_CLIP`'s shape, random and frozen
+  (`make_text_encoder`): token and position embeddings drawn at std 1, so each word keeps its own
+  embedding through the residual stream and position tells shape colour from background; it has
+  `MAX_LENGTH` = 10 positions, so prompts are padded to 10 tokens, not CLIP's 77 (the loaders pad
+  to the text encoder's positions);
 - VAE: a ppdiffusers AutoencoderKL of `DEMO_VAE` (4 blocks: 128 px -> 16x16x4 latents) trained by
   `train_vae` on rendered shapes with L1 + L2 reconstruction and a small KL term (the KL-f8 recipe
   of Rombach et al. 2022 without the perceptual and GAN terms, which flat shapes do not need); its
@@ -34,10 +36,14 @@ RESOLUTION = 128
 LOGVAR_INIT = -8.0  # initial posterior log-variance of the VAE (see train_vae)
 DEMO_WORDS = ("a", "on", "background") + ("red", "green", "blue", "yellow", "white", "black") + (
     "circle", "square", "triangle")
+# prompts are padded to MAX_LENGTH tokens (bos, 7 words, eos, 1 pad): at CLIP's 77 the 68 padding
+# positions, the same for every caption, took most of the UNet's cross-attention and it ignored the text
+MAX_LENGTH = 10
 _BYTE_VOCAB = 514  # ldm.sd.tiny.TINY_CLIP's vocabulary: 256 bytes, 256 bytes + </w>, bos, eos
 DEMO_CLIP = dict(vocab_size=_BYTE_VOCAB + len(DEMO_WORDS) - 1,  # "a</w>" is a byte token already
                  hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513)
+                 max_position_embeddings=MAX_LENGTH, bos_token_id=512, eos_token_id=513, pad_token_id=513)
+TOKEN_STD = POSITION_STD = 1.0  # init std of the text encoder's token / position embeddings (make_text_encoder)
 DEMO_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
                 up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 16, 32, 32], layers_per_block=1,
                 latent_channels=4, norm_num_groups=1, sample_size=RESOLUTION)
@@ -146,18 +152,32 @@ def save_model(model, folder: str, weights_name: str, model_name: str) -> str:
     return path
 
 
-def write_components(folder: str, seed: int = 0) -> str:
-    """<folder>/{text_encoder,tokenizer,scheduler}/ and <folder>/unet_config.json (the UNet to
-    pretrain, random init); the VAE comes from `train_vae`. Returns folder."""
+def make_text_encoder(seed: int = 0):
+    """The frozen random CLIPTextModel of DEMO_CLIP: paddle's init (seed), then token and position
+    embeddings redrawn from N(0, TOKEN_STD^2) and N(0, POSITION_STD^2) (numpy, [seed, 0x7E]). At
+    CLIP's 0.02 the embeddings are small against the random layers' output, and different captions
+    come out at cosine 0.96-0.99; at 1.0 each position's output is dominated by its word + position
+    (two captions one word apart: cosine ~0.4-0.6 at that word, ~1 elsewhere)."""
     import paddle
     from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel
 
+    paddle.seed(seed)
+    model = CLIPTextModel(CLIPTextConfig(**DEMO_CLIP))
+    emb = model.text_model.embeddings
+    rng = np.random.default_rng([seed, 0x7E])
+    for table, std in ((emb.token_embedding.weight, TOKEN_STD), (emb.position_embedding.weight, POSITION_STD)):
+        table.set_value(rng.normal(0.0, std, table.shape).astype(np.float32))
+    model.eval()
+    return model
+
+
+def write_components(folder: str, seed: int = 0) -> str:
+    """<folder>/{text_encoder,tokenizer,scheduler}/ and <folder>/unet_config.json (the UNet to
+    pretrain, random init); the VAE comes from `train_vae`. Returns folder."""
     from ldm.sd.tiny import SCHEDULER
 
     os.makedirs(folder, exist_ok=True)
-    paddle.seed(seed)
-    save_model(CLIPTextModel(CLIPTextConfig(**DEMO_CLIP)), os.path.join(folder, "text_encoder"),
-               "model.safetensors", "sd_text_encoder")
+    save_model(make_text_encoder(seed), os.path.join(folder, "text_encoder"), "model.safetensors", "sd_text_encoder")
     write_tokenizer(os.path.join(folder, "tokenizer"))
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:

@@ -390,7 +390,8 @@ def load_for_inference(pretrained: Optional[str], unet_path: Optional[str] = Non
     unet = load_unet(unet_dir, allow_pickle)
     vae = load_vae(resolve_component(vae_path, pretrained, "vae"), allow_pickle)
     te = load_text_encoder(te_dir, allow_pickle)
-    tok = load_tokenizer(tok_dir)
+    # prompts are padded to the text encoder's positions (77 for SD v1's CLIP; the demo's has fewer)
+    tok = load_tokenizer(tok_dir, getattr(te.config, "max_position_embeddings", None))
     sched = {}
     candidates = [scheduler_path] if scheduler_path else [
         os.path.join(os.path.dirname(os.path.normpath(unet_dir)), "scheduler"),
