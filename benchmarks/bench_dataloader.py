@@ -54,8 +54,13 @@ Where the time goes (640x480 JPEGs, quality 90, 4:2:0, ~74 KB; one core, ms per 
 interleaved in one process with paddle imported, quiet machine unless said): ours = base64 0.18 +
 simplejpeg (libjpeg-turbo) full decode 0.76 (0.81-0.83 with its default triangle chroma
 upsampling, see `ldm.data.transforms`: full size is the smallest SIMD scale covering 256; 5/8 took
-1.12, 3/4 1.3) + the antialiased crop-box resize of 480x480 to 256 0.35 (OpenCV: 3-tap prefilter
-0.23 + bilinear 0.15; Pillow's resize 1.2; cv2 INTER_AREA 0.78) + flip 0.02-0.04 + Python ~0.05.
+1.12, 3/4 1.3) + the antialiased crop-box resize of 480x480 to 256 0.24-0.30 (OpenCV: the
+[1, 2, 1] / 4 prefilter through its fixed-point Gaussian blur 0.12-0.15 + bilinear 0.14-0.15; the
+variance-matched 3-tap prefilter through sepFilter2D before it: 0.20-0.23, 0.35-0.38 in all;
+Pillow's resize 1.2; cv2 INTER_AREA 0.78; exact-2x INTER_AREA + bilinear upscale 0.15 but 0.64 dB
+further from Pillow and unusable below 2x) + flip 0.02-0.04 + Python ~0.05. In the whole
+decode + transform loop the new prefilter gained only 0.03-0.04 ms per image (1.146 -> 1.113 ms,
+best of 5, with a test run on the other core).
 decode_only = line split + base64 0.25 + Pillow decode + convert 0.92-1.0 (the same libjpeg-turbo
 work as ours' decode). So ours is the plain decode plus the resize, minus ~0.15 ms; it cannot be
 faster without decoding less: only the 480 of 640 columns the crop uses (libjpeg-turbo's
@@ -99,6 +104,12 @@ trainings and test runs paused: SIGSTOP'd, checked with ps; `uptime` load averag
   workers 1.74-1.81 ms and 61-72 page faults, `--shm_buffers 0` 1.68 ms and 50; in process
   ours / decode_only 0.913-0.958 (CPU time).
 
+* after the [1, 2, 1] / 4 prefilter (ldm/data/transforms.py), 5 runs `--num_workers 0` NOT quiet
+  (a pytest run on the other core besides the demo training): ours 735 samples per CPU s in run
+  1 (decode_only 797), ours / decode_only 0.923 / 0.861 / 0.960 / 0.866 / 0.832 (median 0.866;
+  the 1.0 goal not met, these runs are too disturbed to show the ~3% the resize gained). A
+  `--num_workers 2` run inside quiet.sh did not finish within its 110 s limit (as a pytest of
+  the trainer's shared-memory loader hung at the same time): no 2-worker figure for this change.
 `--make_data DIR --num_images N` first writes N photo-like 640x480 JPEGs (quality 90) as part
 files under DIR (through `create_pretraining_data` when ldm/data/prepare.py is present).
 """
