@@ -103,13 +103,13 @@ trainings and test runs paused: SIGSTOP'd, checked with ps; `uptime` load averag
   with ps): their wall rates (436-735 samples/s) say nothing; CPU per sample: plain loader
   workers 1.74-1.81 ms and 61-72 page faults, `--shm_buffers 0` 1.68 ms and 50; in process
   ours / decode_only 0.913-0.958 (CPU time).
-
 * after the [1, 2, 1] / 4 prefilter (ldm/data/transforms.py), 5 runs `--num_workers 0` NOT quiet
   (a pytest run on the other core besides the demo training): ours 735 samples per CPU s in run
   1 (decode_only 797), ours / decode_only 0.923 / 0.861 / 0.960 / 0.866 / 0.832 (median 0.866;
   the 1.0 goal not met, these runs are too disturbed to show the ~3% the resize gained). A
   `--num_workers 2` run inside quiet.sh did not finish within its 110 s limit (as a pytest of
   the trainer's shared-memory loader hung at the same time): no 2-worker figure for this change.
+
 `--make_data DIR --num_images N` first writes N photo-like 640x480 JPEGs (quality 90) as part
 files under DIR (through `create_pretraining_data` when ldm/data/prepare.py is present).
 """
