@@ -35,3 +35,36 @@ def test_reader_stops_when_the_consumer_stops(workers):
         assert inner._thread is None
     else:
         assert not any(w.is_alive() for w in inner._workers)
+
+
+_AFTER_OPENCV = r"""
+import numpy as np, cv2
+from paddle.io import Dataset
+from ldm.data import collate
+from ldm.train.trainer import TimedDataLoader
+
+class Images(Dataset):
+    def __len__(self):
+        return 8
+    def __getitem__(self, i):
+        img = cv2.resize(np.full((480, 640, 3), i, np.uint8), (256, 192), interpolation=cv2.INTER_LINEAR)
+        return {"pixel_values": img, "caption": str(i)}
+
+# this process's OpenCV thread pool runs before the workers fork (as the trainer's own transforms do)
+cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (1000, 1000), interpolation=cv2.INTER_AREA)
+seen = []
+for batch in TimedDataLoader(Images(), batch_size=2, num_workers=2, collate_fn=collate):
+    seen += list(batch["caption"])
+print(sorted(seen, key=int))
+"""
+
+
+def test_workers_forked_after_opencv_ran_deliver_every_batch(tmp_path):
+    """Workers forked from a process whose OpenCV thread pool has run must not call into OpenCV's
+    pool set-up (cv2.setNumThreads there deadlocked every worker: the trainer hung at its first batch)."""
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-c", _AFTER_OPENCV], capture_output=True, text=True, timeout=120,
+                         cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == str([str(i) for i in range(8)])

@@ -27,7 +27,6 @@ import copy
 import multiprocessing
 import os
 import random
-import sys
 import time
 from typing import Dict
 
@@ -235,27 +234,6 @@ SHM_BUFFERS_PER_WORKER = 4
 _shm_reuse_taken = False  # whether an iterator of this process has used the buffer reuse (see TimedDataLoader)
 
 
-def setup_worker_process() -> None:
-    """What a DataLoader worker process sets before its first sample: OpenCV on one thread (the
-    workers are the parallelism; OpenCV's default pool, one thread per core, in each of N
-    workers oversubscribes the cores; no difference measurable with 2 workers on 2 cores)."""
-    cv2 = sys.modules.get("cv2")  # imported by ldm.data.transforms when installed
-    if cv2 is not None:
-        cv2.setNumThreads(1)
-
-
-class _WorkerSetup:
-    """A DataLoader's worker_init_fn: `setup_worker_process`, then the caller's own init function."""
-
-    def __init__(self, init_fn):
-        self.init_fn = init_fn
-
-    def __call__(self, worker_id: int) -> None:
-        setup_worker_process()
-        if self.init_fn is not None:
-            self.init_fn(worker_id)
-
-
 class _ShmReuseCollate:
     """A DataLoader's collate_fn that, in a worker process, turns on paddle's shared-memory buffer
     pool (`shm_buffers` buffers) once the main process has sized its own side (`ready`, set by
@@ -280,7 +258,8 @@ class TimedDataLoader(DataLoader):
     `wait_seconds` (read by `ldm.train.callbacks.TimingCallback`: data waiting only, not the
     step, logging or preview time between batches).
 
-    Its worker processes run `setup_worker_process` before the given `worker_init_fn`.
+    Its worker processes are left as paddle forks them: calling into OpenCV (e.g. its thread
+    count) in a worker forked from a process whose OpenCV thread pool has run deadlocks there.
 
     Shared-memory buffer reuse (`shm_buffers` > 0, workers, shared memory; issue 15 item 4): the
     workers' batches travel through reused shared-memory buffers (paddle's `FLAGS_use_shm_cache`
@@ -299,7 +278,7 @@ class TimedDataLoader(DataLoader):
                  **kwargs):
         shm_buffers = max(0, int(shm_buffers))
         reuse = _ShmReuseCollate(collate_fn, shm_buffers) if shm_buffers and collate_fn is not None else None
-        super().__init__(*args, worker_init_fn=_WorkerSetup(worker_init_fn), collate_fn=reuse or collate_fn, **kwargs)
+        super().__init__(*args, worker_init_fn=worker_init_fn, collate_fn=reuse or collate_fn, **kwargs)
         self._shm_reuse = reuse if self.num_workers > 0 and self.use_shared_memory else None
 
     def __iter__(self):
