@@ -16,7 +16,11 @@
 # families the SD one (scripts/train_demo_sd.sh, log WORK/sd.log) trains at the same time, started first.
 set -e
 REPO=$(cd "$(dirname "$0")/.." && pwd)  # found from any folder
-PY=${PYTHON:-python}
+if [ -z "${PYTHON}" ]; then  # the repository's venv (README set-up) unless PYTHON names another
+    if [ -x "${REPO}/.venv/bin/python" ]; then PYTHON="${REPO}/.venv/bin/python"; else PYTHON=python; fi
+fi
+PY=${PYTHON}
+export PYTHON
 SEED=${SEED:-0}
 FAMILIES=${FAMILIES:-cascade sd}
 WORK=${WORK:-./demo_build}
@@ -42,9 +46,9 @@ case " ${FAMILIES} " in *" sd "*)
         *" cascade "*)  # both: SD in the background, on the other core
             mkdir -p "${WORK}"
             echo "== demo: SD family (scripts/train_demo_sd.sh) in the background, log ${WORK}/sd.log"
-            WORK="${WORK}" SEED="${SEED}" sh "${REPO}/scripts/train_demo_sd.sh" > "${WORK}/sd.log" 2>&1 &
+            WORK_DIR="${WORK}/sd" SEED="${SEED}" sh "${REPO}/scripts/train_demo_sd.sh" > "${WORK}/sd.log" 2>&1 &
             SD_PID=$! ;;
-        *) WORK="${WORK}" SEED="${SEED}" sh "${REPO}/scripts/train_demo_sd.sh" ;;
+        *) WORK_DIR="${WORK}/sd" SEED="${SEED}" sh "${REPO}/scripts/train_demo_sd.sh" ;;
     esac
     ;;
 esac
