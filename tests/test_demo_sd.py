@@ -166,3 +166,25 @@ def test_shipped_demo_files_name_no_build_folder():
     assert len([p for p in texts if p.endswith(".safetensors")]) >= 8, sorted(texts)
     bad = [p for p, t in texts.items() if any(s in t for s in ("/tmp/", "/work/", "/root/", "/home/"))]
     assert not bad, bad
+
+
+def test_prompt_length_comes_from_the_tokenizer_folder(tmp_path):
+    """SD and Stable Cascade read a prompt's padded length from the tokenizer folder
+    (`ldm.clip.folder_max_length`): 10 for the demo, 77 without a config; a tokenizer that pads
+    beyond the text encoder's positions is refused with one message naming both."""
+    import shutil
+
+    from ldm.sd.loading import load_for_inference, load_tokenizer
+
+    src = demo_sd.demo_sd_dir()
+    assert load_tokenizer(os.path.join(src, "tokenizer")).model_max_length == 10
+    no_config = tmp_path / "tok"
+    shutil.copytree(os.path.join(src, "tokenizer"), no_config)
+    os.remove(no_config / "tokenizer_config.json")
+    assert load_tokenizer(str(no_config)).model_max_length == 77
+    bad = tmp_path / "sd"
+    shutil.copytree(src, bad)
+    cfg = bad / "tokenizer" / "tokenizer_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "model_max_length": 12}))
+    with pytest.raises(ValueError, match="pads prompts to 12 tokens.*10 positions"):
+        load_for_inference(str(bad))

@@ -321,11 +321,14 @@ def load_torch_weights(layer, weights, where: Optional[str] = None) -> None:
 
 
 def load_tokenizer(path: str, model_max_length: Optional[int] = None):
-    from ldm.clip import CLIP_MAX_LENGTH
+    """The CLIP tokenizer of a pipeline's tokenizer folder; prompts are padded to
+    `model_max_length`, else to the folder's own (`ldm.clip.folder_max_length`: its
+    tokenizer_config.json, at most 77; the rule the Stable Cascade loaders use too)."""
+    from ldm.clip import folder_max_length
     from ldm.clip import load_tokenizer as load_clip_tokenizer
 
     _check_folder(path, "tokenizer")
-    return load_clip_tokenizer(path, model_max_length or CLIP_MAX_LENGTH)
+    return load_clip_tokenizer(path, model_max_length or folder_max_length(path))
 
 
 def load_scheduler_config(folder: Optional[str]) -> dict:
@@ -390,8 +393,11 @@ def load_for_inference(pretrained: Optional[str], unet_path: Optional[str] = Non
     unet = load_unet(unet_dir, allow_pickle)
     vae = load_vae(resolve_component(vae_path, pretrained, "vae"), allow_pickle)
     te = load_text_encoder(te_dir, allow_pickle)
-    # prompts are padded to the text encoder's positions (77 for SD v1's CLIP; the demo's has fewer)
-    tok = load_tokenizer(tok_dir, getattr(te.config, "max_position_embeddings", None))
+    tok = load_tokenizer(tok_dir)  # padded to the folder's model_max_length (77 for SD v1; the demo's: 10)
+    positions = getattr(te.config, "max_position_embeddings", None)
+    if positions is not None and tok.model_max_length > positions:
+        raise ValueError(f"{tok_dir}: the tokenizer pads prompts to {tok.model_max_length} tokens, but the text "
+                         f"encoder {te_dir} has {positions} positions (tokenizer_config.json model_max_length)")
     sched = {}
     candidates = [scheduler_path] if scheduler_path else [
         os.path.join(os.path.dirname(os.path.normpath(unet_dir)), "scheduler"),
