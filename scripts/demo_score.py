@@ -14,6 +14,8 @@ ldm.sd.loading.load_for_inference and samples with ldm.sd.sampling.generate at t
 markdown table, then one JSON line with the numbers and timings; --output_dir keeps the images.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -80,7 +82,8 @@ def _cascade_images(args):
                     "--seed", str(args.seed + j * args.k), "--output_dir", tmp, "--no_progress"]
             if args.cascade_dir:
                 argv += ["--weights_path", args.cascade_dir]
-            paths = inference.main(argv)
+            with contextlib.redirect_stdout(io.StringIO()):  # its one line per written file: not the table's
+                paths = inference.main(argv)
             images = [Image.open(p).convert("RGB") for p in paths]
             for p in paths:
                 os.remove(p)

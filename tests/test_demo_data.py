@@ -128,3 +128,29 @@ def test_score_script_on_the_data_family(capsys):
     out = capsys.readouterr().out
     assert "| data trained | 81 | 100.0% | 100.0% | 100.0% | 100.0% |" in out
     assert "| data held-out | 9 | 100.0% |" in out
+
+
+def test_score_script_prints_only_the_table_for_cascade(capsys, monkeypatch, tmp_path):
+    """inference.py's main prints each file it writes; the score's stdout stays the table + JSON."""
+    import importlib.util
+    import sys as _sys
+    import types
+
+    def fake_main(argv):
+        out = argv[argv.index("--output_dir") + 1]
+        caption = argv[argv.index("--caption") + 1]
+        color, shape, background = shapes.parse_caption(caption)
+        path = os.path.join(out, "result_0.png")
+        shapes.render(color, shape, background, size=64, rng_or_seed=0).save(path)
+        print(path)
+        return [path]
+
+    monkeypatch.setitem(_sys.modules, "inference", types.SimpleNamespace(main=fake_main))
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "demo_score.py")
+    spec = importlib.util.spec_from_file_location("demo_score", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--family", "cascade", "--k", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[2] == "| cascade trained | 81 | 100.0% | 100.0% | 100.0% | 100.0% |"
+    assert len(lines) == 5 and lines[-1].startswith("{")  # header, rule, 2 rows, JSON
