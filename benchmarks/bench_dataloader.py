@@ -75,7 +75,7 @@ measurable difference. The [-1, 1] float32 CHW conversion is the step's (`normal
 paddle on one CPU core 0.85-0.94 ms per sample, a GPU next to nothing.
 
 Measured 2026-12-02 (issue 15 item 4), 2-core machine, 200 synthetic 640x480 JPEGs at 256 px,
-`--num_workers 2 --samples 300 --rounds 5`, each run inside `sh /work/house2/quiet.sh` (the demo
+`--num_workers 2 --samples 300 --rounds 5`, each run with the machine's other jobs paused (the demo
 trainings and test runs paused: SIGSTOP'd, checked with ps; `uptime` load average 7.1 -> 2.5, the
 1-minute average of the load before the pause decaying), 5 runs (medians of each run's 5 rounds):
 
