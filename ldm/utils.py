@@ -156,8 +156,30 @@ _NOISE = (  # third-party warnings every run printed (issue 12 item 15), by mess
 
 _quieted = False
 
+# command-line tokens of the runs that need torch inside a library: ppdiffusers'
+# `from_pretrained(from_diffusers=True)` of a .bin pickle (--allow_pickle_weights, ldm.sd.loading) and
+# diffusers / transformers (scripts/make_tiny_sd.py --backend torch). No other run uses torch, or it
+# imports torch itself (scripts/convert_other_weight.py --inception), which USE_TORCH does not affect.
+TORCH_ARGS = ("--allow_pickle_weights", "torch", "--backend=torch")
 
-def quiet_third_party(verbose: bool | None = None) -> None:
+
+def _torch_off_unless_needed() -> None:
+    """Keep ppdiffusers (and HF datasets, which paddlenlp imports) from importing torch in an entry
+    point that never uses it: both import torch at start-up whenever it is installed, ~2.9 s on a
+    2-core machine (of `inference.py --preset demo`'s ~17 s). Sets ``USE_TORCH=0``, which both read,
+    unless the user set USE_TORCH, torch is not installed (nothing to skip), or the command line
+    holds a token of `TORCH_ARGS`. Only the process and its children see it."""
+    import importlib.util
+
+    if "USE_TORCH" in os.environ or any(a in TORCH_ARGS for a in sys.argv[1:]):
+        return
+    if importlib.util.find_spec("torch") is not None:
+        os.environ["USE_TORCH"] = "0"
+        # HF datasets then logs "Disabling PyTorch because USE_TF is set" at INFO (wrong variable named)
+        logging.getLogger("datasets").addFilter(lambda r: "Disabling PyTorch" not in str(r.msg))
+
+
+def quiet_third_party(verbose: bool | None = None, skip_torch: bool = True) -> None:
     """Silence the third-party start-up noise of every run, in one place; call it first thing in
     an entry point, before paddle / paddlenlp are imported. `verbose=True` leaves everything on.
 
@@ -166,8 +188,13 @@ def quiet_third_party(verbose: bool | None = None) -> None:
     (paddle.base.__bootstrap__); paddlenlp's `import pip` makes setuptools warn about distutils;
     the paddlenlp Trainer dumps every argument at DEBUG on the "PaddleNLP" logger (which it sets
     to DEBUG at import, so a filter is used, not a level). The project's own warnings stay.
-    verbose=None: True when sys.argv holds --verbose or --debug. Calling it again is a no-op."""
+    verbose=None: True when sys.argv holds --verbose or --debug. Calling it again is a no-op.
+    skip_torch: also keep libraries from importing torch the run does not use
+    (`_torch_off_unless_needed`); run_main passes False (the libraries are imported by then, and
+    a test process that calls run_main keeps torch for its references)."""
     global _quieted
+    if skip_torch:
+        _torch_off_unless_needed()
     if verbose is None:
         verbose = any(a in ("--verbose", "--debug") for a in sys.argv[1:])
     if verbose or _quieted:
@@ -226,7 +253,7 @@ def run_main(main, argv=None, errors=_PROJECT_ERRORS) -> int:
     debug = "--debug" in argv
     verbose = debug or "--verbose" in argv
     argv = [a for a in argv if a not in ("--debug", "--verbose")]
-    quiet_third_party(verbose)
+    quiet_third_party(verbose, skip_torch=False)
     try:
         result = main(argv)
     except errors as e:

@@ -132,3 +132,29 @@ def test_sd_training_step_is_quiet(tmp_path):
     lines = proc.stderr.splitlines()
     assert not [ln for ln in lines if any(n in ln for n in NOISE)], proc.stderr
     assert len(lines) < 40, proc.stderr  # was ~170 (139 DEBUG lines of arguments)
+
+
+_TORCH_PROBE = r"""
+import json, os, sys
+sys.argv = ["probe"] + sys.argv[1:]
+from ldm.utils import quiet_third_party
+quiet_third_party()
+import ppdiffusers.transformers  # noqa: F401  (what inference.py / generate_sd.py import)
+print(json.dumps({"torch": "torch" in sys.modules, "USE_TORCH": os.environ.get("USE_TORCH")}))
+"""
+
+
+@pytest.mark.parametrize("argv, env, imported", [
+    ([], {}, False),  # no run that uses torch: ppdiffusers and HF datasets do not import it (~2.9 s here)
+    (["--allow_pickle_weights"], {}, True),  # ppdiffusers' from_diffusers pickle path needs it
+    (["--backend", "torch"], {}, True),  # make_tiny_sd.py's diffusers/transformers writer
+    ([], {"USE_TORCH": "1"}, True),  # the user's own setting wins
+])
+def test_entry_points_skip_torch_unless_a_run_needs_it(tmp_path, argv, env, imported):
+    pytest.importorskip("torch")  # the dev venv has it; without torch there is nothing to skip
+    base = {k: v for k, v in os.environ.items() if k != "USE_TORCH"}
+    proc = subprocess.run([sys.executable, "-c", _TORCH_PROBE, *argv], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env=dict(base, **env))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1])["torch"] is imported, proc.stdout
+    assert "Disabling PyTorch" not in proc.stderr, proc.stderr  # HF datasets' INFO line is filtered
