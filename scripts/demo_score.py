@@ -9,17 +9,14 @@ held-out combinations per family.
 
 Images come from the code the CLIs use: `sd` loads the pipeline folder once with
 ldm.sd.loading.load_for_inference and samples with ldm.sd.sampling.generate at the settings of
-`generate_sd.py --preset demo` (ldm.demo.sd.SAMPLING); `cascade` runs inference.py's main
-(`--preset demo`) per combination. Combination j's image i uses seed + j * K + i. Prints the
+`generate_sd.py --preset demo` (ldm.demo.sd.SAMPLING); `cascade` loads the demo networks once and
+samples as `inference.py --preset demo` does (ldm.demo.cascade.generate). Combination j's image i uses seed + j * K + i. Prints the
 markdown table, then one JSON line with the numbers and timings; --output_dir keeps the images.
 """
 import argparse
-import contextlib
-import io
 import json
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, as evaluate.py
@@ -70,24 +67,17 @@ def _sd_images(args):
 
 
 def _cascade_images(args):
-    """Yields (combination, [PIL images]) from inference.py --preset demo."""
-    import inference
+    """Yields (combination, [PIL images]) from the Stable Cascade demo, its networks loaded once:
+    ldm.demo.cascade.generate, which gives what inference.py --preset demo writes for the same
+    caption, batch size and seed (tests/test_demo_cascade.py)."""
     from PIL import Image
 
+    from ldm.demo.cascade import generate
     from ldm.demo.shapes import caption, combinations
 
-    with tempfile.TemporaryDirectory() as tmp:
-        for j, combo in enumerate(combinations()):
-            argv = ["--preset", "demo", "--caption", caption(*combo), "--batch_size", str(args.k),
-                    "--seed", str(args.seed + j * args.k), "--output_dir", tmp, "--no_progress"]
-            if args.cascade_dir:
-                argv += ["--weights_path", args.cascade_dir]
-            with contextlib.redirect_stdout(io.StringIO()):  # its one line per written file: not the table's
-                paths = inference.main(argv)
-            images = [Image.open(p).convert("RGB") for p in paths]
-            for p in paths:
-                os.remove(p)
-            yield combo, images
+    for j, combo in enumerate(combinations()):
+        images = generate(caption(*combo), n=args.k, seed=args.seed + j * args.k, weights_path=args.cascade_dir)
+        yield combo, [Image.fromarray(a) for a in images]
 
 
 def _data_images(args):

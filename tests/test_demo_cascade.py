@@ -215,9 +215,11 @@ def test_generate_matches_inference(tmp_path):
 
     from ldm.demo.cascade import generate
 
-    images = generate("a red circle on a blue background", n=1, seed=3, steps_c=3, steps_b=2)
-    assert len(images) == 1 and images[0].shape == (256, 256, 3) and images[0].dtype == np.uint8
+    images = generate("a red circle on a blue background", n=2, seed=3, steps_c=3, steps_b=2)
+    assert len(images) == 2 and images[0].shape == (256, 256, 3) and images[0].dtype == np.uint8
     written = inference.main(["--preset", "demo", "--caption", "a red circle on a blue background", "--seed", "3",
-                              "--batch_size", "1", "--steps_c", "3", "--steps_b", "2", "--output_dir", str(tmp_path),
+                              "--batch_size", "2", "--steps_c", "3", "--steps_b", "2", "--output_dir", str(tmp_path),
                               "--no_progress"])
-    np.testing.assert_array_equal(np.asarray(Image.open(written[0]).convert("RGB")), images[0])
+    assert len(written) == 2  # a batch of K, as scripts/demo_score.py asks for
+    for path, image in zip(written, images):
+        np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), image)

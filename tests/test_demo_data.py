@@ -130,27 +130,29 @@ def test_score_script_on_the_data_family(capsys):
     assert "| data held-out | 9 | 100.0% |" in out
 
 
-def test_score_script_prints_only_the_table_for_cascade(capsys, monkeypatch, tmp_path):
-    """inference.py's main prints each file it writes; the score's stdout stays the table + JSON."""
+def test_score_script_cascade_samples_through_generate(capsys, monkeypatch):
+    """The cascade family samples through ldm.demo.cascade.generate (networks loaded once, the
+    images inference.py --preset demo writes): one call per combination with n = K and seed
+    seed + j * K; stdout is the table and the JSON line only."""
     import importlib.util
-    import sys as _sys
-    import types
 
-    def fake_main(argv):
-        out = argv[argv.index("--output_dir") + 1]
-        caption = argv[argv.index("--caption") + 1]
+    from ldm.demo import cascade as demo_cascade
+
+    calls = []
+
+    def fake_generate(caption, n=1, seed=0, weights_path=None, **sampling):
+        calls.append((caption, n, seed, weights_path, sampling))
         color, shape, background = shapes.parse_caption(caption)
-        path = os.path.join(out, "result_0.png")
-        shapes.render(color, shape, background, size=64, rng_or_seed=0).save(path)
-        print(path)
-        return [path]
+        return [np.asarray(shapes.render(color, shape, background, size=64, rng_or_seed=seed + i)) for i in range(n)]
 
-    monkeypatch.setitem(_sys.modules, "inference", types.SimpleNamespace(main=fake_main))
+    monkeypatch.setattr(demo_cascade, "generate", fake_generate)
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "demo_score.py")
     spec = importlib.util.spec_from_file_location("demo_score", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main(["--family", "cascade", "--k", "1"]) == 0
+    assert mod.main(["--family", "cascade", "--k", "2", "--seed", "5", "--cascade_dir", "/somewhere"]) == 0
+    captions = [shapes.caption(*c) for c in shapes.combinations()]
+    assert calls == [(c, 2, 5 + 2 * j, "/somewhere", {}) for j, c in enumerate(captions)]
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[2] == "| cascade trained | 81 | 100.0% | 100.0% | 100.0% | 100.0% |"
+    assert lines[2] == "| cascade trained | 162 | 100.0% | 100.0% | 100.0% | 100.0% |"
     assert len(lines) == 5 and lines[-1].startswith("{")  # header, rule, 2 rows, JSON
