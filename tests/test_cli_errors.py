@@ -144,17 +144,38 @@ print(json.dumps({"torch": "torch" in sys.modules, "USE_TORCH": os.environ.get("
 """
 
 
-@pytest.mark.parametrize("argv, env, imported", [
-    ([], {}, False),  # no run that uses torch: ppdiffusers and HF datasets do not import it (~2.9 s here)
-    (["--allow_pickle_weights"], {}, True),  # ppdiffusers' from_diffusers pickle path needs it
-    (["--backend", "torch"], {}, True),  # make_tiny_sd.py's diffusers/transformers writer
-    ([], {"USE_TORCH": "1"}, True),  # the user's own setting wins
-])
-def test_entry_points_skip_torch_unless_a_run_needs_it(tmp_path, argv, env, imported):
+def test_entry_points_skip_torch_a_run_does_not_use(tmp_path):
+    """A real entry-point start: ppdiffusers (and HF datasets under paddlenlp) no longer import
+    torch (~3 s on 2 cores) and say nothing about it."""
     pytest.importorskip("torch")  # the dev venv has it; without torch there is nothing to skip
-    base = {k: v for k, v in os.environ.items() if k != "USE_TORCH"}
-    proc = subprocess.run([sys.executable, "-c", _TORCH_PROBE, *argv], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, env=dict(base, **env))
+    env = {k: v for k, v in os.environ.items() if k != "USE_TORCH"}
+    proc = subprocess.run([sys.executable, "-c", _TORCH_PROBE], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.splitlines()[-1])["torch"] is imported, proc.stdout
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"torch": False, "USE_TORCH": "0"}, proc.stdout
     assert "Disabling PyTorch" not in proc.stderr, proc.stderr  # HF datasets' INFO line is filtered
+
+
+@pytest.mark.parametrize("argv, env, installed, expected", [
+    ([], {}, True, "0"),
+    (["--allow_pickle_weights"], {}, True, None),  # ppdiffusers' from_diffusers pickle path needs torch
+    (["--backend", "torch"], {}, True, None),  # make_tiny_sd.py's diffusers/transformers writer
+    (["--backend=torch"], {}, True, None),
+    (["--caption", "a torch"], {}, True, "0"),  # a token, not a substring
+    ([], {"USE_TORCH": "1"}, True, "1"),  # the user's own setting wins
+    ([], {}, False, None),  # torch not installed: nothing to skip, nothing set
+])
+def test_torch_is_kept_for_the_runs_that_use_it(monkeypatch, argv, env, installed, expected):
+    import importlib.util
+
+    from ldm import utils
+
+    monkeypatch.delenv("USE_TORCH", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(sys, "argv", ["script.py", *argv])
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if installed else None) if name == "torch" else real_find_spec(name, *a))
+    utils._torch_off_unless_needed()
+    assert os.environ.get("USE_TORCH") == expected

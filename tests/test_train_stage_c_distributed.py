@@ -44,7 +44,7 @@ def worker(out, extra):
 
 
 def launch(out, extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", USE_TORCH="0", PYTHONPATH=ROOT)  # USE_TORCH: as an entry point sets it (ldm.utils)
     log = os.path.join(out, "log")
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", log,
            os.path.abspath(__file__), str(out), *extra]
