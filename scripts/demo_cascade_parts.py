@@ -28,7 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--stage_a_steps", type=int, default=600)
     p.add_argument("--stage_a_batch_size", type=int, default=8)
     p.add_argument("--stage_a_learning_rate", type=float, default=2e-3)
-    p.add_argument("--encoder_steps", type=int, default=1200)
+    p.add_argument("--encoder_steps", type=int, default=3600)
     p.add_argument("--encoder_batch_size", type=int, default=8)
     p.add_argument("--encoder_learning_rate", type=float, default=3e-3)
     args = p.parse_args(argv)

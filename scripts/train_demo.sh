@@ -29,7 +29,7 @@ STEPS_SCALE=${STEPS_SCALE:-1}   # multiplies every step count (a quick trial: 0.
 PER_COMBINATION=${PER_COMBINATION:-8}
 steps() { ${PY} -c "import sys; print(max(2, round(float(sys.argv[1]) * float(sys.argv[2]))))" "$1" "${STEPS_SCALE}"; }
 STAGE_A_STEPS=${STAGE_A_STEPS:-$(steps 600)}
-ENCODER_STEPS=${ENCODER_STEPS:-$(steps 1200)}
+ENCODER_STEPS=${ENCODER_STEPS:-$(steps 3600)}
 STAGE_B_STEPS=${STAGE_B_STEPS:-$(steps 1000)}
 STAGE_C_STEPS=${STAGE_C_STEPS:-$(steps 1200)}
 export PYTHONHASHSEED=0

@@ -186,7 +186,7 @@ def train_stage_a(steps: int = 600, batch_size: int = 8, crop: int = 128, learni
 # ---------------------------------------------------------------------------------------------
 # EfficientNet encoder + Previewer
 # ---------------------------------------------------------------------------------------------
-def train_encoder_previewer(steps: int = 1200, batch_size: int = 8, learning_rate: float = 3e-3, seed: int = 0,
+def train_encoder_previewer(steps: int = 3600, batch_size: int = 8, learning_rate: float = 3e-3, seed: int = 0,
                             sides: Sequence[int] = ENCODER_SIDES, log_every: int = 50):
     """(EfficientNetEncoder, Previewer) of the demo presets trained together: the Previewer of the
     encoder's latent reconstructs the image box-downsampled 4x, at input sides drawn from `sides`
