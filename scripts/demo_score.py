@@ -10,8 +10,9 @@ held-out combinations per family.
 Images come from the code the CLIs use: `sd` loads the pipeline folder once with
 ldm.sd.loading.load_for_inference and samples with ldm.sd.sampling.generate at the settings of
 `generate_sd.py --preset demo` (ldm.demo.sd.SAMPLING); `cascade` loads the demo networks once and
-samples as `inference.py --preset demo` does (ldm.demo.cascade.generate). Combination j's image i uses seed + j * K + i. Prints the
-markdown table, then one JSON line with the numbers and timings; --output_dir keeps the images.
+samples as `inference.py --preset demo` does (ldm.demo.cascade.generate). Combination j's image i
+uses seed + j * K + i. Prints the markdown table, then one JSON line with the numbers and
+timings; --output_dir keeps the images.
 """
 import argparse
 import json
