@@ -170,7 +170,10 @@ def test_torch_is_kept_for_the_runs_that_use_it(monkeypatch, argv, env, installe
 
     from ldm import utils
 
-    monkeypatch.delenv("USE_TORCH", raising=False)
+    # set, then delete: monkeypatch records nothing for deleting an absent variable, and the value
+    # the function sets would leak into this process (ppdiffusers would then refuse torch later)
+    monkeypatch.setenv("USE_TORCH", "unset-by-this-test")
+    monkeypatch.delenv("USE_TORCH")
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(sys, "argv", ["script.py", *argv])
