@@ -163,7 +163,7 @@ _quieted = False
 TORCH_ARGS = ("--allow_pickle_weights", "torch", "--backend=torch")
 
 
-def _torch_off_unless_needed() -> None:
+def skip_unused_torch() -> None:
     """Keep ppdiffusers (and HF datasets, which paddlenlp imports) from importing torch in an entry
     point that never uses it: both import torch at start-up whenever it is installed, ~2.9 s on a
     2-core machine (of `inference.py --preset demo`'s ~17 s). Sets ``USE_TORCH=0``, which both read,
@@ -176,7 +176,11 @@ def _torch_off_unless_needed() -> None:
     if importlib.util.find_spec("torch") is not None:
         os.environ["USE_TORCH"] = "0"
         # HF datasets then logs "Disabling PyTorch because USE_TF is set" at INFO (wrong variable named)
-        logging.getLogger("datasets").addFilter(lambda r: "Disabling PyTorch" not in str(r.msg))
+        logging.getLogger("datasets").addFilter(_drop_disabling_torch)
+
+
+def _drop_disabling_torch(record) -> bool:
+    return "Disabling PyTorch" not in str(record.msg)
 
 
 def quiet_third_party(verbose: bool | None = None, skip_torch: bool = True) -> None:
@@ -190,11 +194,11 @@ def quiet_third_party(verbose: bool | None = None, skip_torch: bool = True) -> N
     to DEBUG at import, so a filter is used, not a level). The project's own warnings stay.
     verbose=None: True when sys.argv holds --verbose or --debug. Calling it again is a no-op.
     skip_torch: also keep libraries from importing torch the run does not use
-    (`_torch_off_unless_needed`); run_main passes False (the libraries are imported by then, and
+    (`skip_unused_torch`); run_main passes False (the libraries are imported by then, and
     a test process that calls run_main keeps torch for its references)."""
     global _quieted
     if skip_torch:
-        _torch_off_unless_needed()
+        skip_unused_torch()
     if verbose is None:
         verbose = any(a in ("--verbose", "--debug") for a in sys.argv[1:])
     if verbose or _quieted:

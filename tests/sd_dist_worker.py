@@ -25,4 +25,8 @@ def run(argv):
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    from ldm.utils import skip_unused_torch
+
+    skip_unused_torch()  # as every entry point does: the ranks import ppdiffusers
     run(sys.argv[1:])

@@ -180,5 +180,5 @@ def test_torch_is_kept_for_the_runs_that_use_it(monkeypatch, argv, env, installe
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: (object() if installed else None) if name == "torch" else real_find_spec(name, *a))
-    utils._torch_off_unless_needed()
+    utils.skip_unused_torch()
     assert os.environ.get("USE_TORCH") == expected

@@ -168,7 +168,7 @@ def test_sd_script_without_valid_record_prints_one_error_line(sd_env):
 
 # ------------------------------------------------------------------------------------------ SD runs
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", USE_TORCH="0")  # USE_TORCH: as an entry point sets it (ldm.utils)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     for k in ("FLAG_USE_EMA", "FLAG_RECOMPUTE", "FLAG_XFORMERS"):
         env.pop(k, None)
     return env

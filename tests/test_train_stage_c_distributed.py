@@ -44,7 +44,7 @@ def worker(out, extra):
 
 
 def launch(out, extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", USE_TORCH="0", PYTHONPATH=ROOT)  # USE_TORCH: as an entry point sets it (ldm.utils)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     log = os.path.join(out, "log")
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", log,
            os.path.abspath(__file__), str(out), *extra]
@@ -124,4 +124,8 @@ def test_two_process_zero1_resume_is_exact(zero1_runs):
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    from ldm.utils import skip_unused_torch
+
+    skip_unused_torch()  # as every entry point does: the ranks import ppdiffusers
     worker(sys.argv[1], sys.argv[2:])

@@ -53,7 +53,7 @@ def launch_all(root, jobs_by_name=None):
     spec = os.path.join(root, "jobs.json")
     with open(spec, "w", encoding="utf-8") as f:
         json.dump(jobs, f)
-    env = dict(os.environ, OMP_NUM_THREADS="1", USE_TORCH="0", PYTHONPATH=ROOT)  # USE_TORCH: as an entry point sets it (ldm.utils)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     for k in ("FLAG_USE_EMA", "FLAG_RECOMPUTE", "FLAG_XFORMERS"):
         env.pop(k, None)
     log = os.path.join(root, "log")
@@ -77,4 +77,8 @@ def main(spec):
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    from ldm.utils import skip_unused_torch
+
+    skip_unused_torch()  # as every entry point does: the ranks import ppdiffusers
     main(sys.argv[1])
