@@ -311,3 +311,48 @@ def test_collate_shapes():
     out = collate(batch)
     assert out["pixel_values"].shape == (2, 3, 4, 4) and out["input_ids"].shape == (2, 5)
     assert out["caption"] == ["a", "b"]
+
+
+def test_fast_base64_same_bytes_and_same_rejections_as_stdlib_strict():
+    """The image column's decoder (pybase64 when installed) against the stdlib's strict mode on
+    valid columns and on mutated ones (a byte changed, inserted or cut; padding moved): the same
+    bytes, or a binascii.Error from both."""
+    import base64
+    import binascii
+
+    from ldm.data import laion
+
+    if laion._pybase64 is None:
+        pytest.skip("pybase64 not installed (the stdlib decoder is then the only one)")
+
+    def outcome(fn, data):
+        try:
+            return fn(memoryview(data))
+        except (binascii.Error, ValueError):
+            return "error"
+
+    rng = np.random.default_rng(0)
+    alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/= \n\t*-_."
+    counts = collections.Counter()
+    for n in list(range(0, 12)) + [100, 1000, 74_000]:
+        column = base64.b64encode(rng.bytes(n))
+        variants = [column]
+        for _ in range(40 if n < 1000 else 8):
+            b = bytearray(column)
+            op = rng.integers(4)
+            pos = int(rng.integers(0, len(b) + 1))
+            ch = alphabet[int(rng.integers(len(alphabet)))]
+            if op == 0 and b:
+                b[min(pos, len(b) - 1)] = ch
+            elif op == 1:
+                b.insert(pos, ch)
+            elif op == 2 and b:
+                del b[min(pos, len(b) - 1)]
+            else:
+                b = b.rstrip(b"=") + b"=" * int(rng.integers(0, 4))
+            variants.append(bytes(b))
+        for v in variants:
+            want = outcome(laion._b64decode_stdlib, v)
+            assert outcome(laion._b64decode_strict, v) == want, v[:40]
+            counts["error" if want == "error" else "ok"] += 1
+    assert counts["ok"] > 50 and counts["error"] > 200, counts  # both kinds were exercised

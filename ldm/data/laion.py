@@ -261,7 +261,13 @@ def expand_file_list(file_list: str) -> list[FileEntry]:
 # --------------------------------------------------------------------------- records
 
 
-def _b64decode_strict(data) -> bytes:
+try:  # optional (requirements.txt): SIMD base64, ~45x the stdlib's speed on a 100 KB image column
+    import pybase64 as _pybase64
+except ImportError:  # pragma: no cover - the stdlib decoder below
+    _pybase64 = None
+
+
+def _b64decode_stdlib(data) -> bytes:
     """base64.b64decode(data, validate=True), minus its copy of memoryview input (Python >= 3.11)."""
     return binascii.a2b_base64(data, strict_mode=True)
 
@@ -270,8 +276,24 @@ try:
     binascii.a2b_base64(b"", strict_mode=True)
 except TypeError:  # pragma: no cover - Python < 3.11: b64decode(validate=True) checks with a regex
 
-    def _b64decode_strict(data) -> bytes:  # noqa: F811
+    def _b64decode_stdlib(data) -> bytes:  # noqa: F811
         return base64.b64decode(bytes(data), validate=True)
+
+
+def _b64decode_strict(data) -> bytes:
+    """The image column's bytes, decoded as the stdlib's strict mode decodes it (binascii.Error
+    where it does). With `pybase64` installed its validating decoder (libbase64's SIMD kernels)
+    decodes: 0.0035 instead of 0.16 ms for a 74 KB JPEG (one core, 2026-12-02; the base64 was
+    ~12% of a 640x480 record's decode + resize to 256 px). It is stricter in one corner (a '='
+    after a complete group, e.g. "QUJD=", which the stdlib accepts), so an input it rejects goes
+    to the stdlib, which decides: the same bytes and the same rejections either way
+    (tests/test_laion_dataset.py)."""
+    if _pybase64 is not None:
+        try:
+            return _pybase64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    return _b64decode_stdlib(data)
 
 
 def parse_record(raw: bytes) -> tuple[str, bytes]:
