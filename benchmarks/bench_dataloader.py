@@ -110,6 +110,12 @@ trainings and test runs paused: SIGSTOP'd, checked with ps; `uptime` load averag
   `--num_workers 2` run inside quiet.sh did not finish within its 110 s limit (as a pytest of
   the trainer's shared-memory loader hung at the same time): no 2-worker figure for this change.
 
+Later the same day, with the image column decoded by pybase64 (ldm/data/laion.py; 0.0035 instead
+of 0.16 ms per record), on a faster 2-core machine, quiet: ours / decode_only 1.121 / 1.137 /
+1.124 / 1.116 (the same runs with the stdlib base64: 1.015 / 1.008 / 1.008 / 0.988) and, in three
+`--num_workers 2` runs, 1.011 / 1.044 / 1.088 in process and 1.919 / 1.884 / 1.946x through the
+trainer's loader: both goals met there.
+
 `--make_data DIR --num_images N` first writes N photo-like 640x480 JPEGs (quality 90) as part
 files under DIR (through `create_pretraining_data` when ldm/data/prepare.py is present).
 """
