@@ -356,3 +356,19 @@ def test_fast_base64_same_bytes_and_same_rejections_as_stdlib_strict():
             assert outcome(laion._b64decode_strict, v) == want, v[:40]
             counts["error" if want == "error" else "ok"] += 1
     assert counts["ok"] > 50 and counts["error"] > 200, counts  # both kinds were exercised
+
+
+def test_part_file_records_decode_through_pybase64(monkeypatch):
+    """The installed fast decoder is the one parse_record uses (requirements.txt installs it)."""
+    import base64
+
+    from ldm.data import laion
+
+    if laion._pybase64 is None:
+        pytest.skip("pybase64 not installed")
+    calls = []
+    real = laion._pybase64.b64decode
+    monkeypatch.setattr(laion._pybase64, "b64decode", lambda data, **kw: calls.append(kw) or real(data, **kw))
+    caption, data = laion.parse_record(b"a cat\tNONE\t" + base64.b64encode(b"jpeg bytes") + b"\n")
+    assert (caption, data) == ("a cat", b"jpeg bytes")
+    assert calls == [{"validate": True}]
